@@ -1,0 +1,115 @@
+"""The hop activity: runs one agent's handler for one handoff, on the agent's own task queue.
+
+Every agent worker registers this activity under the one name `handoff.hop`; the chain
+workflow routes a hop to an agent purely by task queue (`agent.<id>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from handoff.agent import Agent
+from handoff.constants import (
+    HOP_ACTIVITY,
+    INVALID_RESULT_ERROR,
+    MAX_CONTEXT_BYTES,
+    PERMANENT_ERROR,
+    RESULT_TOO_LARGE_ERROR,
+)
+from handoff.errors import PermanentError
+from handoff.models import HandoffResult, HopInput, HopOutput
+
+log = structlog.get_logger("handoff.hop")
+
+
+async def _heartbeat(interval_s: float, attempt: int) -> None:
+    """Heartbeat until cancelled, so a hop whose worker died is retried within the heartbeat timeout."""
+    while True:
+        await asyncio.sleep(interval_s)
+        activity.heartbeat({"attempt": attempt})
+
+
+def _failure(message: str, attempt: int, *, kind: str, permanent: bool) -> ApplicationError:
+    return ApplicationError(message, {"attempt": attempt}, type=kind, non_retryable=permanent)
+
+
+def hop_activity(agent: Agent):
+    """The `handoff.hop` activity implementation for `agent`."""
+
+    @activity.defn(name=HOP_ACTIVITY)
+    async def run_hop(hop: HopInput) -> HopOutput:
+        attempt = activity.info().attempt
+        ctx = hop.context
+        hop_log = log.bind(
+            chain_id=str(ctx.chain_id),
+            handoff_id=str(ctx.handoff_id),
+            hop=hop.hop,
+            from_agent=ctx.from_agent,
+            to_agent=agent.id,
+            attempt=attempt,
+        )
+        hop_log.info("hop_started", task=ctx.task_description[:200])
+        beat = asyncio.create_task(_heartbeat(hop.heartbeat_interval_s, attempt))
+        started = time.perf_counter()
+        try:
+            result = await agent.handler(ctx)
+        except PermanentError as err:
+            hop_log.warning("hop_failed", error=str(err), permanent=True)
+            raise _failure(str(err), attempt, kind=PERMANENT_ERROR, permanent=True) from err
+        except asyncio.CancelledError:
+            hop_log.warning("hop_cancelled")
+            raise
+        except Exception as err:
+            hop_log.warning("hop_failed", error=f"{type(err).__name__}: {err}", permanent=False)
+            raise _failure(
+                f"{type(err).__name__}: {err}", attempt, kind=type(err).__name__, permanent=False
+            ) from err
+        finally:
+            beat.cancel()
+        elapsed = time.perf_counter() - started
+        output = _checked_output(result, hop, agent.id, attempt, elapsed)
+        hop_log.info(
+            "hop_completed",
+            success=output.result.success,
+            duration_ms=round(elapsed * 1000, 3),
+            next_agent=(output.result.next_handoff.to_agent or None) if output.result.next_handoff else None,
+            next_capability=(
+                output.result.next_handoff.to_capability.value
+                if output.result.next_handoff and output.result.next_handoff.to_capability
+                else None
+            ),
+        )
+        return output
+
+    return run_hop
+
+
+def _checked_output(
+    result: object, hop: HopInput, agent_id: str, attempt: int, elapsed: float
+) -> HopOutput:
+    """Validate what the handler returned; a malformed or oversized result is not retried."""
+    if not isinstance(result, HandoffResult):
+        raise _failure(
+            f"handler of {agent_id!r} returned {type(result).__name__}, not HandoffResult",
+            attempt,
+            kind=INVALID_RESULT_ERROR,
+            permanent=True,
+        )
+    result = result.model_copy(
+        update={"handoff_id": hop.context.handoff_id, "execution_time_seconds": elapsed}
+    )
+    output = HopOutput(result=result, attempt=attempt, agent_id=agent_id)
+    size = len(output.model_dump_json())
+    if size > MAX_CONTEXT_BYTES:
+        raise _failure(
+            f"result of {agent_id!r} is {size:,} bytes, over the {MAX_CONTEXT_BYTES:,}-byte payload limit",
+            attempt,
+            kind=RESULT_TOO_LARGE_ERROR,
+            permanent=True,
+        )
+    return output

@@ -1,0 +1,26 @@
+"""Registry lookups as an activity, so the chain workflow can read live task-queue state."""
+
+from __future__ import annotations
+
+from temporalio import activity
+from temporalio.client import Client
+
+from handoff.constants import RESOLVE_ACTIVITY
+from handoff.models import Candidate, ResolveRequest
+from handoff.registry import candidates_for
+
+
+class RegistryActivities:
+    """Activities that need a client; registered on the chain worker."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @activity.defn(name=RESOLVE_ACTIVITY)
+    async def resolve_candidates(self, request: ResolveRequest) -> list[Candidate]:
+        return await candidates_for(
+            self._client,
+            request.capability,
+            like_agent=request.like_agent,
+            exclude=request.exclude,
+        )

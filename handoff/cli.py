@@ -1,0 +1,309 @@
+"""The `handoff` command line. Bad input: one line on stderr, exit 2. A chain that ends
+unsuccessfully: exit 1. Connection settings come from Temporal's environment configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from temporalio.client import Client
+
+from handoff.agent import Agent
+from handoff.client import (
+    build_request,
+    cancel_chain,
+    connect,
+    get_chain,
+    start_request,
+    wait_chain,
+)
+from handoff.errors import HandoffError
+from handoff.log import configure_logging
+from handoff.models import ChainRecord, ChainStatus
+from handoff.render import agents_table, chain_table, ui_url
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="handoff",
+    help="Peer-to-peer agent handoff chains as durable Temporal workflows.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+LogFormatOption = typer.Option("json", "--log-format", help="json (one object per line) or console")
+
+
+class Usage(HandoffError):
+    """Bad command-line input."""
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+async def _client() -> Client:
+    try:
+        return await connect()
+    except RuntimeError as err:
+        raise Usage(f"cannot reach the Temporal server: {err}") from None
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's coroutine; typed errors become one line and exit 2."""
+    try:
+        return asyncio.run(coro_fn())
+    except (HandoffError, ValueError) as err:
+        _fail(str(err))
+
+
+def _context_arg(value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    text = value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise Usage(f"cannot read context file {path}: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise Usage(f"--context is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise Usage(f"--context must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _print_record(record: ChainRecord, as_json: bool) -> None:
+    if as_json:
+        print(record.model_dump_json(indent=2))
+    else:
+        out.print(chain_table(record))
+
+
+def _exit_for(record: ChainRecord) -> None:
+    if record.status not in (ChainStatus.COMPLETED, ChainStatus.RUNNING):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def start(
+    task: str = typer.Option(..., "--task", help="what the first agent is asked to do"),
+    to: str | None = typer.Option(None, "--to", help="first agent, by id"),
+    capability: str | None = typer.Option(None, "--capability", help="first agent, by capability"),
+    context: str | None = typer.Option(None, "--context", help="JSON object, or @file with one"),
+    hop_timeout: float | None = typer.Option(None, "--hop-timeout", help="seconds per hop (default 60)"),
+    max_depth: int | None = typer.Option(None, "--max-depth", help="at most this many hops (1-5)"),
+    chain_id: str | None = typer.Option(None, "--id", help="chain id (a UUID); default a new one"),
+    fallback_agent: str | None = typer.Option(None, "--fallback-agent", help="agent to try when all else fails"),
+    schedule_to_start: float | None = typer.Option(None, "--schedule-to-start", help="seconds before an agent counts as down (default 10)"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the chain to end and print its record"),
+    as_json: bool = typer.Option(False, "--json", help="with --wait: only the record's JSON on stdout"),
+) -> None:
+    """Start a chain: print its id and Web UI link (or, with --wait, its record)."""
+
+    async def go() -> ChainRecord | None:
+        policy = {k: v for k, v in {"fallback_agent": fallback_agent,
+                                   "schedule_to_start_s": schedule_to_start}.items() if v is not None}
+        request = build_request(
+            task_description=task, to_agent=to, capability=capability,
+            context_data=_context_arg(context), chain_id=chain_id,
+            hop_timeout=hop_timeout, max_depth=max_depth, policy=policy,
+        )
+        client = await _client()
+        await start_request(client, request)
+        link = ui_url(str(request.chain_id), client.namespace)
+        if not (wait and as_json):
+            out.print(f"chain [bold]{request.chain_id}[/bold] started")
+            out.print(f"Web UI: {link}", soft_wrap=True)
+        return await wait_chain(client, request.chain_id) if wait else None
+
+    record = _run(go)
+    if record is not None:
+        _print_record(record, as_json)
+        _exit_for(record)
+
+
+@app.command()
+def show(
+    chain_id: str = typer.Argument(..., help="the chain id"),
+    as_json: bool = typer.Option(False, "--json", help="the record as JSON"),
+) -> None:
+    """The chain's audit trail, rebuilt from workflow history (no worker needed)."""
+
+    async def go() -> ChainRecord:
+        return await get_chain(await _client(), chain_id)
+
+    record = _run(go)
+    _print_record(record, as_json)
+    _exit_for(record)
+
+
+@app.command()
+def cancel(chain_id: str = typer.Argument(..., help="the chain id")) -> None:
+    """Cancel a running chain; its current hop is cancelled."""
+
+    async def go() -> None:
+        await cancel_chain(await _client(), chain_id)
+
+    _run(go)
+    out.print(f"chain {chain_id}: cancellation requested")
+
+
+@app.command("list")
+def list_chains(
+    agent: str | None = typer.Option(None, "--agent", help="chains that visited this agent"),
+    status: str | None = typer.Option(None, "--status", help="running, completed, failed, ..."),
+    limit: int = typer.Option(20, "--limit", min=1, max=1000),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Find chains through search attributes (newest first)."""
+    from handoff.search import chain_query, find_chains
+
+    async def go() -> list[dict[str, Any]]:
+        query = chain_query(agent=agent, status=status)
+        return await find_chains(await _client(), query, limit=limit)
+
+    rows = _run(go)
+    if as_json:
+        print(json.dumps(rows, default=str, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="chains", title_justify="left")
+    for column in ("chain id", "status", "agents", "depth", "started", "task"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["chain_id"], row["status"], ", ".join(row["agents"]), str(row["depth"]),
+                      str(row["started_at"])[:19], row["task"] or "")
+    out.print(table)
+
+
+@app.command()
+def agents(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Registered agents: capabilities, live/down, load."""
+    from handoff.registry import agent_statuses
+
+    async def go():
+        return await agent_statuses(await _client())
+
+    statuses = _run(go)
+    if as_json:
+        print(json.dumps([{**s.card.model_dump(mode="json"), **s.stats.model_dump(mode="json"),
+                           "load": s.load} for s in statuses], indent=2))
+    else:
+        out.print(agents_table(statuses))
+
+
+def load_agents(spec: str) -> list[Agent]:
+    """Import `module:object`, an Agent or a list of Agents."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise Usage(f"--agent takes MODULE:OBJECT, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise Usage(f"cannot import {module_name!r}: {err}") from None
+    obj = getattr(module, attr, None)
+    found = obj if isinstance(obj, (list, tuple)) else [obj]
+    if not found or not all(isinstance(a, Agent) for a in found):
+        raise Usage(f"{spec} is not an Agent (or a list of Agents)")
+    return list(found)
+
+
+@app.command()
+def worker(
+    agent: list[str] = typer.Option([], "--agent", help="MODULE:OBJECT of an Agent; repeatable"),
+    chains: bool = typer.Option(False, "--chains", help="run the chain and registry worker"),
+    log_format: str = LogFormatOption,
+) -> None:
+    """Run one agent's worker (or the chain worker) until SIGTERM/SIGINT."""
+    from workers.main import run_workers, stop_on_signals
+
+    if not agent and not chains:
+        _fail("give --agent MODULE:OBJECT or --chains")
+    configure_logging("console" if log_format == "console" else "json")
+    try:
+        loaded = [a for spec in agent for a in load_agents(spec)]
+    except HandoffError as err:
+        _fail(str(err))
+
+    async def go() -> None:
+        client = await _client()
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        await run_workers(client, loaded, chains=chains, stop=stop)
+
+    _run(go)
+
+
+@app.command()
+def server(
+    port: int = typer.Option(7233, "--port"),
+    ui_port: int = typer.Option(8233, "--ui-port"),
+    db: str | None = typer.Option(".handoff/temporal.db", "--db", help="database file ('' for memory)"),
+    ip: str = typer.Option("127.0.0.1", "--ip"),
+) -> None:
+    """The embedded Temporal server alone (tuned, search attributes registered)."""
+    from handoff.server import EmbeddedServer
+
+    embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, ip=ip)
+    try:
+        embedded.start()
+    except HandoffError as err:
+        _fail(str(err))
+    out.print(f"Temporal server on {embedded.address}, Web UI {embedded.ui_url}")
+    try:
+        embedded.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        embedded.stop()
+
+
+@app.command()
+def dev(
+    port: int = typer.Option(7233, "--port"),
+    ui_port: int = typer.Option(8233, "--ui-port"),
+    db: str | None = typer.Option(".handoff/temporal.db", "--db", help="database file ('' for memory)"),
+    demo: Path | None = typer.Option(None, "--demo", help="run the demo chain over this Python file"),
+    log_format: str = typer.Option("console", "--log-format"),
+    exit_after_demo: bool = typer.Option(False, "--exit-after-demo", help="stop once the demo chain ends"),
+) -> None:
+    """Embedded server + chain worker + every example agent in one process (Ctrl-C stops)."""
+    from handoff.dev import run_dev
+    from handoff.server import EmbeddedServer
+
+    configure_logging("console" if log_format == "console" else "json", level="WARNING")
+    embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None)
+    try:
+        embedded.start()
+    except HandoffError as err:
+        _fail(str(err))
+    try:
+        code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo))
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        embedded.stop()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,203 @@
+"""The client API used by the CLI, the starter and the facade: connect, start, wait, inspect."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid4
+
+from pydantic import ValidationError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from handoff.audit import record_from_history
+from handoff.constants import (
+    CHAIN_TASK_QUEUE,
+    CHAIN_WORKFLOW,
+    MAX_CONTEXT_BYTES,
+    SA_AGENTS,
+    SA_CURRENT_AGENT,
+    SA_DEPTH,
+    SA_STATUS,
+    STARTER_AGENT,
+)
+from handoff.errors import ChainNotFound, ContextTooLarge, InvalidRequest
+from handoff.models import AgentCapability, ChainPolicy, ChainRecord, ChainRequest, check_agent_id
+
+DEFAULT_ADDRESS = "localhost:7233"
+
+
+async def connect(
+    profile: str | None = None, *, address: str | None = None, namespace: str | None = None
+) -> Client:
+    """A client configured from Temporal's environment configuration (TEMPORAL_ADDRESS,
+    TEMPORAL_NAMESPACE, TLS, API key, profiles), defaulting to localhost:7233, with the
+    pydantic data converter every part of handoff uses."""
+    config = ClientConfig.load_client_connect_config(profile=profile)
+    config.setdefault("target_host", DEFAULT_ADDRESS)
+    if address:
+        config["target_host"] = address
+    if namespace:
+        config["namespace"] = namespace
+    return await Client.connect(**config, data_converter=pydantic_data_converter)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "input"
+    return f"{where}: {first['msg']}"
+
+
+def build_request(
+    *,
+    task_description: str,
+    to_agent: str | None = None,
+    capability: AgentCapability | str | None = None,
+    context_data: dict[str, Any] | None = None,
+    chain_id: UUID | str | None = None,
+    hop_timeout: float | None = None,
+    max_depth: int | None = None,
+    policy: ChainPolicy | dict[str, Any] | None = None,
+    started_by: str = STARTER_AGENT,
+) -> ChainRequest:
+    """Validate a chain request at the edge; raises `InvalidRequest` with one readable line."""
+    if (to_agent is None) == (capability is None):
+        raise InvalidRequest("give exactly one of to_agent or capability")
+    if not task_description or not task_description.strip():
+        raise InvalidRequest("the task description is empty")
+    try:
+        if to_agent is not None:
+            check_agent_id(to_agent)
+        if capability is not None:
+            capability = _capability(capability)
+        chain_uuid = uuid4() if chain_id is None else _uuid(chain_id)
+        overrides = {
+            k: v for k, v in {"hop_timeout_s": hop_timeout, "max_depth": max_depth}.items() if v is not None
+        }
+        base = policy.model_dump() if isinstance(policy, ChainPolicy) else dict(policy or {})
+        request = ChainRequest(
+            chain_id=chain_uuid,
+            to_agent=to_agent or "",
+            capability=capability,
+            task_description=task_description,
+            context_data=context_data or {},
+            policy=ChainPolicy(**{**base, **overrides}),
+            started_by=started_by,
+        )
+    except ValidationError as err:
+        raise InvalidRequest(_one_line(err)) from None
+    size = len(request.model_dump_json())
+    if size > MAX_CONTEXT_BYTES:
+        raise ContextTooLarge(size, MAX_CONTEXT_BYTES)
+    return request
+
+
+def _capability(value: AgentCapability | str) -> AgentCapability:
+    try:
+        return AgentCapability(value)
+    except ValueError:
+        known = ", ".join(c.value for c in AgentCapability)
+        raise InvalidRequest(f"unknown capability {value!r} (known: {known})") from None
+
+
+def _uuid(value: UUID | str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise InvalidRequest(f"chain id must be a UUID, got {value!r}") from None
+
+
+async def start_request(client: Client, request: ChainRequest, *, search_attributes: bool = True) -> WorkflowHandle:
+    """Start the chain workflow for a validated request."""
+    first = request.to_agent or (request.capability.value if request.capability else "")
+    attributes = (
+        TypedSearchAttributes([
+            SearchAttributePair(SA_STATUS, "running"),
+            SearchAttributePair(SA_AGENTS, []),
+            SearchAttributePair(SA_CURRENT_AGENT, first),
+            SearchAttributePair(SA_DEPTH, 0),
+        ])
+        if search_attributes
+        else None
+    )
+    try:
+        return await client.start_workflow(
+            CHAIN_WORKFLOW,
+            request,
+            id=str(request.chain_id),
+            task_queue=CHAIN_TASK_QUEUE,
+            result_type=ChainRecord,
+            search_attributes=attributes,
+            static_summary=f"{request.task_description[:200]}",
+            static_details=f"first hop: **{first}**, started by {request.started_by}",
+        )
+    except WorkflowAlreadyStartedError:
+        raise InvalidRequest(f"a chain with id {request.chain_id} already exists") from None
+    except RPCError as err:
+        if err.status == RPCStatusCode.INVALID_ARGUMENT and "search attribute" in err.message.lower():
+            raise InvalidRequest(
+                f"{err.message}: register the handoff search attributes "
+                "(`handoff server` does; on a cluster see README, 'Search attributes')"
+            ) from None
+        if err.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise InvalidRequest(err.message) from None
+        raise
+
+
+async def start_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> UUID:
+    """Start a chain and return its id (also its workflow id). See `build_request` for arguments."""
+    built = build_request(**request)
+    await start_request(client, built, search_attributes=search_attributes)
+    return built.chain_id
+
+
+async def run_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> ChainRecord:
+    """Start a chain, wait for it to end, and return its record."""
+    built = build_request(**request)
+    handle = await start_request(client, built, search_attributes=search_attributes)
+    return await wait_chain(client, handle.id)
+
+
+async def wait_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
+    """Wait for a chain to end; its record, also when it was cancelled or terminated."""
+    handle = client.get_workflow_handle(str(chain_id), result_type=ChainRecord)
+    try:
+        return await handle.result()
+    except WorkflowFailureError:
+        return await get_chain(client, chain_id)
+
+
+async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
+    """The chain's record, rebuilt from workflow history: works in any state, with no worker."""
+    handle = client.get_workflow_handle(str(_uuid(chain_id)))
+    try:
+        history = await handle.fetch_history()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise ChainNotFound(str(chain_id)) from None
+        raise
+    return await record_from_history(history, client.data_converter)
+
+
+async def cancel_chain(client: Client, chain_id: UUID | str) -> None:
+    """Ask a running chain to cancel; its current hop is cancelled and the chain ends `cancelled`."""
+    handle = client.get_workflow_handle(str(_uuid(chain_id)))
+    try:
+        description = await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise ChainNotFound(str(chain_id)) from None
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        raise InvalidRequest(f"chain {chain_id} is not running ({description.status.name.lower()})")
+    await handle.cancel()

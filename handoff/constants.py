@@ -1,0 +1,57 @@
+"""Names and defaults shared by the workflows, activities, workers and the CLI.
+
+Kept in one module so a task-queue name or a search-attribute key is never spelled twice.
+"""
+
+from __future__ import annotations
+
+from temporalio.common import SearchAttributeKey
+
+CHAIN_TASK_QUEUE = "handoff.chains"
+"""Task queue of the chain workflow, the registry workflow and their local activities."""
+
+AGENT_TASK_QUEUE_PREFIX = "agent."
+CHAIN_WORKFLOW = "HandoffChain"
+REGISTRY_WORKFLOW = "AgentRegistry"
+REGISTRY_WORKFLOW_ID = "handoff-agent-registry"
+HOP_ACTIVITY = "handoff.hop"
+RESOLVE_ACTIVITY = "handoff.resolve_candidates"
+
+STARTER_AGENT = "starter"
+"""`from_agent` of the first hop: the chain was started by a person or a program, not an agent."""
+
+MAX_CHAIN_DEPTH = 5
+"""A chain runs at most this many hops (`chain_depth` 0..4); configurable lower, never higher."""
+
+DEFAULT_HOP_TIMEOUT_S = 60.0
+DEFAULT_SCHEDULE_TO_START_S = 10.0
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_RETRY_INITIAL_S = 1.0
+DEFAULT_MAX_VISITS_PER_AGENT = 2
+
+MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+"""Temporal's default limit for one payload (blob)."""
+MAX_CONTEXT_BYTES = 1_900_000
+"""Largest hop input we schedule: a little under the payload limit, leaving room for the envelope."""
+
+LIVE_POLLER_WINDOW_S = 70.0
+"""An agent is live when one of its pollers was seen within this many seconds."""
+
+# Search attributes: registered by `handoff server` / `handoff dev`, upserted by the chain workflow.
+SA_STATUS = SearchAttributeKey.for_keyword("HandoffStatus")
+SA_AGENTS = SearchAttributeKey.for_keyword_list("HandoffAgents")
+SA_CURRENT_AGENT = SearchAttributeKey.for_keyword("HandoffCurrentAgent")
+SA_DEPTH = SearchAttributeKey.for_int("HandoffDepth")
+SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH)
+
+
+def agent_task_queue(agent_id: str) -> str:
+    """The task queue an agent's worker polls: `agent.<agent_id>`."""
+    return f"{AGENT_TASK_QUEUE_PREFIX}{agent_id}"
+
+# Error types of the hop activity that retrying cannot fix (raised in activities/hop.py).
+PERMANENT_ERROR = "PermanentError"
+INVALID_RESULT_ERROR = "InvalidHandlerResult"
+RESULT_TOO_LARGE_ERROR = "PayloadsTooLarge"
+NON_RETRYABLE_ERRORS = (PERMANENT_ERROR, INVALID_RESULT_ERROR, RESULT_TOO_LARGE_ERROR, "ValidationError")

@@ -1,0 +1,62 @@
+"""Structured logging: JSON lines for machines by default, colour for people on request.
+
+Workflow code keeps Temporal's replay-safe `workflow.logger` (a stdlib logger); the stdlib
+records are rendered through the same structlog processors, so every line has one shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["json", "console"]
+
+log = structlog.get_logger("handoff")
+
+
+def _flatten_temporal_extra(_, __, event_dict: dict) -> dict:
+    """Lift the ids that Temporal's workflow/activity loggers attach onto the top level."""
+    record = event_dict.get("_record")
+    if record is not None:
+        for key in ("chain_id", "handoff_id", "hop", "from_agent", "to_agent", "status", "reason"):
+            value = getattr(record, key, None)
+            if value is not None:
+                event_dict.setdefault(key, value)
+    return event_dict
+
+
+def configure_logging(fmt: LogFormat = "json", level: str = "INFO") -> None:
+    """Route structlog and stdlib logging to stdout in one format. Safe to call more than once."""
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, _flatten_temporal_extra],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,291 @@
+"""The data model: what travels between agents, and the audit record of a chain.
+
+Every model round-trips through Temporal with `pydantic_data_converter`, so the same classes
+are the workflow's input and result, the hop activity's input and result, and the CLI's JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from handoff.constants import (
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
+    DEFAULT_HOP_TIMEOUT_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_VISITS_PER_AGENT,
+    DEFAULT_RETRY_INITIAL_S,
+    DEFAULT_SCHEDULE_TO_START_S,
+    MAX_CHAIN_DEPTH,
+)
+
+AGENT_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC (never the naive `datetime.utcnow()`)."""
+    return datetime.now(timezone.utc)
+
+
+def check_agent_id(value: str) -> str:
+    """Return `value` if it is a valid agent id, else raise `ValueError` saying what is wrong."""
+    if not isinstance(value, str) or not AGENT_ID_RE.match(value):
+        raise ValueError(
+            f"invalid agent id {value!r}: use a lowercase letter, then up to 62 of a-z 0-9 _ -"
+        )
+    return value
+
+
+def _aware_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("datetime must be timezone-aware (UTC)")
+    return value.astimezone(timezone.utc)
+
+
+class AgentCapability(str, Enum):
+    """What an agent can do. Each value equals its name; the CLI takes the same spelling."""
+
+    CODE_ANALYSIS = "CODE_ANALYSIS"
+    SECURITY_AUDIT = "SECURITY_AUDIT"
+    PERFORMANCE_OPTIMIZATION = "PERFORMANCE_OPTIMIZATION"
+    DATABASE_OPERATIONS = "DATABASE_OPERATIONS"
+    API_INTEGRATION = "API_INTEGRATION"
+    TESTING = "TESTING"
+    DEPLOYMENT = "DEPLOYMENT"
+
+
+class ChainStatus(str, Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DEPTH_EXCEEDED = "depth_exceeded"
+    LOOP_DETECTED = "loop_detected"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+class HopStatus(str, Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    UNREACHABLE = "unreachable"
+    REFUSED = "refused"
+    CANCELLED = "cancelled"
+
+
+class HandoffContext(BaseModel):
+    """One handoff: what the receiving agent is asked to do, and everything the chain knows.
+
+    The chain workflow builds every context: `from_agent`, `chain_id`, `chain_depth`,
+    `handoff_id` and `previous_results` are set by the workflow, never taken from an agent.
+    A context is addressed to an agent (`to_agent`) or to a capability (`to_capability`);
+    the workflow resolves a capability to a live agent and fills in `to_agent`.
+    """
+
+    handoff_id: UUID = Field(default_factory=uuid4)
+    chain_id: UUID = Field(default_factory=uuid4)
+    from_agent: str = ""
+    to_agent: str = ""
+    to_capability: AgentCapability | None = None
+    task_description: str
+    context_data: dict[str, Any] = Field(default_factory=dict)
+    previous_results: list[dict[str, Any]] = Field(default_factory=list)
+    chain_depth: int = Field(default=0, ge=0, le=MAX_CHAIN_DEPTH)
+    created_at: datetime = Field(default_factory=utc_now)
+
+    _aware = field_validator("created_at")(_aware_utc)
+
+    @field_validator("to_agent")
+    @classmethod
+    def _valid_to_agent(cls, value: str) -> str:
+        return check_agent_id(value) if value else value
+
+    @model_validator(mode="after")
+    def _addressed(self) -> HandoffContext:
+        if not self.to_agent and self.to_capability is None:
+            raise ValueError("a handoff needs to_agent or to_capability")
+        return self
+
+    def complete(self, result_data: dict[str, Any] | None = None) -> HandoffResult:
+        """This hop's successful result; the chain ends here."""
+        return HandoffResult(handoff_id=self.handoff_id, success=True, result_data=result_data or {})
+
+    def fail(self, error: str, result_data: dict[str, Any] | None = None) -> HandoffResult:
+        """A deliberate failure of this hop (not retried; the chain falls back to another agent)."""
+        data = {**(result_data or {}), "error": error}
+        return HandoffResult(handoff_id=self.handoff_id, success=False, result_data=data)
+
+    def handoff(
+        self,
+        *,
+        task_description: str,
+        to_agent: str | None = None,
+        capability: AgentCapability | str | None = None,
+        context_data: dict[str, Any] | None = None,
+        result_data: dict[str, Any] | None = None,
+    ) -> HandoffResult:
+        """This hop's successful result, handing the chain on to an agent or a capability.
+
+        `context_data` is merged into the chain's context for every later hop; `result_data`
+        is this hop's own result, which later hops see in `previous_results`.
+        """
+        if (to_agent is None) == (capability is None):
+            raise ValueError("handoff() takes exactly one of to_agent= or capability=")
+        next_context = HandoffContext(
+            chain_id=self.chain_id,
+            from_agent=self.to_agent,
+            to_agent=to_agent or "",
+            to_capability=AgentCapability(capability) if capability is not None else None,
+            task_description=task_description,
+            context_data=context_data or {},
+            chain_depth=min(self.chain_depth + 1, MAX_CHAIN_DEPTH),
+        )
+        return HandoffResult(
+            handoff_id=self.handoff_id,
+            success=True,
+            result_data=result_data or {},
+            next_handoff=next_context,
+        )
+
+
+class HandoffResult(BaseModel):
+    """What an agent's handler returns for one hop."""
+
+    handoff_id: UUID
+    success: bool
+    result_data: dict[str, Any] = Field(default_factory=dict)
+    execution_time_seconds: float = 0.0
+    next_handoff: HandoffContext | None = None
+    completed_at: datetime = Field(default_factory=utc_now)
+
+    _aware = field_validator("completed_at")(_aware_utc)
+
+
+class ChainPolicy(BaseModel):
+    """The bounds of one chain: timeouts, retries, depth, loops, fallback. Validated at the edge."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hop_timeout_s: float = Field(default=DEFAULT_HOP_TIMEOUT_S, gt=0, le=24 * 3600)
+    schedule_to_start_s: float = Field(default=DEFAULT_SCHEDULE_TO_START_S, gt=0, le=3600)
+    heartbeat_timeout_s: float = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_S, gt=0, le=10)
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=20)
+    retry_initial_s: float = Field(default=DEFAULT_RETRY_INITIAL_S, gt=0, le=600)
+    max_depth: int = Field(default=MAX_CHAIN_DEPTH, ge=1, le=MAX_CHAIN_DEPTH)
+    max_visits_per_agent: int = Field(default=DEFAULT_MAX_VISITS_PER_AGENT, ge=1, le=MAX_CHAIN_DEPTH)
+    fallback_agent: str | None = None
+
+    @field_validator("fallback_agent")
+    @classmethod
+    def _valid_fallback(cls, value: str | None) -> str | None:
+        return check_agent_id(value) if value else None
+
+
+class ChainRequest(BaseModel):
+    """The chain workflow's input: the first handoff and the chain's policy."""
+
+    chain_id: UUID
+    to_agent: str = ""
+    capability: AgentCapability | None = None
+    task_description: str
+    context_data: dict[str, Any] = Field(default_factory=dict)
+    policy: ChainPolicy = Field(default_factory=ChainPolicy)
+    started_by: str = "starter"
+
+
+class HopInput(BaseModel):
+    """The hop activity's input. `hop` and `fallback_for` let the audit be rebuilt from history."""
+
+    hop: int
+    context: HandoffContext
+    heartbeat_interval_s: float
+    fallback_for: str | None = None
+
+
+class HopOutput(BaseModel):
+    """The hop activity's result: the handler's result plus what the worker observed."""
+
+    result: HandoffResult
+    attempt: int
+    agent_id: str
+
+
+class AgentCard(BaseModel):
+    """An agent as the registry knows it."""
+
+    agent_id: str
+    name: str
+    capabilities: list[AgentCapability]
+    max_concurrent: int = Field(default=5, ge=1)
+    task_queue: str
+    version: str = "0"
+    registered_at: datetime = Field(default_factory=utc_now)
+    last_seen: datetime = Field(default_factory=utc_now)
+
+    _valid_id = field_validator("agent_id")(check_agent_id)
+
+
+class Candidate(BaseModel):
+    """An agent considered for a capability hop, with what its task queue said."""
+
+    agent_id: str
+    live: bool
+    pollers: int = 0
+    backlog: int = 0
+    max_concurrent: int = 1
+
+    @property
+    def load(self) -> float:
+        return self.backlog / max(self.max_concurrent, 1)
+
+
+class ResolveRequest(BaseModel):
+    capability: AgentCapability | None = None
+    like_agent: str | None = None
+    """Resolve the capabilities of this agent (a fallback for a hop addressed by name)."""
+    exclude: list[str] = Field(default_factory=list)
+
+
+class HopRecord(BaseModel):
+    """One hop in the audit trail."""
+
+    hop: int
+    handoff_id: UUID | None = None
+    from_agent: str
+    to_agent: str
+    capability: AgentCapability | None = None
+    task_description: str
+    status: HopStatus
+    attempts: int = 0
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: float | None = None
+    result_data: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    fallback_for: str | None = None
+    candidates: list[str] = Field(default_factory=list)
+    """For a capability hop or a fallback: the agents considered, in the order tried."""
+
+
+class ChainRecord(BaseModel):
+    """The audit record of one chain: the chain workflow's result and its `chain_state` query."""
+
+    chain_id: UUID
+    status: ChainStatus
+    task_description: str
+    started_at: datetime
+    completed_at: datetime | None = None
+    duration_ms: float | None = None
+    hops: list[HopRecord] = Field(default_factory=list)
+    final_result: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is ChainStatus.COMPLETED

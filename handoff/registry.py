@@ -1,0 +1,158 @@
+"""Client-side access to the capability registry and to the agents' task queues.
+
+Used by agent workers (register/deregister), by the resolve activity (candidates for a
+capability) and by `handoff agents`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from pydantic import BaseModel
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client, WithStartWorkflowOperation
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from handoff.agent import Agent
+from handoff.constants import (
+    CHAIN_TASK_QUEUE,
+    LIVE_POLLER_WINDOW_S,
+    REGISTRY_WORKFLOW,
+    REGISTRY_WORKFLOW_ID,
+    agent_task_queue,
+)
+from handoff.models import AgentCapability, AgentCard, Candidate
+
+RPC_TIMEOUT = timedelta(seconds=5)
+
+
+class QueueStats(BaseModel):
+    pollers: int
+    live: bool
+    backlog: int
+    last_poll: datetime | None = None
+
+
+class AgentStatus(BaseModel):
+    """An agent card with what its task queue says now (`handoff agents`)."""
+
+    card: AgentCard
+    stats: QueueStats
+
+    @property
+    def load(self) -> float:
+        return self.stats.backlog / max(self.card.max_concurrent, 1)
+
+
+def _registration(agent: Agent, instance: str) -> dict:
+    card = agent.card()
+    return {
+        "agent_id": card.agent_id,
+        "name": card.name,
+        "capabilities": [c.value for c in card.capabilities],
+        "max_concurrent": card.max_concurrent,
+        "version": card.version,
+        "instance": instance,
+    }
+
+
+async def register_agent(client: Client, agent: Agent, instance: str) -> AgentCard:
+    """Register `agent` (creating the registry workflow if it does not exist yet)."""
+    start = WithStartWorkflowOperation(
+        REGISTRY_WORKFLOW,
+        None,
+        id=REGISTRY_WORKFLOW_ID,
+        task_queue=CHAIN_TASK_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary="handoff capability registry",
+    )
+    return await client.execute_update_with_start_workflow(
+        "register", _registration(agent, instance), start_workflow_operation=start, result_type=AgentCard
+    )
+
+
+async def deregister_agent(client: Client, agent_id: str, instance: str) -> bool:
+    handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
+    return await handle.execute_update(
+        "deregister", {"agent_id": agent_id, "instance": instance}, result_type=bool,
+        rpc_timeout=RPC_TIMEOUT,
+    )
+
+
+async def registered_agents(client: Client) -> list[AgentCard]:
+    """Every registered card; empty when no registry exists yet."""
+    handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
+    try:
+        return await handle.query("agents", result_type=list[AgentCard], rpc_timeout=RPC_TIMEOUT)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return []
+        raise
+
+
+async def queue_stats(client: Client, task_queue: str) -> QueueStats:
+    """Pollers and backlog of an activity task queue. Exited workers' pollers linger, so
+    liveness is judged by each poller's last access time."""
+    resp = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            report_stats=True,
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    now = datetime.now(timezone.utc)
+    last = max(
+        (p.last_access_time.ToDatetime(tzinfo=timezone.utc) for p in resp.pollers if p.HasField("last_access_time")),
+        default=None,
+    )
+    live = last is not None and (now - last).total_seconds() <= LIVE_POLLER_WINDOW_S
+    return QueueStats(
+        pollers=len(resp.pollers),
+        live=live,
+        backlog=resp.stats.approximate_backlog_count if resp.HasField("stats") else 0,
+        last_poll=last,
+    )
+
+
+async def agent_statuses(client: Client, cards: list[AgentCard] | None = None) -> list[AgentStatus]:
+    cards = await registered_agents(client) if cards is None else cards
+    stats = await asyncio.gather(*(queue_stats(client, agent_task_queue(c.agent_id)) for c in cards))
+    return [AgentStatus(card=c, stats=s) for c, s in zip(cards, stats)]
+
+
+async def candidates_for(
+    client: Client,
+    capability: AgentCapability | None,
+    *,
+    like_agent: str | None = None,
+    exclude: list[str] = (),
+) -> list[Candidate]:
+    """Agents that can take a hop: those with `capability` (or with the primary capability of
+    `like_agent`), minus `exclude`; live ones first, least loaded first, then by id."""
+    cards = await registered_agents(client)
+    if capability is None and like_agent is not None:
+        like = next((c for c in cards if c.agent_id == like_agent), None)
+        if like is None:
+            return []
+        capability = like.capabilities[0]
+    matching = [
+        c for c in cards if capability in c.capabilities and c.agent_id not in exclude
+    ]
+    statuses = await agent_statuses(client, matching)
+    candidates = [
+        Candidate(
+            agent_id=s.card.agent_id,
+            live=s.stats.live,
+            pollers=s.stats.pollers,
+            backlog=s.stats.backlog,
+            max_concurrent=s.card.max_concurrent,
+        )
+        for s in statuses
+    ]
+    return sorted(candidates, key=lambda c: (not c.live, c.load, c.agent_id))

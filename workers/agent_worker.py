@@ -1,0 +1,85 @@
+"""An agent's worker: polls `agent.<id>`, runs at most `max_concurrent` hops at once, and keeps
+the agent's card in the registry while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import AsyncIterator
+
+import structlog
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.hop import hop_activity
+from handoff.agent import Agent
+from handoff.registry import deregister_agent, register_agent
+
+log = structlog.get_logger("handoff.worker")
+
+REGISTER_RETRY_S = 2.0
+
+
+def agent_worker(client: Client, agent: Agent, **options) -> Worker:
+    """The Temporal worker for one agent: the hop activity on the agent's own task queue."""
+    options.setdefault("graceful_shutdown_timeout", timedelta(seconds=5))
+    return Worker(
+        client,
+        task_queue=agent.task_queue,
+        activities=[hop_activity(agent)],
+        max_concurrent_activities=agent.max_concurrent,
+        **options,
+    )
+
+
+def instance_name(agent: Agent) -> str:
+    return f"{agent.id}@{socket.gethostname()}:{os.getpid()}:{id(agent):x}"
+
+
+async def _register_until_done(client: Client, agent: Agent, instance: str) -> None:
+    """Register, retrying while the registry's worker is not up yet (it may start later)."""
+    while True:
+        try:
+            await register_agent(client, agent, instance)
+            log.info("agent_registered", agent_id=agent.id, instance=instance)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the registry may not be reachable yet; keep the worker running
+            log.warning("agent_registration_failed", agent_id=agent.id, error=str(err))
+            await asyncio.sleep(REGISTER_RETRY_S)
+
+
+@asynccontextmanager
+async def registered(client: Client, agent: Agent) -> AsyncIterator[str]:
+    """Keep `agent` registered while the block runs; deregister this instance on the way out."""
+    instance = instance_name(agent)
+    registration = asyncio.create_task(_register_until_done(client, agent, instance))
+    try:
+        yield instance
+    finally:
+        if not registration.done():
+            registration.cancel()
+        else:
+            try:
+                await asyncio.wait_for(deregister_agent(client, agent.id, instance), timeout=5)
+                log.info("agent_deregistered", agent_id=agent.id, instance=instance)
+            except Exception as err:  # shutting down: the registry keeps the card, liveness says down
+                log.warning("agent_deregistration_failed", agent_id=agent.id, error=str(err))
+
+
+async def run_agent(client: Client, agent: Agent, stop: asyncio.Event, *, register: bool = True) -> None:
+    """Run `agent`'s worker until `stop` is set, registered in the registry meanwhile."""
+    worker = agent_worker(client, agent)
+    async with worker:
+        if register:
+            async with registered(client, agent):
+                log.info("agent_worker_started", agent_id=agent.id, task_queue=agent.task_queue,
+                         max_concurrent=agent.max_concurrent)
+                await stop.wait()
+        else:
+            await stop.wait()
+    log.info("agent_worker_stopped", agent_id=agent.id)

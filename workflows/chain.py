@@ -1,0 +1,389 @@
+"""The chain workflow: one durable execution per delegation chain (`workflow_id == chain_id`).
+
+Per hop: resolve the target (by id, or by capability through the registry), check the
+depth and loop rules, run the hop activity on the target agent's own task queue, record
+the hop, then follow the agent's `next_handoff`. A hop that cannot start or fails after its
+retries falls back to another live agent with the same capability, then to the configured
+fallback agent. Whatever happens, the chain ends with a status and every earlier result kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    RetryState,
+    TimeoutError,
+    TimeoutType,
+)
+
+with workflow.unsafe.imports_passed_through():
+    from handoff.constants import (
+        CHAIN_WORKFLOW,
+        HOP_ACTIVITY,
+        MAX_CHAIN_DEPTH,
+        MAX_CONTEXT_BYTES,
+        NON_RETRYABLE_ERRORS,
+        RESOLVE_ACTIVITY,
+        SA_AGENTS,
+        SA_CURRENT_AGENT,
+        SA_DEPTH,
+        SA_STATUS,
+        agent_task_queue,
+    )
+    from handoff.models import (
+        AGENT_ID_RE,
+        AgentCapability,
+        Candidate,
+        ChainPolicy,
+        ChainRecord,
+        ChainRequest,
+        ChainStatus,
+        HandoffContext,
+        HandoffResult,
+        HopInput,
+        HopOutput,
+        HopRecord,
+        HopStatus,
+        ResolveRequest,
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the next handoff goes, as asked by the starter or by the previous agent."""
+
+    to_agent: str
+    capability: AgentCapability | None
+    task: str
+    from_agent: str
+
+
+class ChainEnd(Exception):
+    """Ends the chain with a deliberate status; always caught in `run`."""
+
+    def __init__(self, status: ChainStatus, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def _attempts_in(details: Any) -> int | None:
+    """The attempt number the hop activity put in its failure or heartbeat details."""
+    for item in details or ():
+        if isinstance(item, dict) and isinstance(item.get("attempt"), int):
+            return item["attempt"]
+    return None
+
+
+# Any exception fails the workflow rather than retrying its task forever: a chain never stays stuck.
+@workflow.defn(name=CHAIN_WORKFLOW, failure_exception_types=[Exception])
+class HandoffChainWorkflow:
+    @workflow.init
+    def __init__(self, request: ChainRequest) -> None:
+        self._record = ChainRecord(
+            chain_id=request.chain_id,
+            status=ChainStatus.RUNNING,
+            task_description=request.task_description,
+            started_at=workflow.now(),
+        )
+        self._policy: ChainPolicy = request.policy
+        self._context_data: dict[str, Any] = dict(request.context_data)
+        self._results: list[dict[str, Any]] = []
+        self._visits: Counter[str] = Counter()
+        self._asked: set[tuple[str, str]] = set()
+        self._failed: set[str] = set()
+        self._agents: list[str] = []
+        self._search_attributes = workflow.info().typed_search_attributes.get(SA_STATUS) is not None
+
+    @workflow.query(name="chain_state")
+    def chain_state(self) -> ChainRecord:
+        return self._record
+
+    @workflow.run
+    async def run(self, request: ChainRequest) -> ChainRecord:
+        target = Target(
+            to_agent=request.to_agent,
+            capability=request.capability,
+            task=request.task_description,
+            from_agent=request.started_by,
+        )
+        try:
+            self._check_request(request)
+            for depth in range(MAX_CHAIN_DEPTH + 1):
+                if depth >= self._policy.max_depth:
+                    self._refuse(depth, target, ChainStatus.DEPTH_EXCEEDED,
+                                 f"a handoff to depth {depth} exceeds the limit of "
+                                 f"{self._policy.max_depth} hops")
+                result, agent = await self._handoff(depth, target)
+                self._results.append(result.result_data)
+                directive = result.next_handoff
+                if directive is None:
+                    return self._finish(ChainStatus.COMPLETED)
+                target = self._next_target(directive, agent)
+        except ChainEnd as end:
+            return self._finish(end.status, end.error)
+        except (asyncio.CancelledError, CancelledError):
+            for hop in self._record.hops:
+                if hop.status is HopStatus.RUNNING:
+                    self._close_hop(hop, HopStatus.CANCELLED, error="chain cancelled")
+            self._finish(ChainStatus.CANCELLED, "chain cancelled")
+            raise
+        raise AssertionError("unreachable: the depth check ends every chain")
+
+    # -- rules -------------------------------------------------------------------------
+
+    def _check_request(self, request: ChainRequest) -> None:
+        if not request.to_agent and request.capability is None:
+            raise ChainEnd(ChainStatus.REJECTED, "the chain needs a first agent or capability")
+        if request.to_agent and not AGENT_ID_RE.match(request.to_agent):
+            raise ChainEnd(ChainStatus.REJECTED, f"invalid agent id {request.to_agent!r}")
+        if not request.task_description.strip():
+            raise ChainEnd(ChainStatus.REJECTED, "the chain needs a task description")
+
+    def _next_target(self, directive: HandoffContext, agent: str) -> Target:
+        if directive.to_agent and not AGENT_ID_RE.match(directive.to_agent):
+            raise ChainEnd(ChainStatus.FAILED, f"{agent!r} handed off to invalid agent id {directive.to_agent!r}")
+        if not directive.to_agent and directive.to_capability is None:
+            raise ChainEnd(ChainStatus.FAILED, f"{agent!r} handed off without an agent or capability")
+        self._context_data.update(directive.context_data)
+        return Target(
+            to_agent=directive.to_agent,
+            capability=directive.to_capability,
+            task=directive.task_description,
+            from_agent=agent,  # set here, never taken from the agent
+        )
+
+    def _loop_violation(self, agent: str, task: str) -> str | None:
+        if (agent, task) in self._asked:
+            return f"{agent!r} was already asked to {task!r} in this chain"
+        if self._visits[agent] >= self._policy.max_visits_per_agent:
+            return (f"{agent!r} was already visited {self._visits[agent]} times "
+                    f"(limit {self._policy.max_visits_per_agent} per chain)")
+        return None
+
+    def _refuse(self, depth: int, target: Target, status: ChainStatus, reason: str) -> None:
+        self._record.hops.append(HopRecord(
+            hop=depth, from_agent=target.from_agent, to_agent=target.to_agent,
+            capability=target.capability, task_description=target.task,
+            status=HopStatus.REFUSED, error=reason,
+            started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
+        ))
+        raise ChainEnd(status, reason)
+
+    # -- one handoff, with fallback ----------------------------------------------------
+
+    async def _handoff(self, depth: int, target: Target) -> tuple[HandoffResult, str]:
+        """Run one handoff: the first choice, then fallbacks. Returns the result and the agent
+        that produced it, or raises ChainEnd."""
+        if target.to_agent:
+            agent, considered = target.to_agent, [target.to_agent]
+            violation = self._loop_violation(agent, target.task)
+            if violation:
+                self._refuse(depth, target, ChainStatus.LOOP_DETECTED, violation)
+        else:
+            agent, considered = await self._pick(depth, target, first=True)
+        fallback_for: str | None = None
+        errors: list[str] = []
+        while agent is not None:
+            record, result = await self._attempt(depth, target, agent, fallback_for, considered)
+            if result is not None and result.success:
+                return result, agent
+            errors.append(f"{agent}: {record.error}")
+            self._failed.add(agent)
+            fallback_for = fallback_for or agent
+            agent, considered = await self._pick(depth, target, first=False)
+        raise ChainEnd(ChainStatus.FAILED, f"hop {depth} failed on every agent tried ({'; '.join(errors)})")
+
+    async def _pick(self, depth: int, target: Target, *, first: bool) -> tuple[str | None, list[str]]:
+        """The next agent to try: the least loaded live agent with the capability (or, for a
+        hop addressed by name, with that agent's primary capability), else the configured
+        fallback agent. Agents that failed in this chain or would loop are skipped."""
+        candidates = await self._candidates(target)
+        considered = [c.agent_id for c in candidates]
+        live = [c for c in candidates if c.live]
+        allowed = [c for c in live if not self._loop_violation(c.agent_id, target.task)]
+        if allowed:
+            return allowed[0].agent_id, considered
+        if first and live:
+            self._refuse(depth, target, ChainStatus.LOOP_DETECTED,
+                         self._loop_violation(live[0].agent_id, target.task) or "loop")
+        fallback = self._policy.fallback_agent
+        if fallback and fallback not in self._failed and not self._loop_violation(fallback, target.task):
+            return fallback, [*considered, fallback]
+        if first:
+            what = target.capability.value if target.capability else target.to_agent
+            self._record.hops.append(HopRecord(
+                hop=depth, from_agent=target.from_agent, to_agent="", capability=target.capability,
+                task_description=target.task, status=HopStatus.UNREACHABLE, candidates=considered,
+                error=f"no live agent with capability {what} (considered: {considered or 'none'})",
+                started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
+            ))
+            raise ChainEnd(ChainStatus.FAILED, self._record.hops[-1].error or "")
+        return None, considered
+
+    async def _candidates(self, target: Target) -> list[Candidate]:
+        request = ResolveRequest(
+            capability=target.capability,
+            like_agent=None if target.capability else target.to_agent,
+            exclude=sorted(self._failed),
+        )
+        return await workflow.execute_local_activity(
+            RESOLVE_ACTIVITY,
+            request,
+            result_type=list[Candidate],
+            start_to_close_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=200)),
+            summary=f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}",
+        )
+
+    async def _attempt(
+        self, depth: int, target: Target, agent: str, fallback_for: str | None, considered: list[str]
+    ) -> tuple[HopRecord, HandoffResult | None]:
+        policy = self._policy
+        now = workflow.now()
+        context = HandoffContext(
+            handoff_id=workflow.uuid4(),
+            chain_id=self._record.chain_id,
+            from_agent=target.from_agent,
+            to_agent=agent,
+            to_capability=target.capability,
+            task_description=target.task,
+            context_data=self._context_data,
+            previous_results=list(self._results),
+            chain_depth=depth,
+            created_at=now,
+        )
+        hop_input = HopInput(
+            hop=depth, context=context, fallback_for=fallback_for,
+            heartbeat_interval_s=policy.heartbeat_timeout_s / 4,
+        )
+        record = HopRecord(
+            hop=depth, handoff_id=context.handoff_id, from_agent=target.from_agent, to_agent=agent,
+            capability=target.capability, task_description=target.task, status=HopStatus.RUNNING,
+            started_at=now, fallback_for=fallback_for,
+            candidates=considered if (target.capability or fallback_for) else [],
+        )
+        self._record.hops.append(record)
+        size = len(hop_input.model_dump_json())
+        if size > MAX_CONTEXT_BYTES:
+            self._close_hop(record, HopStatus.REFUSED,
+                            error=f"hop input is {size:,} bytes, over the {MAX_CONTEXT_BYTES:,}-byte limit")
+            status = ChainStatus.REJECTED if not self._results else ChainStatus.FAILED
+            raise ChainEnd(status, f"context too large for hop {depth}: {record.error}")
+        self._visits[agent] += 1
+        self._asked.add((agent, target.task))
+        self._agents.append(agent)
+        self._show_progress(depth, agent, target)
+        summary = f"hop {depth}: {target.from_agent} -> {agent}"
+        if fallback_for:
+            summary += f" (fallback for {fallback_for})"
+        try:
+            output: HopOutput = await workflow.execute_activity(
+                HOP_ACTIVITY,
+                hop_input,
+                task_queue=agent_task_queue(agent),
+                result_type=HopOutput,
+                start_to_close_timeout=timedelta(seconds=policy.hop_timeout_s),
+                schedule_to_start_timeout=timedelta(seconds=policy.schedule_to_start_s),
+                heartbeat_timeout=timedelta(seconds=policy.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=policy.retry_initial_s),
+                    backoff_coefficient=2.0,
+                    maximum_interval=timedelta(seconds=policy.retry_initial_s * 16),
+                    maximum_attempts=policy.max_attempts,
+                    non_retryable_error_types=list(NON_RETRYABLE_ERRORS),
+                ),
+                summary=f"{summary}: {target.task[:80]}",
+            )
+        except ActivityError as err:
+            status, error, attempts = self._classify(err, agent)
+            self._close_hop(record, status, error=error, attempts=attempts)
+            workflow.logger.warning("hop_failed", extra=self._log_fields(record))
+            return record, None
+        result = output.result
+        self._close_hop(
+            record,
+            HopStatus.COMPLETED if result.success else HopStatus.FAILED,
+            attempts=output.attempt,
+            result_data=result.result_data,
+            error=None if result.success else str(result.result_data.get("error", "agent reported failure")),
+        )
+        workflow.logger.info("hop_completed", extra=self._log_fields(record))
+        return record, result
+
+    def _classify(self, err: ActivityError, agent: str) -> tuple[HopStatus, str, int]:
+        cause = err.cause
+        exhausted = err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
+        if isinstance(cause, TimeoutError):
+            if cause.type == TimeoutType.SCHEDULE_TO_START:
+                return (HopStatus.UNREACHABLE,
+                        f"no worker of {agent!r} picked up the hop within "
+                        f"{self._policy.schedule_to_start_s:g}s", 0)
+            attempts = self._policy.max_attempts if exhausted else (
+                _attempts_in(cause.last_heartbeat_details) or 1)
+            kind = cause.type.name.lower() if cause.type else "timeout"
+            return HopStatus.TIMED_OUT, f"hop timed out ({kind}) after {attempts} attempt(s)", attempts
+        if isinstance(cause, ApplicationError):
+            attempts = self._policy.max_attempts if exhausted else (_attempts_in(cause.details) or 1)
+            return HopStatus.FAILED, cause.message, attempts
+        if isinstance(cause, CancelledError):
+            return HopStatus.CANCELLED, "hop cancelled", 1
+        return HopStatus.FAILED, str(cause or err), 1
+
+    # -- record keeping ----------------------------------------------------------------
+
+    def _close_hop(self, record: HopRecord, status: HopStatus, *, error: str | None = None,
+                   attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:
+        record.status = status
+        record.error = error
+        if attempts is not None:
+            record.attempts = attempts
+        if result_data is not None:
+            record.result_data = result_data
+        record.completed_at = workflow.now()
+        if record.started_at is not None:
+            record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
+
+    def _finish(self, status: ChainStatus, error: str | None = None) -> ChainRecord:
+        record = self._record
+        record.status = status
+        record.error = error
+        record.completed_at = workflow.now()
+        record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
+        record.final_result = self._results[-1] if self._results else {}
+        if self._search_attributes:
+            workflow.upsert_search_attributes([SA_STATUS.value_set(status.value)])
+        workflow.set_current_details(f"**{status.value}**" + (f": {error}" if error else ""))
+        workflow.logger.info("chain_finished", extra={"chain_id": str(record.chain_id),
+                                                      "status": status.value, "reason": error})
+        return record
+
+    def _show_progress(self, depth: int, agent: str, target: Target) -> None:
+        if self._search_attributes:
+            workflow.upsert_search_attributes([
+                SA_AGENTS.value_set(sorted(set(self._agents))),
+                SA_CURRENT_AGENT.value_set(agent),
+                SA_DEPTH.value_set(depth),
+            ])
+        workflow.set_current_details(f"hop {depth}: {target.from_agent} -> **{agent}**: {target.task[:120]}")
+
+    def _log_fields(self, record: HopRecord) -> dict[str, Any]:
+        return {
+            "chain_id": str(self._record.chain_id),
+            "handoff_id": str(record.handoff_id),
+            "hop": record.hop,
+            "from_agent": record.from_agent,
+            "to_agent": record.to_agent,
+            "status": record.status.value,
+            "reason": record.error,
+        }

@@ -1,0 +1,129 @@
+"""The capability registry: one long-lived workflow holding every agent's card.
+
+Agent workers register on start and deregister on graceful stop (Updates, validated before
+they are accepted). Liveness and load are not kept here: they come from each agent's task
+queue, read by the resolve activity. History stays bounded through continue-as-new.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel, Field, ValidationError
+
+    from handoff.constants import REGISTRY_WORKFLOW, agent_task_queue
+    from handoff.models import AgentCapability, AgentCard, check_agent_id
+
+MAX_HISTORY_EVENTS = 5_000
+
+
+class Registration(BaseModel):
+    """An agent worker's registration. Loosely typed on purpose: the validator explains bad input."""
+
+    agent_id: str
+    name: str
+    capabilities: list[str]
+    max_concurrent: int = 5
+    version: str = "1"
+    instance: str = ""
+    """The registering worker's identity; an agent with several replicas has several instances."""
+
+
+class Deregistration(BaseModel):
+    agent_id: str
+    instance: str = ""
+
+
+class RegistryState(BaseModel):
+    cards: dict[str, AgentCard] = Field(default_factory=dict)
+    instances: dict[str, list[str]] = Field(default_factory=dict)
+
+
+def card_of(reg: Registration) -> AgentCard:
+    """The card for a registration; raises ValueError naming what is wrong."""
+    check_agent_id(reg.agent_id)
+    if not reg.capabilities:
+        raise ValueError(f"agent {reg.agent_id!r} registered no capability")
+    known = {c.value for c in AgentCapability}
+    unknown = [c for c in reg.capabilities if c not in known]
+    if unknown:
+        raise ValueError(f"unknown capabilities {unknown} (known: {sorted(known)})")
+    try:
+        return AgentCard(
+            agent_id=reg.agent_id,
+            name=reg.name,
+            capabilities=[AgentCapability(c) for c in reg.capabilities],
+            max_concurrent=reg.max_concurrent,
+            task_queue=agent_task_queue(reg.agent_id),
+            version=reg.version,
+            registered_at=workflow.now(),
+            last_seen=workflow.now(),
+        )
+    except ValidationError as err:
+        raise ValueError(err.errors()[0]["msg"]) from None
+
+
+@workflow.defn(name=REGISTRY_WORKFLOW)
+class AgentRegistryWorkflow:
+    @workflow.init
+    def __init__(self, state: RegistryState | None = None) -> None:
+        state = state or RegistryState()
+        self._cards = dict(state.cards)
+        self._instances = {k: list(v) for k, v in state.instances.items()}
+
+    @workflow.run
+    async def run(self, state: RegistryState | None = None) -> None:
+        await workflow.wait_condition(
+            lambda: workflow.info().is_continue_as_new_suggested()
+            or workflow.info().get_current_history_length() > MAX_HISTORY_EVENTS,
+            timeout=timedelta(days=7),
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(RegistryState(cards=self._cards, instances=self._instances))
+
+    @workflow.update
+    def register(self, reg: Registration) -> AgentCard:
+        card = card_of(reg)
+        current = self._cards.get(reg.agent_id)
+        if current is not None and current.version == card.version:
+            card = current.model_copy(update={"last_seen": workflow.now()})
+        self._cards[reg.agent_id] = card
+        instances = self._instances.setdefault(reg.agent_id, [])
+        if reg.instance not in instances:
+            instances.append(reg.instance)
+        return card
+
+    @register.validator
+    def _check_register(self, reg: Registration) -> None:
+        card = card_of(reg)
+        current = self._cards.get(reg.agent_id)
+        if (
+            current is not None
+            and current.version == card.version
+            and (current.capabilities != card.capabilities or current.name != card.name)
+        ):
+            raise ValueError(
+                f"agent {reg.agent_id!r} version {card.version} is already registered with "
+                f"capabilities {[c.value for c in current.capabilities]} as {current.name!r}; "
+                "register a new version to change them"
+            )
+
+    @workflow.update
+    def deregister(self, req: Deregistration) -> bool:
+        """Remove one instance; the card goes when its last instance has gone."""
+        instances = self._instances.get(req.agent_id)
+        if instances is None:
+            return False
+        if req.instance in instances:
+            instances.remove(req.instance)
+        if not instances:
+            del self._instances[req.agent_id]
+            self._cards.pop(req.agent_id, None)
+        return True
+
+    @workflow.query
+    def agents(self) -> list[AgentCard]:
+        return sorted(self._cards.values(), key=lambda c: c.agent_id)
