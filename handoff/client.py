@@ -73,9 +73,12 @@ def build_request(
         raise InvalidRequest("give exactly one of to_agent or capability")
     if not task_description or not task_description.strip():
         raise InvalidRequest("the task description is empty")
-    try:
-        if to_agent is not None:
+    if to_agent is not None:
+        try:
             check_agent_id(to_agent)
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+    try:
         if capability is not None:
             capability = _capability(capability)
         chain_uuid = uuid4() if chain_id is None else _uuid(chain_id)

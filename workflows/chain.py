@@ -306,6 +306,9 @@ class HandoffChainWorkflow:
                 summary=f"{summary}: {target.task[:80]}",
             )
         except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                self._close_hop(record, HopStatus.CANCELLED, error="hop cancelled", attempts=1)
+                raise asyncio.CancelledError("chain cancelled") from err
             status, error, attempts = self._classify(err, agent)
             self._close_hop(record, status, error=error, attempts=attempts)
             workflow.logger.warning("hop_failed", extra=self._log_fields(record))
@@ -336,8 +339,6 @@ class HandoffChainWorkflow:
         if isinstance(cause, ApplicationError):
             attempts = self._policy.max_attempts if exhausted else (_attempts_in(cause.details) or 1)
             return HopStatus.FAILED, cause.message, attempts
-        if isinstance(cause, CancelledError):
-            return HopStatus.CANCELLED, "hop cancelled", 1
         return HopStatus.FAILED, str(cause or err), 1
 
     # -- record keeping ----------------------------------------------------------------
