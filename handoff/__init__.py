@@ -22,6 +22,17 @@ from handoff.models import (
     HopStatus,
 )
 
+
+
+def __getattr__(name: str):
+    # Imported on first use: the facade pulls in the workers, which plain API users do not need.
+    if name == "PeerHandoffService":
+        from handoff.service import PeerHandoffService
+
+        return PeerHandoffService
+    raise AttributeError(f"module 'handoff' has no attribute {name!r}")
+
+
 __all__ = [
     "Agent",
     "AgentCapability",
@@ -38,6 +49,7 @@ __all__ = [
     "HopRecord",
     "HopStatus",
     "InvalidRequest",
+    "PeerHandoffService",
     "PermanentError",
     "UnknownAgent",
     "cancel_chain",

@@ -20,6 +20,7 @@ from handoff.models import (
     ChainRecord,
     ChainRequest,
     ChainStatus,
+    HandoffContext,
     HopInput,
     HopOutput,
     HopRecord,
@@ -126,3 +127,15 @@ _TERMINAL = {
         ChainStatus.FAILED, f"terminated: {a.reason or 'no reason given'}"),
     "workflow_execution_timed_out_event_attributes": lambda a: (ChainStatus.FAILED, "chain timed out"),
 }
+
+
+async def hop_contexts(history: WorkflowHistory, converter: DataConverter) -> list[HandoffContext]:
+    """The context of every hop the chain scheduled (fallbacks included), in order."""
+    contexts = []
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attrs = event.activity_task_scheduled_event_attributes
+            if attrs.activity_type.name == HOP_ACTIVITY:
+                hop_input: HopInput = await _decode_one(converter, attrs.input, HopInput)
+                contexts.append(hop_input.context)
+    return contexts

@@ -67,6 +67,9 @@ def build_request(
     max_depth: int | None = None,
     policy: ChainPolicy | dict[str, Any] | None = None,
     started_by: str = STARTER_AGENT,
+    start_depth: int = 0,
+    previous_results: list[dict[str, Any]] | None = None,
+    first_handoff_id: UUID | None = None,
 ) -> ChainRequest:
     """Validate a chain request at the edge; raises `InvalidRequest` with one readable line."""
     if (to_agent is None) == (capability is None):
@@ -94,6 +97,9 @@ def build_request(
             context_data=context_data or {},
             policy=ChainPolicy(**{**base, **overrides}),
             started_by=started_by,
+            start_depth=start_depth,
+            previous_results=previous_results or [],
+            first_handoff_id=first_handoff_id,
         )
     except ValidationError as err:
         raise InvalidRequest(_one_line(err)) from None

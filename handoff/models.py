@@ -197,6 +197,12 @@ class ChainRequest(BaseModel):
     context_data: dict[str, Any] = Field(default_factory=dict)
     policy: ChainPolicy = Field(default_factory=ChainPolicy)
     started_by: str = "starter"
+    start_depth: int = Field(default=0, ge=0, lt=MAX_CHAIN_DEPTH)
+    """Depth of the first hop: a chain continued from an earlier handoff starts deeper."""
+    previous_results: list[dict[str, Any]] = Field(default_factory=list)
+    """Results from before this chain started, passed on to every hop before this chain's own."""
+    first_handoff_id: UUID | None = None
+    """Use this id for the first hop (the facade keeps the caller's handoff id)."""
 
 
 class HopInput(BaseModel):

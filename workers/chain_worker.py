@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -11,8 +13,14 @@ from workflows.chain import HandoffChainWorkflow
 from workflows.registry import AgentRegistryWorkflow
 
 
+# When a chain worker stops, tasks of the workflows it cached wait this long on its sticky queue
+# before any other worker gets them (a registry query included); the SDK default is 10 s.
+STICKY_TIMEOUT = timedelta(seconds=1)
+
+
 def chain_worker(client: Client, *, task_queue: str = CHAIN_TASK_QUEUE, **options) -> Worker:
     """A worker for the chain and registry workflows on `handoff.chains`."""
+    options.setdefault("sticky_queue_schedule_to_start_timeout", STICKY_TIMEOUT)
     return Worker(
         client,
         task_queue=task_queue,

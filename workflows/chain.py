@@ -98,7 +98,9 @@ class HandoffChainWorkflow:
         )
         self._policy: ChainPolicy = request.policy
         self._context_data: dict[str, Any] = dict(request.context_data)
+        self._prior_results = list(request.previous_results)
         self._results: list[dict[str, Any]] = []
+        self._first_handoff_id = request.first_handoff_id
         self._visits: Counter[str] = Counter()
         self._asked: set[tuple[str, str]] = set()
         self._failed: set[str] = set()
@@ -119,7 +121,7 @@ class HandoffChainWorkflow:
         )
         try:
             self._check_request(request)
-            for depth in range(MAX_CHAIN_DEPTH + 1):
+            for depth in range(request.start_depth, MAX_CHAIN_DEPTH + 1):
                 if depth >= self._policy.max_depth:
                     self._refuse(depth, target, ChainStatus.DEPTH_EXCEEDED,
                                  f"a handoff to depth {depth} exceeds the limit of "
@@ -251,15 +253,16 @@ class HandoffChainWorkflow:
     ) -> tuple[HopRecord, HandoffResult | None]:
         policy = self._policy
         now = workflow.now()
+        handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
         context = HandoffContext(
-            handoff_id=workflow.uuid4(),
+            handoff_id=handoff_id,
             chain_id=self._record.chain_id,
             from_agent=target.from_agent,
             to_agent=agent,
             to_capability=target.capability,
             task_description=target.task,
             context_data=self._context_data,
-            previous_results=list(self._results),
+            previous_results=[*self._prior_results, *self._results],
             chain_depth=depth,
             created_at=now,
         )
