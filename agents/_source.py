@@ -85,7 +85,6 @@ def walk_scoped(tree: ast.AST) -> Iterator[tuple[ast.AST, str | None]]:
 class Function:
     qualname: str
     line: int
-    args: list[str]
     raises: list[str]
 
     @property
@@ -102,10 +101,7 @@ def functions(tree: ast.Module) -> list[Function]:
             if isinstance(node, ast.ClassDef):
                 visit(node.body, f"{prefix}{node.name}.")
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                args = [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
-                if prefix and args and args[0] in ("self", "cls"):
-                    args = args[1:]
-                found.append(Function(prefix + node.name, node.lineno, args, _raised(node)))
+                found.append(Function(prefix + node.name, node.lineno, _raised(node)))
 
     visit(tree.body, "")
     return found
@@ -128,7 +124,7 @@ def _raised(func: ast.AST) -> list[str]:
 
 
 def import_aliases(tree: ast.Module) -> dict[str, str]:
-    """Local name -> dotted origin, so `sp.run` and `from os import system` resolve like the real names."""
+    """Local name -> dotted origin, so `sp.run` and `from os import system` resolve as the real names."""
     aliases: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -174,16 +174,19 @@ async def run_chain(client: Client, *, search_attributes: bool = True, **request
     """Start a chain, wait for it to end, and return its record."""
     built = build_request(**request)
     handle = await start_request(client, built, search_attributes=search_attributes)
-    return await wait_chain(client, handle.id)
+    return await _ended(client, handle)
 
 
 async def wait_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
     """Wait for a chain to end; its record, also when it was cancelled or terminated."""
-    handle = client.get_workflow_handle(str(chain_id), result_type=ChainRecord)
+    return await _ended(client, client.get_workflow_handle(str(chain_id), result_type=ChainRecord))
+
+
+async def _ended(client: Client, handle: WorkflowHandle) -> ChainRecord:
     try:
         return await handle.result()
     except WorkflowFailureError:
-        return await get_chain(client, chain_id)
+        return await get_chain(client, handle.id)
 
 
 async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:

@@ -29,7 +29,7 @@ async def wait_until_live(client, agent_ids: set[str], timeout_s: float = 30.0) 
     raise TimeoutError(f"agents not live after {timeout_s:g}s: {sorted(agent_ids - live)}")
 
 
-async def run_demo(client, console: Console, source_file: Path) -> ChainStatus:
+async def run_demo(client, console: Console, source_file: Path, ui_base: str | None = None) -> ChainStatus:
     record = await run_chain(
         client,
         to_agent="analyzer",
@@ -37,7 +37,7 @@ async def run_demo(client, console: Console, source_file: Path) -> ChainStatus:
         context_data={"source": source_file.read_text(), "filename": source_file.name},
     )
     console.print(chain_table(record))
-    console.print(f"Web UI: {ui_url(str(record.chain_id), client.namespace)}", soft_wrap=True)
+    console.print(f"Web UI: {ui_url(str(record.chain_id), client.namespace, ui_base)}", soft_wrap=True)
     return record.status
 
 
@@ -55,7 +55,7 @@ async def run_dev(
     console.print(f"agents live: {', '.join(a.id for a in ALL_AGENTS)}")
     code = 0
     if demo is not None:
-        status = await run_demo(client, console, demo)
+        status = await run_demo(client, console, demo, server.ui_url)
         code = 0 if status is ChainStatus.COMPLETED else 1
         if exit_after_demo:
             stop.set()

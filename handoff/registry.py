@@ -75,12 +75,12 @@ async def register_agent(client: Client, agent: Agent, instance: str) -> AgentCa
     )
 
 
-async def deregister_agent(client: Client, agent_id: str, instance: str) -> bool:
+async def deregister_agent(client: Client, agent_id: str, instance: str | None = None) -> bool:
+    """Remove one instance of an agent (its card goes with the last one); with no instance,
+    remove the card outright. False if the agent was not registered."""
     handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
-    return await handle.execute_update(
-        "deregister", {"agent_id": agent_id, "instance": instance}, result_type=bool,
-        rpc_timeout=RPC_TIMEOUT,
-    )
+    request = {"agent_id": agent_id, "instance": instance or "", "all_instances": instance is None}
+    return await handle.execute_update("deregister", request, result_type=bool, rpc_timeout=RPC_TIMEOUT)
 
 
 async def registered_agents(client: Client) -> list[AgentCard]:
@@ -144,7 +144,11 @@ async def candidates_for(
     matching = [
         c for c in cards if capability in c.capabilities and c.agent_id not in exclude
     ]
-    statuses = await agent_statuses(client, matching)
+    return rank(await agent_statuses(client, matching))
+
+
+def rank(statuses: list[AgentStatus]) -> list[Candidate]:
+    """Candidates in the order to try them: live first, then least loaded, then by id."""
     candidates = [
         Candidate(
             agent_id=s.card.agent_id,

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -22,10 +22,10 @@ STATUS_STYLE = {
 }
 
 
-def ui_url(chain_id: str, namespace: str = "default") -> str:
-    """The chain's page in the Temporal Web UI (base from HANDOFF_UI_URL, default the embedded UI)."""
-    base = os.environ.get("HANDOFF_UI_URL", "http://localhost:8233").rstrip("/")
-    return f"{base}/namespaces/{namespace}/workflows/{chain_id}"
+def ui_url(chain_id: str, namespace: str = "default", base: str | None = None) -> str:
+    """The chain's page in the Temporal Web UI (base: HANDOFF_UI_URL, default the embedded UI)."""
+    base = base or os.environ.get("HANDOFF_UI_URL", "http://localhost:8233")
+    return f"{base.rstrip('/')}/namespaces/{namespace}/workflows/{chain_id}"
 
 
 def _ms(value: float | None) -> str:
@@ -45,19 +45,26 @@ def chain_table(record: ChainRecord) -> Group:
         f"  {_ms(record.duration_ms)} ms" if record.duration_ms is not None else "",
     )
     table = Table(title=record.task_description, title_justify="left", expand=False)
-    for column in ("hop", "from", "to", "capability", "status", "tries", "ms", "result / error"):
-        table.add_column(column, no_wrap=column != "result / error", overflow="fold")
+    table.add_column("hop", no_wrap=True)
+    table.add_column("from -> to", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("ms", no_wrap=True, justify="right")
+    table.add_column("task / result", overflow="fold", min_width=24)
     for hop in record.hops:
-        detail = hop.error if hop.error else _brief(hop.result_data)
+        outcome = hop.error if hop.error else _brief(hop.result_data)
         if hop.fallback_for:
-            detail = f"(fallback for {hop.fallback_for}) {detail}"
-        table.add_row(
-            str(hop.hop), hop.from_agent, hop.to_agent or "-",
-            hop.capability.value if hop.capability else "",
-            Text(hop.status.value, style=STATUS_STYLE.get(hop.status, "red")),
-            str(hop.attempts), _ms(hop.duration_ms), detail or "",
-        )
+            outcome = f"(fallback for {hop.fallback_for}) {outcome}"
+        route = Text(f"{hop.from_agent} -> {hop.to_agent or '?'}")
+        if hop.capability:
+            route.append(f"\n{hop.capability.value}", style="dim")
+        status = Text(hop.status.value, style=STATUS_STYLE.get(hop.status, "red"))
+        status.append(f"\n{hop.attempts} attempt{'s' if hop.attempts != 1 else ''}", style="dim")
+        detail = Text(hop.task_description)
+        detail.append(f"\n{outcome or ''}", style="dim")
+        table.add_row(str(hop.hop), route, status, _ms(hop.duration_ms), detail)
     parts: list[Any] = [title, table]
+    if record.final_result:
+        parts.append(Text(f"final result: {_brief(record.final_result, 400)}"))
     if record.error:
         parts.append(Text(f"error: {record.error}", style=style))
     return Group(*parts)

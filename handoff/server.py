@@ -73,7 +73,7 @@ class EmbeddedServer:
     ui_port: int = 8233
     db: str | None = None
     ip: str = "127.0.0.1"
-    log_level: str = "warn"
+    log_level: str = "error"
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 

@@ -32,8 +32,16 @@ async def run_chain_worker(client: Client, stop: asyncio.Event) -> None:
 async def run_workers(
     client: Client, agents: Sequence[Agent], *, chains: bool, stop: asyncio.Event
 ) -> None:
-    """Run the chain worker (if `chains`) and one worker per agent in this process until `stop`."""
-    tasks = [run_agent(client, agent, stop) for agent in agents]
-    if chains:
-        tasks.append(run_chain_worker(client, stop))
-    await asyncio.gather(*tasks)
+    """Run the chain worker (if `chains`) and one worker per agent in this process until `stop`.
+
+    Agents stop first: they deregister through the registry, which the chain worker hosts.
+    """
+    agents_done = asyncio.Event()
+    chain_task = asyncio.create_task(run_chain_worker(client, agents_done)) if chains else None
+    try:
+        await asyncio.gather(*(run_agent(client, agent, stop) for agent in agents))
+        await stop.wait()
+    finally:
+        agents_done.set()
+        if chain_task is not None:
+            await chain_task

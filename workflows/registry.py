@@ -35,11 +35,14 @@ class Registration(BaseModel):
 class Deregistration(BaseModel):
     agent_id: str
     instance: str = ""
+    all_instances: bool = False
+    """Remove the card whatever instances it has (an operator clearing an agent that was killed)."""
 
 
 class RegistryState(BaseModel):
     cards: dict[str, AgentCard] = Field(default_factory=dict)
     instances: dict[str, list[str]] = Field(default_factory=dict)
+    max_history_events: int = MAX_HISTORY_EVENTS
 
 
 def card_of(reg: Registration) -> AgentCard:
@@ -73,16 +76,18 @@ class AgentRegistryWorkflow:
         state = state or RegistryState()
         self._cards = dict(state.cards)
         self._instances = {k: list(v) for k, v in state.instances.items()}
+        self._max_history = state.max_history_events
 
     @workflow.run
     async def run(self, state: RegistryState | None = None) -> None:
         await workflow.wait_condition(
             lambda: workflow.info().is_continue_as_new_suggested()
-            or workflow.info().get_current_history_length() > MAX_HISTORY_EVENTS,
+            or workflow.info().get_current_history_length() > self._max_history,
             timeout=timedelta(days=7),
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(RegistryState(cards=self._cards, instances=self._instances))
+        workflow.continue_as_new(RegistryState(
+            cards=self._cards, instances=self._instances, max_history_events=self._max_history))
 
     @workflow.update
     def register(self, reg: Registration) -> AgentCard:
@@ -119,7 +124,7 @@ class AgentRegistryWorkflow:
             return False
         if req.instance in instances:
             instances.remove(req.instance)
-        if not instances:
+        if not instances or req.all_instances:
             del self._instances[req.agent_id]
             self._cards.pop(req.agent_id, None)
         return True

@@ -1,0 +1,34 @@
+"""Agents run as separate worker processes by tests/test_processes.py (`handoff worker --agent`).
+
+Their ids carry HANDOFF_TEST_SUFFIX so every test run uses fresh task queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from handoff import Agent, AgentCapability, HandoffContext, HandoffResult
+
+SUFFIX = os.environ.get("HANDOFF_TEST_SUFFIX", "local")
+MARKS = Path(os.environ.get("HANDOFF_TEST_MARKS", "/tmp"))
+
+
+async def audit(ctx: HandoffContext) -> HandoffResult:
+    return ctx.complete({"audited_by": ctx.to_agent, "pid": os.getpid()})
+
+
+async def slow_build(ctx: HandoffContext) -> HandoffResult:
+    """Leaves a mark naming the process that took the hop, then works for a while."""
+    (MARKS / f"started-{os.getpid()}").write_text(str(ctx.handoff_id))
+    await asyncio.sleep(float(ctx.context_data.get("seconds", 3)))
+    return ctx.complete({"built_by": os.getpid()})
+
+
+sec_a = Agent(id=f"sec-a-{SUFFIX}", name="Auditor A", capabilities=[AgentCapability.SECURITY_AUDIT],
+              handler=audit)
+sec_b = Agent(id=f"sec-b-{SUFFIX}", name="Auditor B", capabilities=[AgentCapability.SECURITY_AUDIT],
+              handler=audit)
+builder = Agent(id=f"builder-{SUFFIX}", name="Builder", capabilities=[AgentCapability.DEPLOYMENT],
+                handler=slow_build, max_concurrent=1)
