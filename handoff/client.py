@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -189,27 +191,29 @@ async def _ended(client: Client, handle: WorkflowHandle) -> ChainRecord:
         return await get_chain(client, handle.id)
 
 
-async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
-    """The chain's record, rebuilt from workflow history: works in any state, with no worker."""
-    handle = client.get_workflow_handle(str(_uuid(chain_id)))
+@contextmanager
+def _chain_must_exist(chain_id: UUID | str) -> Iterator[None]:
     try:
-        history = await handle.fetch_history()
+        yield
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             raise ChainNotFound(str(chain_id)) from None
         raise
+
+
+async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
+    """The chain's record, rebuilt from workflow history: works in any state, with no worker."""
+    handle = client.get_workflow_handle(str(_uuid(chain_id)))
+    with _chain_must_exist(chain_id):
+        history = await handle.fetch_history()
     return await record_from_history(history, client.data_converter)
 
 
 async def cancel_chain(client: Client, chain_id: UUID | str) -> None:
     """Ask a running chain to cancel; its current hop is cancelled and the chain ends `cancelled`."""
     handle = client.get_workflow_handle(str(_uuid(chain_id)))
-    try:
+    with _chain_must_exist(chain_id):
         description = await handle.describe()
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise ChainNotFound(str(chain_id)) from None
-        raise
     if description.status != WorkflowExecutionStatus.RUNNING:
         raise InvalidRequest(f"chain {chain_id} is not running ({description.status.name.lower()})")
     await handle.cancel()

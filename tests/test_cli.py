@@ -35,7 +35,6 @@ pytestmark = pytest.mark.usefixtures("chains")
 HANDOFF = str(Path(sys.executable).parent / "handoff")
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
-
 EXIT_CRASH = (
     "known product bug: a `handoff` process that used a Temporal client sometimes dies at interpreter "
     "exit (SIGABRT 'Fatal Python error: PyGILState_Release ... Python runtime state: finalizing', or "
@@ -82,7 +81,9 @@ async def assert_no_chain(client, chain_id: str) -> None:
         await get_chain(client, chain_id)
 
 
-async def show_until_done(env: dict[str, str], chain_id: str, timeout_s: float = 20) -> subprocess.CompletedProcess[str]:
+async def show_until_done(
+    env: dict[str, str], chain_id: str, timeout_s: float = 20
+) -> subprocess.CompletedProcess[str]:
     """`show --json` until the chain is no longer running (bounded)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -396,4 +397,5 @@ async def test_worker_runs_an_agent_in_its_own_process(client, cli_env, uid, tmp
     assert hop["handoff_id"] == str(record.hops[0].handoff_id)
     assert hop["hop"] == 0
     assert hop["to_agent"] == agent_id
-    assert any(e.get("event") == "hop_completed" and e.get("chain_id") == str(record.chain_id) for e in events)
+    assert any(e.get("event") == "hop_completed" and e.get("chain_id") == str(record.chain_id)
+               for e in events)
