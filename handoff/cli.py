@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -211,6 +213,10 @@ def agents(as_json: bool = typer.Option(False, "--json")) -> None:
         out.print(agents_table(statuses))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def load_agents(spec: str) -> list[Agent]:
     """Import `module:object`, an Agent or a list of Agents."""
     module_name, _, attr = spec.partition(":")
@@ -218,8 +224,8 @@ def load_agents(spec: str) -> list[Agent]:
         raise Usage(f"--agent takes MODULE:OBJECT, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise Usage(f"cannot import {module_name!r}: {err}") from None
+    except Exception as err:  # any error while importing the user's module is bad input here
+        raise Usage(f"cannot import {module_name!r}: {type(err).__name__}: {err}") from None
     obj = getattr(module, attr, None)
     found = obj if isinstance(obj, (list, tuple)) else [obj]
     if not found or not all(isinstance(a, Agent) for a in found):
@@ -269,6 +275,7 @@ def server(
     except HandoffError as err:
         _fail(str(err))
     out.print(f"Temporal server on {embedded.address}, Web UI {embedded.ui_url}")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         embedded.process.wait()
     except KeyboardInterrupt:
@@ -306,4 +313,35 @@ def dev(
 
 
 def main() -> None:
-    app()
+    """Console-script entry. Usage errors are one line and exit 2, like every other bad input.
+
+    The process ends with `os._exit`: the Temporal client's native threads can crash a normal
+    interpreter shutdown (sdk-python#300), after the command's output is complete.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as exit_:
+        code = exit_.exit_code
+    except typer.Abort:
+        code = 130
+    except Exception as err:  # typer's parser errors (missing option, bad value, no such command)
+        if not hasattr(err, "format_message"):
+            raise
+        err_console.print(f"error: {err.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        code = getattr(err, "exit_code", EXIT_USAGE)
+    _exit(code if isinstance(code, int) else 0)
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:  # when measured (tests), keep the coverage data that atexit would have written
+        import coverage
+
+        current = coverage.Coverage.current()
+        if current is not None:
+            current.stop()
+            current.save()
+    except ImportError:
+        pass
+    os._exit(code)
