@@ -399,3 +399,22 @@ async def test_handoff_by_capability_goes_to_a_live_registered_agent(client, uid
     assert record.hops[1].capability is AgentCapability.SECURITY_AUDIT
     assert auditor in record.hops[1].candidates
     assert record.final_result == {"audited_by": auditor, "cap": "SECURITY_AUDIT"}
+
+
+async def test_worker_enforces_max_concurrent(client, uid):
+    inside, peak = 0, 0
+
+    async def busy(ctx):
+        nonlocal inside, peak
+        inside += 1
+        peak = max(peak, inside)
+        await asyncio.sleep(0.3)
+        inside -= 1
+        return ctx.complete({})
+
+    agent = make_agent(f"one-{uid}", busy, max_concurrent=1)
+    async with running(client, agent):
+        records = await asyncio.gather(*(
+            run_chain(client, to_agent=agent.id, task_description=f"t{i}") for i in range(3)))
+    assert all(r.status is ChainStatus.COMPLETED for r in records)
+    assert peak == 1

