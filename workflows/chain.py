@@ -106,6 +106,17 @@ class HandoffChainWorkflow:
         self._failed: set[str] = set()
         self._agents: list[str] = []
         self._search_attributes = workflow.info().typed_search_attributes.get(SA_STATUS) is not None
+        # Replay-safe: the workflow metric meter records nothing while replaying history.
+        meter = workflow.metric_meter()
+        self._hops_metric = meter.create_counter(
+            "handoff_hops", "hops by from/to agent and outcome")
+        self._hop_ms_metric = meter.create_histogram_float(
+            "handoff_hop_duration", "hop duration from scheduling to outcome", "ms")
+        self._fallbacks_metric = meter.create_counter(
+            "handoff_fallbacks", "hops retried on another agent after a failure")
+        self._refusals_metric = meter.create_counter(
+            "handoff_refusals", "handoffs refused by the chain's rules")
+        self._chains_metric = meter.create_counter("handoff_chains", "chains by final status")
 
     @workflow.query(name="chain_state")
     def chain_state(self) -> ChainRecord:
@@ -180,6 +191,7 @@ class HandoffChainWorkflow:
             status=HopStatus.REFUSED, error=reason,
             started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
         ))
+        self._refusals_metric.add(1, {"reason": status.value})
         raise ChainEnd(status, reason)
 
     # -- one handoff, with fallback ----------------------------------------------------
@@ -204,6 +216,8 @@ class HandoffChainWorkflow:
             self._failed.add(agent)
             fallback_for = fallback_for or agent
             agent, considered = await self._pick(depth, target, first=False)
+            if agent is not None:
+                self._fallbacks_metric.add(1, {"failed_agent": record.to_agent, "to_agent": agent})
         raise ChainEnd(ChainStatus.FAILED, f"hop {depth} failed on every agent tried ({'; '.join(errors)})")
 
     async def _pick(self, depth: int, target: Target, *, first: bool) -> tuple[str | None, list[str]]:
@@ -281,6 +295,7 @@ class HandoffChainWorkflow:
         if size > MAX_CONTEXT_BYTES:
             self._close_hop(record, HopStatus.REFUSED,
                             error=f"hop input is {size:,} bytes, over the {MAX_CONTEXT_BYTES:,}-byte limit")
+            self._refusals_metric.add(1, {"reason": "context_too_large"})
             status = ChainStatus.REJECTED if not self._results else ChainStatus.FAILED
             raise ChainEnd(status, f"context too large for hop {depth}: {record.error}")
         self._visits[agent] += 1
@@ -357,6 +372,10 @@ class HandoffChainWorkflow:
         record.completed_at = workflow.now()
         if record.started_at is not None:
             record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
+        outcome = {"from_agent": record.from_agent, "to_agent": record.to_agent, "outcome": status.value}
+        self._hops_metric.add(1, outcome)
+        if record.duration_ms is not None:
+            self._hop_ms_metric.record(record.duration_ms, outcome)
 
     def _finish(self, status: ChainStatus, error: str | None = None) -> ChainRecord:
         record = self._record
@@ -365,6 +384,7 @@ class HandoffChainWorkflow:
         record.completed_at = workflow.now()
         record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
         record.final_result = self._results[-1] if self._results else {}
+        self._chains_metric.add(1, {"status": status.value})
         if self._search_attributes:
             workflow.upsert_search_attributes([SA_STATUS.value_set(status.value)])
         workflow.set_current_details(f"**{status.value}**" + (f": {error}" if error else ""))
