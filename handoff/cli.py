@@ -172,14 +172,16 @@ def cancel(chain_id: str = typer.Argument(..., help="the chain id")) -> None:
 def list_chains(
     agent: str | None = typer.Option(None, "--agent", help="chains that visited this agent"),
     status: str | None = typer.Option(None, "--status", help="running, completed, failed, ..."),
+    since: str | None = typer.Option(None, "--since", help="started within 30m/2h/7d, or since an ISO time"),
     limit: int = typer.Option(20, "--limit", min=1, max=1000),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Find chains through search attributes (newest first)."""
-    from handoff.search import chain_query, find_chains
+    from handoff.search import chain_query, find_chains, parse_since
 
     async def go() -> list[dict[str, Any]]:
-        query = chain_query(agent=agent, status=status)
+        query = chain_query(agent=agent, status=status,
+                            since=parse_since(since) if since is not None else None)
         return await find_chains(await _client(), query, limit=limit)
 
     rows = _run(go)
@@ -189,11 +191,11 @@ def list_chains(
     from rich.table import Table
 
     table = Table(title="chains", title_justify="left")
-    for column in ("chain id", "status", "agents", "depth", "started", "task"):
+    for column in ("chain id", "status", "agents", "depth", "started"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["chain_id"], row["status"], ", ".join(row["agents"]), str(row["depth"]),
-                      str(row["started_at"])[:19], row["task"] or "")
+                      str(row["started_at"])[:19])
     out.print(table)
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
+from temporalio import workflow
 
 LogFormat = Literal["json", "console"]
 
@@ -25,11 +26,15 @@ def _flatten_temporal_extra(_, __, event_dict: dict) -> dict:
             value = getattr(record, key, None)
             if value is not None:
                 event_dict.setdefault(key, value)
+        details = getattr(record, "temporal_workflow", None)
+        if isinstance(details, dict):
+            event_dict.setdefault("workflow_id", details.get("workflow_id"))
+            event_dict.setdefault("run_id", details.get("run_id"))
     return event_dict
 
 
-def configure_logging(fmt: LogFormat = "json", level: str = "INFO") -> None:
-    """Route structlog and stdlib logging to stdout in one format. Safe to call more than once."""
+def configure_logging(fmt: LogFormat = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to `stream` (stdout) in one format. Safe to call again."""
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -55,7 +60,9 @@ def configure_logging(fmt: LogFormat = "json", level: str = "INFO") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    # The renderer carries the workflow's details as fields; keep the message itself clean.
+    workflow.logger.workflow_info_on_message = False
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from temporalio.client import Client
@@ -10,8 +12,26 @@ from handoff.constants import CHAIN_WORKFLOW, SA_AGENTS, SA_DEPTH, SA_STATUS
 from handoff.errors import InvalidRequest
 from handoff.models import ChainStatus, check_agent_id
 
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
-def chain_query(*, agent: str | None = None, status: str | None = None) -> str:
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """`30m`, `2h`, `7d` (ago), or an ISO 8601 time (UTC if it has no zone)."""
+    now = now or datetime.now(timezone.utc)
+    match = _DURATION.match(value.strip())
+    if match:
+        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidRequest(
+            f"--since takes a duration like 30m, 2h, 7d or an ISO time, got {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def chain_query(*, agent: str | None = None, status: str | None = None,
+                since: datetime | None = None) -> str:
     """A visibility query for chains; values are validated so the query cannot be malformed."""
     clauses = [f"WorkflowType = '{CHAIN_WORKFLOW}'"]
     if agent is not None:
@@ -25,19 +45,24 @@ def chain_query(*, agent: str | None = None, status: str | None = None) -> str:
         if status not in known:
             raise InvalidRequest(f"unknown status {status!r} (known: {', '.join(known)})")
         clauses.append(f"{SA_STATUS.name} = '{status}'")
+    if since is not None:
+        clauses.append(f"StartTime >= '{since.astimezone(timezone.utc).isoformat()}'")
     return " AND ".join(clauses)
 
 
 async def find_chains(client: Client, query: str, *, limit: int = 20) -> list[dict[str, Any]]:
+    """Newest first: id, status, agents visited, depth reached, start time."""
     rows: list[dict[str, Any]] = []
     async for execution in client.list_workflows(query, limit=limit):
         attrs = execution.typed_search_attributes
+        status = attrs.get(SA_STATUS)
+        if status is None and execution.status is not None:
+            status = execution.status.name.lower()
         rows.append({
             "chain_id": execution.id,
-            "status": attrs.get(SA_STATUS) or execution.status.name.lower() if execution.status else "",
+            "status": status or "",
             "agents": list(attrs.get(SA_AGENTS) or []),
             "depth": attrs.get(SA_DEPTH),
             "started_at": execution.start_time,
-            "task": None,
         })
     return rows

@@ -1,0 +1,118 @@
+"""Structured logs (replay-safe) and finding chains through visibility queries."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from handoff import ChainStatus, InvalidRequest, run_chain
+from handoff.constants import SEARCH_ATTRIBUTES
+from handoff.log import configure_logging
+from handoff.search import chain_query, find_chains, parse_since
+from handoff.server import free_port, temporal_binary, tuning_args
+from tests.conftest import make_agent, running
+from workers.chain_worker import chain_worker
+
+
+def test_parse_since_takes_durations_and_iso_times():
+    now = datetime(2026, 1, 2, 12, 0, tzinfo=timezone.utc)
+    assert parse_since("30m", now) == now - timedelta(minutes=30)
+    assert parse_since("2d", now) == now - timedelta(days=2)
+    assert parse_since("2026-01-01T00:00:00", now) == datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with pytest.raises(InvalidRequest, match="--since"):
+        parse_since("yesterday", now)
+
+
+def test_chain_query_validates_what_goes_into_it():
+    since = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert chain_query(agent="a-1", status="failed", since=since) == (
+        "WorkflowType = 'HandoffChain' AND HandoffAgents = 'a-1' AND HandoffStatus = 'failed' "
+        "AND StartTime >= '2026-01-01T00:00:00+00:00'")
+    with pytest.raises(InvalidRequest):
+        chain_query(agent="x' OR 1=1 --")
+    with pytest.raises(InvalidRequest):
+        chain_query(status="finished")
+
+
+@pytest.mark.usefixtures("chains")
+async def test_chains_are_found_by_agent_status_and_time(client, uid):
+    a, b = f"find-a-{uid}", f"find-b-{uid}"
+
+    async def first(ctx):
+        return ctx.handoff(to_agent=b, task_description="next")
+
+    async def second(ctx):
+        return ctx.complete({})
+
+    async with running(client, make_agent(a, first), make_agent(b, second)):
+        record = await run_chain(client, to_agent=a, task_description="find me")
+    query = chain_query(agent=b, status="completed", since=datetime.now(timezone.utc) - timedelta(minutes=5))
+    for _ in range(50):  # visibility is eventually consistent
+        rows = await find_chains(client, query)
+        if rows:
+            break
+        await asyncio.sleep(0.2)
+    assert [r["chain_id"] for r in rows] == [str(record.chain_id)]
+    assert rows[0]["agents"] == sorted([a, b]) and rows[0]["status"] == ChainStatus.COMPLETED.value
+    old = chain_query(agent=b, since=datetime.now(timezone.utc) + timedelta(minutes=5))
+    assert await find_chains(client, old) == []
+
+
+@pytest.fixture
+def json_logs():
+    """Route logging through handoff's JSON renderer for one test, then restore the root logger."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    configure_logging("json", stream=stream)
+
+    def lines() -> list[dict]:
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    yield lines
+    root.handlers[:], root.level = saved[0], saved[1]
+
+
+async def test_hop_logs_are_json_bound_to_the_hop_and_not_repeated_on_replay(json_logs, uid):
+    # A server of its own, so that the only chain worker is this one, which caches no workflow:
+    # every workflow task replays the whole history, and must not log the past again.
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(), data_converter=pydantic_data_converter,
+        search_attributes=list(SEARCH_ATTRIBUTES), dev_server_extra_args=tuning_args(None),
+        port=free_port(), ui=False)
+    ids = [f"log{i}-{uid}" for i in range(3)]
+
+    async def relay(ctx):
+        i = ids.index(ctx.to_agent)
+        if i + 1 < len(ids):
+            return ctx.handoff(to_agent=ids[i + 1], task_description=f"step {i + 1}")
+        return ctx.complete({"done": True})
+
+    try:
+        client = env.client
+        async with chain_worker(client, max_cached_workflows=0), \
+                running(client, *[make_agent(i, relay) for i in ids]):
+            record = await run_chain(client, to_agent=ids[0], task_description="log me")
+    finally:
+        await env.shutdown()
+    assert record.status is ChainStatus.COMPLETED
+    events = json_logs()
+    workflow_lines = [e for e in events if e.get("event") == "hop_completed" and e.get("logger") == "temporalio.workflow"]
+    assert Counter(e["handoff_id"] for e in workflow_lines) == Counter(
+        str(h.handoff_id) for h in record.hops), "one workflow line per hop, even with replays"
+    started = [e for e in events if e.get("event") == "hop_started"]
+    assert len(started) == 3
+    for line, hop in zip(started, record.hops):
+        assert line["chain_id"] == str(record.chain_id)
+        assert line["handoff_id"] == str(hop.handoff_id)
+        assert (line["hop"], line["from_agent"], line["to_agent"], line["attempt"]) == (
+            hop.hop, hop.from_agent, hop.to_agent, 1)
+        assert line["level"] == "info" and "timestamp" in line
