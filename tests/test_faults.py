@@ -1,0 +1,103 @@
+"""Crashes mid-chain: the chain worker killed with SIGKILL, the embedded server restarted on its
+database. Every chain completes, and no hop appears twice in its record."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from handoff import ChainStatus, HopStatus, start_chain, wait_chain
+from handoff.client import connect
+from handoff.server import EmbeddedServer, free_port
+from tests.conftest import ROOT, make_agent, running
+
+HANDOFF = str(Path(sys.executable).parent / "handoff")
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An embedded server of its own, on a database file, so it can be restarted."""
+    embedded = EmbeddedServer(port=free_port(), ui_port=free_port(), db=str(tmp_path / "t.db"))
+    embedded.extra_args = ["--headless"]
+    embedded.start()
+    yield embedded
+    embedded.stop()
+
+
+def chain_worker_process(server: EmbeddedServer) -> subprocess.Popen:
+    env = {**os.environ, "TEMPORAL_ADDRESS": server.address, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([HANDOFF, "worker", "--chains"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def slow_relay(ids: list[str], runs: Counter, started: asyncio.Event, seconds: float = 1.5):
+    async def handle(ctx):
+        runs[str(ctx.handoff_id)] += 1
+        started.set()
+        await asyncio.sleep(seconds)
+        i = ids.index(ctx.to_agent)
+        if i + 1 < len(ids):
+            return ctx.handoff(to_agent=ids[i + 1], task_description=f"step {i + 1}", result_data={"i": i})
+        return ctx.complete({"i": i})
+
+    return handle
+
+
+def assert_each_hop_once(record, ids: list[str], runs: Counter) -> None:
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert [h.to_agent for h in record.hops] == ids, "no hop is duplicated or lost"
+    assert all(h.status is HopStatus.COMPLETED for h in record.hops)
+    assert sorted(runs) == sorted(str(h.handoff_id) for h in record.hops)
+
+
+async def test_chain_worker_killed_mid_chain_is_replaced_and_the_chain_completes(server, uid):
+    ids = [f"fk{i}-{uid}" for i in range(3)]
+    runs: Counter = Counter()
+    started = asyncio.Event()
+    client = await connect(address=server.address)
+    first = chain_worker_process(server)
+    second = None
+    try:
+        async with running(client, *[make_agent(i, slow_relay(ids, runs, started)) for i in ids]):
+            chain_id = await start_chain(client, to_agent=ids[0], task_description="survive",
+                                         search_attributes=False)
+            await asyncio.wait_for(started.wait(), 30)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            second = chain_worker_process(server)
+            record = await asyncio.wait_for(wait_chain(client, chain_id), 60)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=15)
+    assert_each_hop_once(record, ids, runs)
+    assert all(n == 1 for n in runs.values()), "a hop already running finishes on its agent, once"
+
+
+async def test_server_restarted_on_its_database_mid_chain_keeps_the_chain(server, uid):
+    ids = [f"fs{i}-{uid}" for i in range(3)]
+    runs: Counter = Counter()
+    started = asyncio.Event()
+    client = await connect(address=server.address)
+    chains = chain_worker_process(server)
+    try:
+        async with running(client, *[make_agent(i, slow_relay(ids, runs, started)) for i in ids]):
+            chain_id = await start_chain(client, to_agent=ids[0], task_description="persist",
+                                         search_attributes=False, policy={"heartbeat_timeout_s": 2})
+            await asyncio.wait_for(started.wait(), 30)
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(1)
+            await asyncio.to_thread(server.start)
+            record = await asyncio.wait_for(wait_chain(client, chain_id), 90)
+    finally:
+        chains.terminate()
+        chains.wait(timeout=15)
+    assert_each_hop_once(record, ids, runs)

@@ -1,0 +1,156 @@
+"""The Temporal Web UI shows a chain's hops by agent name: a real headless Chromium loads the
+workflow's Timeline page from the embedded server's UI, and the timeline names every hop's
+agents ("hop 1: scout -> guard"), from the `summary` each hop activity carries.
+
+Opt-in: skipped where no Chromium binary is installed (`apt-get install chromium`) or when
+HANDOFF_SKIP_BROWSER is set. The page's rendered DOM is checked, and a screenshot is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from handoff import ChainStatus, run_chain
+from handoff.client import connect
+from handoff.server import EmbeddedServer, free_port
+from tests.conftest import make_agent, running
+from workers.chain_worker import chain_worker
+
+BROWSER = next(
+    (found for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+     if (found := shutil.which(name))),
+    None,
+)
+
+pytestmark = [
+    pytest.mark.skipif(bool(os.environ.get("HANDOFF_SKIP_BROWSER")),
+                       reason="HANDOFF_SKIP_BROWSER is set"),
+    pytest.mark.skipif(BROWSER is None,
+                       reason="no Chromium found (chromium, chromium-browser or google-chrome): "
+                              "apt-get install chromium to run the Web UI check"),
+    pytest.mark.timeout(90),
+]
+
+# Offline-safe headless flags: without the network ones Chromium tries to reach Google's services.
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--hide-scrollbars", "--window-size=1600,1200",
+)
+# Virtual time waits for the SPA's API calls; real time is bounded by BROWSER_TIMEOUT_S.
+VIRTUAL_TIME_MS = 10_000
+BROWSER_TIMEOUT_S = 20
+TIMELINE_MARK = 'id="event-history-timeline-graph"'
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def wait_http_ok(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Web UI did not answer on {url} within {timeout_s:g}s")
+        time.sleep(0.2)
+
+
+def render(url: str, work: Path, screenshot: Path) -> str:
+    """The page's DOM after its scripts ran, with a screenshot taken in the same browser run.
+    Chromium runs in its own process group, killed whole afterwards."""
+    profile = work / "profile"
+    dom_file = work / "dom.html"
+    log_file = work / "chromium.log"
+    argv = [BROWSER, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+            f"--virtual-time-budget={VIRTUAL_TIME_MS}", f"--screenshot={screenshot}",
+            "--dump-dom", url]
+    with dom_file.open("wb") as out, log_file.open("wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=log,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=BROWSER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"Chromium did not finish within {BROWSER_TIMEOUT_S}s") from None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    assert proc.returncode == 0, log_file.read_text(errors="replace")[-2000:]
+    return dom_file.read_text(errors="replace")
+
+
+def visible_text(fragment: str) -> str:
+    fragment = re.sub(r"(?is)<(script|style)\b.*?</\1>", " ", fragment)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", fragment)))
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+async def test_timeline_names_each_hops_agents(tmp_path, uid):
+    scout, guard, ship = f"ui-scout-{uid}", f"ui-guard-{uid}", f"ui-ship-{uid}"
+
+    async def scouting(ctx):
+        return ctx.handoff(to_agent=guard, task_description="guard the release")
+
+    async def guarding(ctx):
+        return ctx.handoff(to_agent=ship, task_description="ship the release")
+
+    async def shipping(ctx):
+        return ctx.complete({"shipped": True})
+
+    with EmbeddedServer(port=free_port(), ui_port=free_port()) as server:
+        wait_http_ok(server.ui_url)
+        client = await connect(address=server.address)
+        async with chain_worker(client), running(
+                client, make_agent(scout, scouting), make_agent(guard, guarding),
+                make_agent(ship, shipping)):
+            record = await run_chain(client, to_agent=scout, task_description="scout the release")
+        assert record.status is ChainStatus.COMPLETED
+        assert [(h.from_agent, h.to_agent) for h in record.hops] == [
+            ("starter", scout), (scout, guard), (guard, ship)]
+        run_id = (await client.get_workflow_handle(str(record.chain_id)).describe()).run_id
+
+        url = f"{server.ui_url}/namespaces/default/workflows/{record.chain_id}/{run_id}/timeline"
+        hops = [f"hop 0: starter -> {scout}", f"hop 1: {scout} -> {guard}",
+                f"hop 2: {guard} -> {ship}"]
+        screenshot = tmp_path / "timeline.png"
+        timeline = ""
+        for attempt in range(2):  # a second load only if the first caught the SPA mid-fetch
+            work = tmp_path / f"chromium-{attempt}"
+            work.mkdir()
+            dom = await asyncio.to_thread(render, url, work, screenshot)
+            at = dom.find(TIMELINE_MARK)
+            timeline = visible_text(dom[at:]) if at >= 0 else ""
+            if all(hop in timeline for hop in hops):
+                break
+
+    assert timeline, f"no timeline graph ({TIMELINE_MARK}) on {url}"
+    for hop in hops:
+        assert hop in timeline, f"{hop!r} not in the timeline: {timeline[:1500]}"
+    for agent in (scout, guard, ship):
+        assert agent in timeline
+
+    data = screenshot.read_bytes()
+    assert png_size(data) == (1600, 1200)
+    assert len(data) > 50_000, f"the screenshot is nearly blank ({len(data)} bytes)"
