@@ -181,10 +181,35 @@ class ChainPolicy(BaseModel):
     max_visits_per_agent: int = Field(default=DEFAULT_MAX_VISITS_PER_AGENT, ge=1, le=MAX_CHAIN_DEPTH)
     fallback_agent: str | None = None
 
+    allowed_handoffs: dict[str, list[str]] | None = None
+    """Handoff policy: who may hand off to whom. Keys are agent ids (the starter included) or
+    "*"; values list agent ids, capability names or "*". None allows every handoff."""
+
     @field_validator("fallback_agent")
     @classmethod
     def _valid_fallback(cls, value: str | None) -> str | None:
         return check_agent_id(value) if value else None
+
+    @field_validator("allowed_handoffs")
+    @classmethod
+    def _valid_policy(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if value is None:
+            return None
+        capabilities = {c.value for c in AgentCapability}
+        for source, targets in value.items():
+            if source != "*":
+                check_agent_id(source)
+            for target in targets:
+                if target != "*" and target not in capabilities:
+                    check_agent_id(target)
+        return value
+
+    def permits(self, from_agent: str, to_agent: str, capability: AgentCapability | None) -> bool:
+        """Whether the handoff policy lets `from_agent` hand off to `to_agent` (or its capability)."""
+        if self.allowed_handoffs is None:
+            return True
+        rules = self.allowed_handoffs.get(from_agent, self.allowed_handoffs.get("*", []))
+        return "*" in rules or to_agent in rules or (capability is not None and capability.value in rules)
 
 
 class ChainRequest(BaseModel):

@@ -418,3 +418,32 @@ async def test_worker_enforces_max_concurrent(client, uid):
             run_chain(client, to_agent=agent.id, task_description=f"t{i}") for i in range(3)))
     assert all(r.status is ChainStatus.COMPLETED for r in records)
     assert peak == 1
+
+
+async def test_handoff_policy_refuses_a_handoff_it_does_not_allow(client, uid):
+    a, b, c = f"a-{uid}", f"b-{uid}", f"c-{uid}"
+
+    async def to_b(ctx):
+        return ctx.handoff(to_agent=b, task_description="b's part", result_data={"a": 1})
+
+    async def to_c(ctx):
+        return ctx.handoff(to_agent=c, task_description="c's part", result_data={"b": 1})
+
+    async def never(ctx):
+        raise AssertionError("the policy must stop the chain before c")
+
+    policy = {"allowed_handoffs": {"starter": [a], a: [b, "SECURITY_AUDIT"], b: ["DEPLOYMENT"]}}
+    async with running(client, make_agent(a, to_b), make_agent(b, to_c), make_agent(c, never)):
+        record = await run_chain(client, to_agent=a, task_description="t", policy=policy)
+        blocked_start = await run_chain(client, to_agent=b, task_description="t", policy=policy)
+    assert record.status is ChainStatus.REJECTED
+    assert [h.status for h in record.hops] == [HopStatus.COMPLETED, HopStatus.COMPLETED, HopStatus.REFUSED]
+    assert record.hops[2].to_agent == c and "policy" in record.error
+    assert record.final_result == {"b": 1}
+    assert blocked_start.status is ChainStatus.REJECTED and len(blocked_start.hops) == 1
+
+
+async def test_handoff_policy_with_bad_names_is_refused_at_the_edge(client):
+    with pytest.raises(InvalidRequest, match="invalid agent id"):
+        await start_chain(client, to_agent="a", task_description="t",
+                          policy={"allowed_handoffs": {"a": ["Not An Agent"]}})

@@ -201,6 +201,9 @@ class HandoffChainWorkflow:
         that produced it, or raises ChainEnd."""
         if target.to_agent:
             agent, considered = target.to_agent, [target.to_agent]
+            if not self._policy.permits(target.from_agent, agent, target.capability):
+                self._refuse(depth, target, ChainStatus.REJECTED,
+                             f"the handoff policy does not let {target.from_agent!r} hand off to {agent!r}")
             violation = self._loop_violation(agent, target.task)
             if violation:
                 self._refuse(depth, target, ChainStatus.LOOP_DETECTED, violation)
@@ -226,7 +229,13 @@ class HandoffChainWorkflow:
         fallback agent. Agents that failed in this chain or would loop are skipped."""
         candidates = await self._candidates(target)
         considered = [c.agent_id for c in candidates]
-        live = [c for c in candidates if c.live]
+        permitted = [c for c in candidates
+                     if self._policy.permits(target.from_agent, c.agent_id, target.capability)]
+        if first and candidates and not permitted:
+            self._refuse(depth, target, ChainStatus.REJECTED,
+                         f"the handoff policy does not let {target.from_agent!r} hand off to "
+                         f"{target.capability.value if target.capability else target.to_agent}")
+        live = [c for c in permitted if c.live]
         allowed = [c for c in live if not self._loop_violation(c.agent_id, target.task)]
         if allowed:
             return allowed[0].agent_id, considered
@@ -234,7 +243,8 @@ class HandoffChainWorkflow:
             self._refuse(depth, target, ChainStatus.LOOP_DETECTED,
                          self._loop_violation(live[0].agent_id, target.task) or "loop")
         fallback = self._policy.fallback_agent
-        if fallback and fallback not in self._failed and not self._loop_violation(fallback, target.task):
+        if (fallback and fallback not in self._failed and not self._loop_violation(fallback, target.task)
+                and self._policy.permits(target.from_agent, fallback, target.capability)):
             return fallback, [*considered, fallback]
         if first:
             what = target.capability.value if target.capability else target.to_agent
