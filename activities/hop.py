@@ -38,6 +38,20 @@ def _failure(message: str, attempt: int, *, kind: str, permanent: bool) -> Appli
     return ApplicationError(message, {"attempt": attempt}, type=kind, non_retryable=permanent)
 
 
+def _outcome(result: object) -> str:
+    if not isinstance(result, HandoffResult) or not result.success:
+        return "failed"
+    return "handed_off" if result.next_handoff is not None else "completed"
+
+
+def _record_handler_duration(agent_id: str, outcome: str, elapsed_s: float) -> None:
+    """Agent-side view of a hop (one point per attempt), next to the workflow's `handoff_hop_duration`
+    (scheduling to outcome, retries included). A no-op unless the worker's runtime exports metrics."""
+    activity.metric_meter().create_histogram_float(
+        "handoff_handler_duration", "time an agent's handler took for one hop attempt", "ms"
+    ).record(elapsed_s * 1000, {"agent": agent_id, "outcome": outcome})
+
+
 def hop_activity(agent: Agent):
     """The `handoff.hop` activity implementation for `agent`."""
 
@@ -56,12 +70,15 @@ def hop_activity(agent: Agent):
         hop_log.info("hop_started", task=ctx.task_description[:200])
         beat = asyncio.create_task(_heartbeat(hop.heartbeat_interval_s, attempt))
         started = time.perf_counter()
+        outcome = "failed"
         try:
             result = await agent.handler(ctx)
+            outcome = _outcome(result)
         except PermanentError as err:
             hop_log.warning("hop_failed", error=str(err), permanent=True)
             raise _failure(str(err), attempt, kind=PERMANENT_ERROR, permanent=True) from err
         except asyncio.CancelledError:
+            outcome = "cancelled"
             hop_log.warning("hop_cancelled")
             raise
         except Exception as err:
@@ -71,6 +88,7 @@ def hop_activity(agent: Agent):
             ) from err
         finally:
             beat.cancel()
+            _record_handler_duration(agent.id, outcome, time.perf_counter() - started)
         elapsed = time.perf_counter() - started
         output = _checked_output(result, hop, agent.id, attempt, elapsed)
         hop_log.info(

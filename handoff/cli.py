@@ -4,6 +4,7 @@ unsuccessfully: exit 1. Connection settings come from Temporal's environment con
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import structlog
 import typer
 from rich.console import Console
 from temporalio.client import Client
@@ -30,6 +32,7 @@ from handoff.errors import HandoffError
 from handoff.log import configure_logging
 from handoff.models import ChainRecord, ChainStatus
 from handoff.render import agents_table, chain_table, ui_url
+from handoff.telemetry import DEFAULT_METRICS_HOST, Telemetry
 
 T = TypeVar("T")
 
@@ -47,6 +50,15 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 LogFormatOption = typer.Option("json", "--log-format", help="json (one object per line) or console")
+MetricsPortOption = typer.Option(
+    None, "--metrics-port", min=1, max=65535,
+    help="serve Prometheus metrics (temporal_*, handoff_*) on http://HOST:PORT/metrics")
+MetricsHostOption = typer.Option(
+    DEFAULT_METRICS_HOST, "--metrics-host", help="address for --metrics-port (0.0.0.0: all interfaces)")
+OtelOption = typer.Option(
+    False, "--otel",
+    help="OpenTelemetry tracing, one trace per chain (otel extra): OTLP if "
+         "OTEL_EXPORTER_OTLP_ENDPOINT is set, else stderr")
 
 
 class Usage(HandoffError):
@@ -58,9 +70,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-async def _client() -> Client:
+async def _client(**options: Any) -> Client:
     try:
-        return await connect()
+        return await connect(**options)
     except RuntimeError as err:
         raise Usage(f"cannot reach the Temporal server: {err}") from None
 
@@ -117,10 +129,12 @@ def start(
     schedule_to_start: float | None = typer.Option(None, "--schedule-to-start", help="seconds before an agent counts as down (default 10)"),
     wait: bool = typer.Option(False, "--wait", help="wait for the chain to end and print its record"),
     as_json: bool = typer.Option(False, "--json", help="with --wait: only the record's JSON on stdout"),
+    otel: bool = OtelOption,
 ) -> None:
     """Start a chain: print its id and Web UI link (or, with --wait, its record)."""
 
     async def go() -> ChainRecord | None:
+        telemetry = Telemetry.start(tracing=otel)
         policy = {k: v for k, v in {"fallback_agent": fallback_agent,
                                    "schedule_to_start_s": schedule_to_start}.items() if v is not None}
         request = build_request(
@@ -128,13 +142,16 @@ def start(
             context_data=_context_arg(context), chain_id=chain_id,
             hop_timeout=hop_timeout, max_depth=max_depth, policy=policy,
         )
-        client = await _client()
-        await start_request(client, request)
-        link = ui_url(str(request.chain_id), client.namespace)
-        if not (wait and as_json):
-            out.print(f"chain [bold]{request.chain_id}[/bold] started")
-            out.print(f"Web UI: {link}", soft_wrap=True)
-        return await wait_chain(client, request.chain_id) if wait else None
+        client = await _client(tracing=telemetry.tracing)
+        try:
+            await start_request(client, request)
+            link = ui_url(str(request.chain_id), client.namespace)
+            if not (wait and as_json):
+                out.print(f"chain [bold]{request.chain_id}[/bold] started")
+                out.print(f"Web UI: {link}", soft_wrap=True)
+            return await wait_chain(client, request.chain_id) if wait else None
+        finally:
+            telemetry.flush()
 
     record = _run(go)
     if record is not None:
@@ -240,25 +257,57 @@ def worker(
     agent: list[str] = typer.Option([], "--agent", help="MODULE:OBJECT of an Agent; repeatable"),
     chains: bool = typer.Option(False, "--chains", help="run the chain and registry worker"),
     log_format: str = LogFormatOption,
+    metrics_port: int | None = MetricsPortOption,
+    metrics_host: str = MetricsHostOption,
+    otel: bool = OtelOption,
+    versioned: bool = typer.Option(
+        False, "--versioned", help="serve as a Worker Deployment version (see `handoff rollout`)"),
+    build_id: str | None = typer.Option(
+        None, "--build-id", help="with --versioned: the version (default: the agent's `version`)"),
 ) -> None:
     """Run one agent's worker (or the chain worker) until SIGTERM/SIGINT."""
     from workers.main import run_workers, stop_on_signals
 
     if not agent and not chains:
         _fail("give --agent MODULE:OBJECT or --chains")
+    if build_id is not None and not versioned:
+        _fail("--build-id goes with --versioned")
     configure_logging("console" if log_format == "console" else "json")
     try:
         loaded = [a for spec in agent for a in load_agents(spec)]
     except HandoffError as err:
         _fail(str(err))
+    if build_id is not None:
+        loaded = [dataclasses.replace(a, version=build_id) for a in loaded]
 
     async def go() -> None:
-        client = await _client()
+        telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
+        client = await _client(runtime=telemetry.runtime, tracing=telemetry.tracing)
+        if telemetry.metrics_url:
+            structlog.get_logger("handoff.worker").info("metrics_serving", url=telemetry.metrics_url)
         stop = asyncio.Event()
         stop_on_signals(stop)
-        await run_workers(client, loaded, chains=chains, stop=stop)
+        try:
+            await run_workers(client, loaded, chains=chains, stop=stop, versioned=versioned)
+        finally:
+            telemetry.flush()
 
     _run(go)
+
+
+@app.command()
+def rollout(
+    agent_id: str = typer.Argument(..., help="the agent whose new version takes over"),
+    build_id: str = typer.Argument(..., help="the version (build id) of its versioned workers"),
+) -> None:
+    """Route every later hop to AGENT (running chains included) to its workers of BUILD_ID."""
+    from handoff.versioning import set_current_build_id
+
+    async def go() -> None:
+        await set_current_build_id(await _client(), agent_id, build_id)
+
+    _run(go)
+    out.print(f"{agent_id}: hops now go to version {build_id}")
 
 
 @app.command()
@@ -294,6 +343,9 @@ def dev(
     demo: Path | None = typer.Option(None, "--demo", help="run the demo chain over this Python file"),
     log_format: str = typer.Option("console", "--log-format"),
     exit_after_demo: bool = typer.Option(False, "--exit-after-demo", help="stop once the demo chain ends"),
+    metrics_port: int | None = MetricsPortOption,
+    metrics_host: str = MetricsHostOption,
+    otel: bool = OtelOption,
 ) -> None:
     """Embedded server + chain worker + every example agent in one process (Ctrl-C stops)."""
     from handoff.dev import run_dev
@@ -302,14 +354,17 @@ def dev(
     configure_logging("console" if log_format == "console" else "json", level="WARNING")
     embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None)
     try:
+        telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
         embedded.start()
     except HandoffError as err:
         _fail(str(err))
     try:
-        code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo))
+        code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
+                                   telemetry=telemetry))
     except KeyboardInterrupt:
         code = 0
     finally:
+        telemetry.flush()
         embedded.stop()
     raise typer.Exit(code)
 

@@ -18,6 +18,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.audit import record_from_history
@@ -33,23 +34,37 @@ from handoff.constants import (
 )
 from handoff.errors import ChainNotFound, ContextTooLarge, InvalidRequest
 from handoff.models import AgentCapability, ChainPolicy, ChainRecord, ChainRequest, check_agent_id
+from handoff.telemetry import tracing_interceptor
 
 DEFAULT_ADDRESS = "localhost:7233"
 
 
 async def connect(
-    profile: str | None = None, *, address: str | None = None, namespace: str | None = None
+    profile: str | None = None,
+    *,
+    address: str | None = None,
+    namespace: str | None = None,
+    runtime: Runtime | None = None,
+    tracing: bool = False,
 ) -> Client:
     """A client configured from Temporal's environment configuration (TEMPORAL_ADDRESS,
     TEMPORAL_NAMESPACE, TLS, API key, profiles), defaulting to localhost:7233, with the
-    pydantic data converter every part of handoff uses."""
+    pydantic data converter every part of handoff uses.
+
+    `runtime`: e.g. `handoff.telemetry.metrics_runtime(port)`, so this client and the workers
+    built from it report metrics there. `tracing`: attach OpenTelemetry tracing to the client
+    and its workers (needs the `otel` extra; raises `TelemetryUnavailable` without it).
+    """
     config = ClientConfig.load_client_connect_config(profile=profile)
     config.setdefault("target_host", DEFAULT_ADDRESS)
     if address:
         config["target_host"] = address
     if namespace:
         config["namespace"] = namespace
-    return await Client.connect(**config, data_converter=pydantic_data_converter)
+    interceptors = [tracing_interceptor()] if tracing else []
+    return await Client.connect(
+        **config, data_converter=pydantic_data_converter, runtime=runtime, interceptors=interceptors
+    )
 
 
 def _one_line(err: ValidationError) -> str:

@@ -13,6 +13,7 @@ from handoff.models import ChainStatus
 from handoff.registry import agent_statuses
 from handoff.render import chain_table, ui_url
 from handoff.server import EmbeddedServer
+from handoff.telemetry import Telemetry
 from workers.main import run_workers, stop_on_signals
 
 DEMO_TASK = "Review {name} before release"
@@ -42,15 +43,19 @@ async def run_demo(client, console: Console, source_file: Path, ui_base: str | N
 
 
 async def run_dev(
-    server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool
+    server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
+    telemetry: Telemetry | None = None,
 ) -> int:
     from agents import ALL_AGENTS
 
-    client = await connect(address=server.address)
+    telemetry = telemetry or Telemetry()
+    client = await connect(address=server.address, runtime=telemetry.runtime, tracing=telemetry.tracing)
     stop = asyncio.Event()
     stop_on_signals(stop)
     workers = asyncio.create_task(run_workers(client, ALL_AGENTS, chains=True, stop=stop))
     console.print(f"Temporal server on {server.address}, Web UI {server.ui_url}")
+    if telemetry.metrics_url:
+        console.print(f"Prometheus metrics: {telemetry.metrics_url}")
     await wait_until_live(client, {a.id for a in ALL_AGENTS})
     console.print(f"agents live: {', '.join(a.id for a in ALL_AGENTS)}")
     code = 0

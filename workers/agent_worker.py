@@ -17,15 +17,22 @@ from temporalio.worker import Worker
 from activities.hop import hop_activity
 from handoff.agent import Agent
 from handoff.registry import deregister_agent, register_agent
+from handoff.versioning import current_build_id, deployment_config, set_current_build_id
 
 log = structlog.get_logger("handoff.worker")
 
 REGISTER_RETRY_S = 2.0
 
 
-def agent_worker(client: Client, agent: Agent, **options) -> Worker:
-    """The Temporal worker for one agent: the hop activity on the agent's own task queue."""
+def agent_worker(client: Client, agent: Agent, *, versioned: bool = False, **options) -> Worker:
+    """The Temporal worker for one agent: the hop activity on the agent's own task queue.
+
+    `versioned`: the worker is version `agent.version` of the agent's Worker Deployment, and
+    gets hops only while that version is current (see `handoff rollout`).
+    """
     options.setdefault("graceful_shutdown_timeout", timedelta(seconds=5))
+    if versioned:
+        options["deployment_config"] = deployment_config(agent)
     return Worker(
         client,
         task_queue=agent.task_queue,
@@ -71,10 +78,19 @@ async def registered(client: Client, agent: Agent) -> AsyncIterator[str]:
                 log.warning("agent_deregistration_failed", agent_id=agent.id, error=str(err))
 
 
-async def run_agent(client: Client, agent: Agent, stop: asyncio.Event, *, register: bool = True) -> None:
-    """Run `agent`'s worker until `stop` is set, registered in the registry meanwhile."""
-    worker = agent_worker(client, agent)
+async def run_agent(
+    client: Client, agent: Agent, stop: asyncio.Event, *, register: bool = True, versioned: bool = False
+) -> None:
+    """Run `agent`'s worker until `stop` is set, registered in the registry meanwhile.
+
+    A versioned worker whose deployment has no current version yet makes its own version current:
+    the first version of an agent serves at once; later ones wait for `handoff rollout`.
+    """
+    worker = agent_worker(client, agent, versioned=versioned)
     async with worker:
+        if versioned and await current_build_id(client, agent.id) is None:
+            await set_current_build_id(client, agent.id, agent.version)
+            log.info("agent_version_current", agent_id=agent.id, build_id=agent.version)
         if register:
             async with registered(client, agent):
                 log.info("agent_worker_started", agent_id=agent.id, task_queue=agent.task_queue,

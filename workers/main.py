@@ -30,7 +30,8 @@ async def run_chain_worker(client: Client, stop: asyncio.Event) -> None:
 
 
 async def run_workers(
-    client: Client, agents: Sequence[Agent], *, chains: bool, stop: asyncio.Event
+    client: Client, agents: Sequence[Agent], *, chains: bool, stop: asyncio.Event,
+    versioned: bool = False,
 ) -> None:
     """Run the chain worker (if `chains`) and one worker per agent in this process until `stop`.
 
@@ -39,7 +40,7 @@ async def run_workers(
     agents_done = asyncio.Event()
     chain_task = asyncio.create_task(run_chain_worker(client, agents_done)) if chains else None
     try:
-        await asyncio.gather(*(run_agent(client, agent, stop) for agent in agents))
+        await asyncio.gather(*(run_agent(client, agent, stop, versioned=versioned) for agent in agents))
         await stop.wait()
     finally:
         agents_done.set()

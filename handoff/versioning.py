@@ -1,0 +1,67 @@
+"""Worker Deployments for agent rollouts: each agent is a deployment, each build id a version.
+
+Hops are activities, which are not pinned to a version: once a new version is current, the next
+hop to that agent, in new and in already running chains, runs on it.
+"""
+
+from __future__ import annotations
+
+from temporalio.api.workflowservice.v1 import (
+    DescribeWorkerDeploymentRequest,
+    SetWorkerDeploymentCurrentVersionRequest,
+)
+from temporalio.client import Client
+from temporalio.common import WorkerDeploymentVersion
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import WorkerDeploymentConfig
+
+from handoff.agent import Agent
+from handoff.errors import InvalidRequest
+from handoff.models import check_agent_id
+
+DEPLOYMENT_PREFIX = "handoff-agent-"
+
+
+def deployment_name(agent_id: str) -> str:
+    return f"{DEPLOYMENT_PREFIX}{agent_id}"
+
+
+def deployment_config(agent: Agent) -> WorkerDeploymentConfig:
+    """The worker's deployment version: the agent's deployment, its `version` as build id."""
+    return WorkerDeploymentConfig(
+        version=WorkerDeploymentVersion(deployment_name=deployment_name(agent.id), build_id=agent.version),
+        use_worker_versioning=True,
+    )
+
+
+async def current_build_id(client: Client, agent_id: str) -> str | None:
+    """The build id hops to `agent_id` are routed to; None if the deployment has none yet."""
+    try:
+        response = await client.workflow_service.describe_worker_deployment(
+            DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=deployment_name(agent_id)))
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    current = response.worker_deployment_info.routing_config.current_deployment_version
+    return current.build_id or None
+
+
+async def set_current_build_id(client: Client, agent_id: str, build_id: str) -> None:
+    """Route every later hop to `agent_id` to the workers of `build_id` (a rollout)."""
+    try:
+        check_agent_id(agent_id)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    if not build_id.strip():
+        raise InvalidRequest("the build id is empty")
+    try:
+        await client.workflow_service.set_worker_deployment_current_version(
+            SetWorkerDeploymentCurrentVersionRequest(
+                namespace=client.namespace, deployment_name=deployment_name(agent_id), build_id=build_id,
+                allow_no_pollers=True))
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT,
+                          RPCStatusCode.FAILED_PRECONDITION):
+            raise InvalidRequest(f"cannot roll out {agent_id} {build_id}: {err.message}") from None
+        raise

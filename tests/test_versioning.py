@@ -1,0 +1,71 @@
+"""Agent rollouts with Worker Deployments: a new version takes the next hops, also in chains
+that are already running."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handoff import ChainStatus, run_chain
+from handoff.versioning import current_build_id
+from tests.conftest import make_agent
+from workers.agent_worker import run_agent
+
+pytestmark = pytest.mark.usefixtures("chains")
+
+HANDOFF = str(Path(sys.executable).parent / "handoff")
+
+
+async def test_rollout_moves_later_hops_of_a_running_chain_to_the_new_version(client, cli_env, uid):
+    agent_id = f"rollout-{uid}"
+    first_hop_running = asyncio.Event()
+
+    def build(version: str):
+        async def handle(ctx):
+            if ctx.chain_depth == 0:
+                first_hop_running.set()
+                await asyncio.sleep(2)
+                return ctx.handoff(to_agent=agent_id, task_description="second look",
+                                   result_data={"version": version})
+            return ctx.complete({"version": version})
+
+        return dataclasses.replace(make_agent(agent_id, handle), version=version)
+
+    stop = asyncio.Event()
+    v1 = asyncio.create_task(run_agent(client, build("v1"), stop, register=False, versioned=True))
+    for _ in range(100):  # the first version makes itself current
+        if await current_build_id(client, agent_id) == "v1":
+            break
+        await asyncio.sleep(0.1)
+    assert await current_build_id(client, agent_id) == "v1"
+    before = await run_chain(client, to_agent=agent_id, task_description="look", policy={"max_depth": 1})
+    assert before.hops[0].result_data == {"version": "v1"}
+
+    v2 = asyncio.create_task(run_agent(client, build("v2"), stop, register=False, versioned=True))
+    first_hop_running.clear()
+    chain = asyncio.create_task(run_chain(client, to_agent=agent_id, task_description="look"))
+    await asyncio.wait_for(first_hop_running.wait(), 10)
+    rollout = await asyncio.to_thread(
+        subprocess.run, [HANDOFF, "rollout", agent_id, "v2"], env=cli_env,
+        capture_output=True, text=True, timeout=30)
+    assert rollout.returncode == 0, rollout.stderr
+    record = await asyncio.wait_for(chain, 30)
+    stop.set()
+    await asyncio.gather(v1, v2)
+
+    assert record.status is ChainStatus.COMPLETED
+    assert [h.result_data["version"] for h in record.hops] == ["v1", "v2"]
+    assert await current_build_id(client, agent_id) == "v2"
+
+
+async def test_rollout_of_a_bad_agent_id_is_a_usage_error(cli_env):
+    result = await asyncio.to_thread(
+        subprocess.run, [HANDOFF, "rollout", "Bad Id", "v2"], env=cli_env,
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
