@@ -170,40 +170,30 @@ async def test_retries_are_bounded_and_earlier_results_kept(client, uid):
     assert record.hops[0].result_data == {"kept": True}
 
 
-async def test_permanent_error_is_not_retried(client, uid):
-    async def bad_input(ctx):
-        raise PermanentError("source is not Python")
+async def _permanent_error(ctx):
+    raise PermanentError("source is not Python")
 
-    agent = make_agent(f"perm-{uid}", bad_input)
+
+async def _wrong_type(ctx):
+    return {"not": "a HandoffResult"}
+
+
+async def _too_large(ctx):
+    return ctx.complete({"blob": "x" * (MAX_CONTEXT_BYTES + 10)})
+
+
+@pytest.mark.parametrize("handler, error", [
+    (_permanent_error, "source is not Python"),
+    (_wrong_type, "returned dict, not HandoffResult"),
+    (_too_large, "over the 1,900,000-byte payload limit"),
+])
+async def test_failures_retrying_cannot_fix_are_not_retried(client, uid, handler, error):
+    agent = make_agent(f"once-{uid}", handler)
     async with running(client, agent):
         record = await run_chain(client, to_agent=agent.id, task_description="t", policy=FAST)
     assert record.status is ChainStatus.FAILED
     assert record.hops[0].attempts == 1
-    assert record.hops[0].error == "source is not Python"
-
-
-async def test_handler_returning_the_wrong_type_fails_at_once(client, uid):
-    async def sloppy(ctx):
-        return {"not": "a HandoffResult"}
-
-    agent = make_agent(f"sloppy-{uid}", sloppy)
-    async with running(client, agent):
-        record = await run_chain(client, to_agent=agent.id, task_description="t", policy=FAST)
-    assert record.status is ChainStatus.FAILED
-    assert record.hops[0].attempts == 1
-    assert "not HandoffResult" in record.hops[0].error
-
-
-async def test_result_over_the_payload_limit_fails_without_retry(client, uid):
-    async def huge(ctx):
-        return ctx.complete({"blob": "x" * (MAX_CONTEXT_BYTES + 10)})
-
-    agent = make_agent(f"huge-{uid}", huge)
-    async with running(client, agent):
-        record = await run_chain(client, to_agent=agent.id, task_description="t", policy=FAST)
-    assert record.status is ChainStatus.FAILED
-    assert record.hops[0].attempts == 1
-    assert "payload limit" in record.hops[0].error
+    assert error in record.hops[0].error
 
 
 async def test_agent_reporting_failure_ends_the_chain_failed(client, uid):
