@@ -60,6 +60,11 @@ OtelOption = typer.Option(
     help="OpenTelemetry tracing, one trace per chain (otel extra): OTLP if "
          "OTEL_EXPORTER_OTLP_ENDPOINT is set, else stderr")
 
+CodecEndpointOption = typer.Option(
+    None, "--codec-endpoint",
+    help="codec server the Web UI decodes payloads with (e.g. http://localhost:8081, "
+         "from `handoff codec-server`); the browser must reach it")
+
 
 class Usage(HandoffError):
     """Bad command-line input."""
@@ -316,11 +321,12 @@ def server(
     ui_port: int = typer.Option(8233, "--ui-port"),
     db: str | None = typer.Option(".handoff/temporal.db", "--db", help="database file ('' for memory)"),
     ip: str = typer.Option("127.0.0.1", "--ip"),
+    codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
     """The embedded Temporal server alone (tuned, search attributes registered)."""
     from handoff.server import EmbeddedServer
 
-    embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, ip=ip)
+    embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, ip=ip, codec_endpoint=codec_endpoint)
     try:
         embedded.start()
     except HandoffError as err:
@@ -346,14 +352,17 @@ def dev(
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
+    codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
     """Embedded server + chain worker + every example agent in one process (Ctrl-C stops)."""
+    from handoff.codec import CodecSettings
     from handoff.dev import run_dev
     from handoff.server import EmbeddedServer
 
     configure_logging("console" if log_format == "console" else "json", level="WARNING")
-    embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None)
+    embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, codec_endpoint=codec_endpoint)
     try:
+        CodecSettings.from_env()  # bad codec settings: one line, before anything starts
         telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
         embedded.start()
     except HandoffError as err:
@@ -367,6 +376,36 @@ def dev(
         telemetry.flush()
         embedded.stop()
     raise typer.Exit(code)
+
+
+@app.command("codec-server")
+def codec_server(
+    port: int = typer.Option(8081, "--port", min=1, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    ui_origin: list[str] = typer.Option(
+        ["http://localhost:8233"], "--ui-origin", help="Web UI origin allowed by CORS; repeatable"),
+) -> None:
+    """Decode (and encode) payloads for the Web UI and `temporal --codec-endpoint`, with the
+    codec the HANDOFF_* variables configure (compression, encryption keys)."""
+    from handoff.codec import codec_from_env
+    from handoff.codec_server import start_codec_server
+
+    async def go() -> None:
+        runner = await start_codec_server(codec_from_env(), host=host, port=port, ui_origins=ui_origin)
+        out.print(f"codec server on http://{host}:{port} (CORS for {', '.join(ui_origin)})")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        _run(go)
+    except OSError as err:
+        _fail(f"cannot serve on {host}:{port}: {err.strerror or err}")
 
 
 def main() -> None:

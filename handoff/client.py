@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from pydantic import ValidationError
@@ -15,13 +15,14 @@ from temporalio.client import (
     WorkflowHandle,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.converter import PayloadCodec
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.audit import record_from_history
+from handoff.codec import data_converter
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
@@ -46,6 +47,7 @@ async def connect(
     namespace: str | None = None,
     runtime: Runtime | None = None,
     tracing: bool = False,
+    codec: PayloadCodec | None | Literal["env"] = "env",
 ) -> Client:
     """A client configured from Temporal's environment configuration (TEMPORAL_ADDRESS,
     TEMPORAL_NAMESPACE, TLS, API key, profiles), defaulting to localhost:7233, with the
@@ -54,7 +56,11 @@ async def connect(
     `runtime`: e.g. `handoff.telemetry.metrics_runtime(port)`, so this client and the workers
     built from it report metrics there. `tracing`: attach OpenTelemetry tracing to the client
     and its workers (needs the `otel` extra; raises `TelemetryUnavailable` without it).
+    `codec`: the payload codec (compression, encryption) of the client and its workers; by
+    default the one the `HANDOFF_*` variables describe (`handoff.codec`; bad settings raise
+    `CodecConfigError`), None for none.
     """
+    converter = data_converter(codec)
     config = ClientConfig.load_client_connect_config(profile=profile)
     config.setdefault("target_host", DEFAULT_ADDRESS)
     if address:
@@ -63,7 +69,7 @@ async def connect(
         config["namespace"] = namespace
     interceptors = [tracing_interceptor()] if tracing else []
     return await Client.connect(
-        **config, data_converter=pydantic_data_converter, runtime=runtime, interceptors=interceptors
+        **config, data_converter=converter, runtime=runtime, interceptors=interceptors
     )
 
 

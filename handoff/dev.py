@@ -54,6 +54,8 @@ async def run_dev(
     stop_on_signals(stop)
     workers = asyncio.create_task(run_workers(client, ALL_AGENTS, chains=True, stop=stop))
     console.print(f"Temporal server on {server.address}, Web UI {server.ui_url}")
+    if server.codec_endpoint:
+        console.print(f"Web UI codec server: {server.codec_endpoint}")
     if telemetry.metrics_url:
         console.print(f"Prometheus metrics: {telemetry.metrics_url}")
     await wait_until_live(client, {a.id for a in ALL_AGENTS})

@@ -75,6 +75,8 @@ class EmbeddedServer:
     ip: str = "127.0.0.1"
     log_level: str = "error"
     extra_args: list[str] = field(default_factory=list)
+    # where the Web UI (the browser) sends payloads to decode, e.g. `handoff codec-server`
+    codec_endpoint: str | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -92,6 +94,8 @@ class EmbeddedServer:
             "--log-level", self.log_level, "--namespace", "default",
             *search_attribute_args(), *tuning_args(self.db), *self.extra_args,
         ]
+        if self.codec_endpoint:
+            argv += ["--ui-codec-endpoint", self.codec_endpoint]
         if self.db:
             Path(self.db).parent.mkdir(parents=True, exist_ok=True)
             argv += ["--db-filename", self.db]

