@@ -17,7 +17,6 @@ from handoff.agent import Agent
 from handoff.constants import (
     HOP_ACTIVITY,
     INVALID_RESULT_ERROR,
-    MAX_CONTEXT_BYTES,
     PERMANENT_ERROR,
     RESULT_TOO_LARGE_ERROR,
 )
@@ -123,9 +122,9 @@ def _checked_output(
     )
     output = HopOutput(result=result, attempt=attempt, agent_id=agent_id)
     size = len(output.model_dump_json())
-    if size > MAX_CONTEXT_BYTES:
+    if size > hop.max_result_bytes:
         raise _failure(
-            f"result of {agent_id!r} is {size:,} bytes, over the {MAX_CONTEXT_BYTES:,}-byte payload limit",
+            f"result of {agent_id!r} is {size:,} bytes, over the {hop.max_result_bytes:,}-byte payload limit",
             attempt,
             kind=RESULT_TOO_LARGE_ERROR,
             permanent=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -23,10 +24,12 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.audit import record_from_history
 from handoff.codec import data_converter
+from handoff.storage import storage_from_env
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
     MAX_CONTEXT_BYTES,
+    MAX_EXTERNAL_CONTEXT_BYTES,
     SA_AGENTS,
     SA_CURRENT_AGENT,
     SA_DEPTH,
@@ -61,6 +64,9 @@ async def connect(
     `CodecConfigError`), None for none.
     """
     converter = data_converter(codec)
+    storage = storage_from_env()
+    if storage is not None:
+        converter = dataclasses.replace(converter, external_storage=storage)
     config = ClientConfig.load_client_connect_config(profile=profile)
     config.setdefault("target_host", DEFAULT_ADDRESS)
     if address:
@@ -93,6 +99,7 @@ def build_request(
     start_depth: int = 0,
     previous_results: list[dict[str, Any]] | None = None,
     first_handoff_id: UUID | None = None,
+    max_context_bytes: int | None = None,
 ) -> ChainRequest:
     """Validate a chain request at the edge; raises `InvalidRequest` with one readable line."""
     if (to_agent is None) == (capability is None):
@@ -111,7 +118,8 @@ def build_request(
         overrides = {
             k: v for k, v in {"hop_timeout_s": hop_timeout, "max_depth": max_depth}.items() if v is not None
         }
-        base = policy.model_dump() if isinstance(policy, ChainPolicy) else dict(policy or {})
+        base = {"max_context_bytes": max_context_bytes or env_context_limit(),
+                **(policy.model_dump() if isinstance(policy, ChainPolicy) else dict(policy or {}))}
         request = ChainRequest(
             chain_id=chain_uuid,
             to_agent=to_agent or "",
@@ -127,9 +135,21 @@ def build_request(
     except ValidationError as err:
         raise InvalidRequest(_one_line(err)) from None
     size = len(request.model_dump_json())
-    if size > MAX_CONTEXT_BYTES:
-        raise ContextTooLarge(size, MAX_CONTEXT_BYTES)
+    if size > request.policy.max_context_bytes:
+        raise ContextTooLarge(size, request.policy.max_context_bytes)
     return request
+
+
+def env_context_limit() -> int:
+    """The context limit for clients that `connect()` builds from this environment."""
+    return MAX_EXTERNAL_CONTEXT_BYTES if storage_from_env() is not None else MAX_CONTEXT_BYTES
+
+
+def context_limit(client: Client) -> int:
+    """How large a context chains started by `client` may carry: over Temporal's payload limit
+    only when its converter stores large payloads externally."""
+    external = client.data_converter.external_storage is not None
+    return MAX_EXTERNAL_CONTEXT_BYTES if external else MAX_CONTEXT_BYTES
 
 
 def _capability(value: AgentCapability | str) -> AgentCapability:
@@ -188,14 +208,14 @@ async def start_request(client: Client, request: ChainRequest, *, search_attribu
 
 async def start_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> UUID:
     """Start a chain and return its id (also its workflow id). See `build_request` for arguments."""
-    built = build_request(**request)
+    built = build_request(**{"max_context_bytes": context_limit(client), **request})
     await start_request(client, built, search_attributes=search_attributes)
     return built.chain_id
 
 
 async def run_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> ChainRecord:
     """Start a chain, wait for it to end, and return its record."""
-    built = build_request(**request)
+    built = build_request(**{"max_context_bytes": context_limit(client), **request})
     handle = await start_request(client, built, search_attributes=search_attributes)
     return await _ended(client, handle)
 

@@ -34,6 +34,8 @@ MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 """Temporal's default limit for one payload (blob)."""
 MAX_CONTEXT_BYTES = 1_900_000
 """Largest hop input we schedule: a little under the payload limit, leaving room for the envelope."""
+MAX_EXTERNAL_CONTEXT_BYTES = 32 * 1024 * 1024
+"""With external payload storage, the largest hop input or result a chain accepts."""
 
 LIVE_POLLER_WINDOW_S = 70.0
 """An agent is live when one of its pollers was seen within this many seconds."""

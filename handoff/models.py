@@ -22,6 +22,8 @@ from handoff.constants import (
     DEFAULT_RETRY_INITIAL_S,
     DEFAULT_SCHEDULE_TO_START_S,
     MAX_CHAIN_DEPTH,
+    MAX_CONTEXT_BYTES,
+    MAX_EXTERNAL_CONTEXT_BYTES,
 )
 
 AGENT_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -181,6 +183,9 @@ class ChainPolicy(BaseModel):
     max_visits_per_agent: int = Field(default=DEFAULT_MAX_VISITS_PER_AGENT, ge=1, le=MAX_CHAIN_DEPTH)
     fallback_agent: str | None = None
 
+    max_context_bytes: int = Field(default=MAX_CONTEXT_BYTES, gt=0, le=MAX_EXTERNAL_CONTEXT_BYTES)
+    """Largest hop input (and hop result) the chain accepts. Over Temporal's 2 MB payload limit
+    only with external storage (`handoff.storage`), which the client API then sets."""
     allowed_handoffs: dict[str, list[str]] | None = None
     """Handoff policy: who may hand off to whom. Keys are agent ids (the starter included) or
     "*"; values list agent ids, capability names or "*". None allows every handoff."""
@@ -237,6 +242,7 @@ class HopInput(BaseModel):
     context: HandoffContext
     heartbeat_interval_s: float
     fallback_for: str | None = None
+    max_result_bytes: int = MAX_CONTEXT_BYTES
 
 
 class HopOutput(BaseModel):

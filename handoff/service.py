@@ -19,7 +19,7 @@ from temporalio.client import Client
 
 from handoff.agent import Agent, Handler
 from handoff.audit import hop_contexts
-from handoff.client import build_request, connect, start_request, wait_chain
+from handoff.client import build_request, connect, context_limit, start_request, wait_chain
 from handoff.constants import MAX_CHAIN_DEPTH
 from handoff.errors import InvalidRequest
 from handoff.models import (
@@ -176,6 +176,7 @@ class PeerHandoffService:
                 start_depth=context.chain_depth,
                 previous_results=context.previous_results,
                 first_handoff_id=context.handoff_id,
+                max_context_bytes=context_limit(self.client),
             )
             await start_request(self.client, request)
         except InvalidRequest as err:

@@ -27,11 +27,12 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from handoff.constants import (
         CHAIN_WORKFLOW,
         HOP_ACTIVITY,
         MAX_CHAIN_DEPTH,
-        MAX_CONTEXT_BYTES,
         NON_RETRYABLE_ERRORS,
         RESOLVE_ACTIVITY,
         SA_AGENTS,
@@ -85,8 +86,15 @@ def _attempts_in(details: Any) -> int | None:
     return None
 
 
-# Any exception fails the workflow rather than retrying its task forever: a chain never stays stuck.
-@workflow.defn(name=CHAIN_WORKFLOW, failure_exception_types=[Exception])
+# Bad input and bugs in this code fail the workflow rather than retry its task forever, so a
+# chain never stays stuck. Non-determinism (a deploy that cannot replay running chains) is left
+# out on purpose: those tasks retry, and the chains resume once the deploy is rolled back.
+FAILURE_EXCEPTION_TYPES = [
+    ValidationError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError, AssertionError,
+]
+
+
+@workflow.defn(name=CHAIN_WORKFLOW, failure_exception_types=FAILURE_EXCEPTION_TYPES)
 class HandoffChainWorkflow:
     @workflow.init
     def __init__(self, request: ChainRequest) -> None:
@@ -293,6 +301,7 @@ class HandoffChainWorkflow:
         hop_input = HopInput(
             hop=depth, context=context, fallback_for=fallback_for,
             heartbeat_interval_s=policy.heartbeat_timeout_s / 4,
+            max_result_bytes=policy.max_context_bytes,
         )
         record = HopRecord(
             hop=depth, handoff_id=context.handoff_id, from_agent=target.from_agent, to_agent=agent,
@@ -302,9 +311,9 @@ class HandoffChainWorkflow:
         )
         self._record.hops.append(record)
         size = len(hop_input.model_dump_json())
-        if size > MAX_CONTEXT_BYTES:
+        if size > policy.max_context_bytes:
             self._close_hop(record, HopStatus.REFUSED,
-                            error=f"hop input is {size:,} bytes, over the {MAX_CONTEXT_BYTES:,}-byte limit")
+                            error=f"hop input is {size:,} bytes, over the {policy.max_context_bytes:,}-byte limit")
             self._refusals_metric.add(1, {"reason": "context_too_large"})
             status = ChainStatus.REJECTED if not self._results else ChainStatus.FAILED
             raise ChainEnd(status, f"context too large for hop {depth}: {record.error}")

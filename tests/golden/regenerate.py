@@ -1,0 +1,232 @@
+"""Regenerate the golden chain histories that tests/test_replay.py replays.
+
+    .venv/bin/python -m tests.golden.regenerate
+
+Starts its own local dev server (exactly as tests/conftest.py does), runs the real chain
+worker and scripted fake agents with fixed ids, runs every scenario below under a fixed chain
+id and writes each chain's history to tests/golden/<scenario>.json (plus the registry
+workflow's history to registry.json). Only regenerate for an intentional, versioned change
+of the workflow code: see README.md in this folder.
+
+Every agent runs the same scripted handler: what it does at a hop is read from the chain's
+`context_data["script"]` under `"<agent>@<depth>"`, so each golden file carries its own script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import structlog
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from handoff import AgentCapability, ChainRecord, HandoffContext, HandoffResult, PermanentError
+from handoff.client import cancel_chain, get_chain, run_chain, start_chain, wait_chain
+from handoff.constants import REGISTRY_WORKFLOW_ID, SEARCH_ATTRIBUTES
+from handoff.server import free_port, temporal_binary, tuning_args
+from tests.conftest import make_agent, running
+from workers.chain_worker import chain_worker
+
+GOLDEN = Path(__file__).resolve().parent
+
+# Fixed chain ids (the workflow ids), so regenerated files differ only in times and run ids.
+CHAIN_IDS: dict[str, UUID] = {
+    "linear": UUID("601de000-0000-4000-8000-000000000001"),
+    "fallback_unreachable": UUID("601de000-0000-4000-8000-000000000002"),
+    "fallback_capability": UUID("601de000-0000-4000-8000-000000000003"),
+    "depth_exceeded": UUID("601de000-0000-4000-8000-000000000004"),
+    "loop_detected": UUID("601de000-0000-4000-8000-000000000005"),
+    "cancelled": UUID("601de000-0000-4000-8000-000000000006"),
+    "capability": UUID("601de000-0000-4000-8000-000000000007"),
+    "failed": UUID("601de000-0000-4000-8000-000000000008"),
+}
+REGISTRY_FILE = "registry"
+
+FAST = {"retry_initial_s": 0.05}
+
+# Plain agents, addressed by id only (not registered).
+RELAY = ["golden-a", "golden-b", "golden-c", "golden-d", "golden-e", "golden-f"]
+SPARE = "golden-spare"  # the configured fallback agent
+DOWN = "golden-down"  # never runs: its hops cannot start
+SLOW = "golden-slow"  # works until the chain is cancelled
+BROKEN = "golden-broken"  # always raises an ordinary (retryable) error
+# Registered agents, found by capability.
+LEAD = "golden-lead"  # CODE_ANALYSIS
+AUDIT = "golden-audit"  # SECURITY_AUDIT
+DEPLOY_1 = "golden-deploy-1"  # DEPLOYMENT
+DEPLOY_2 = "golden-deploy-2"  # DEPLOYMENT
+
+
+async def scripted(ctx: HandoffContext) -> HandoffResult:
+    """Do what the chain's script says for this agent at this depth.
+
+    Step keys: `to` / `capability` + `task` (hand off), `complete` (result data), `fail`
+    (ctx.fail), `permanent` (raise PermanentError), `error` (raise an ordinary error),
+    `flaky` (raise once, then do the rest of the step), `wait` (work until cancelled).
+    """
+    step: dict[str, Any] = ctx.context_data["script"][f"{ctx.to_agent}@{ctx.chain_depth}"]
+    if step.get("flaky") and activity.info().attempt == 1:
+        raise ConnectionError("transient failure on the first attempt")
+    if "error" in step:
+        raise RuntimeError(step["error"])
+    if "permanent" in step:
+        raise PermanentError(step["permanent"])
+    if "fail" in step:
+        return ctx.fail(step["fail"])
+    if step.get("wait"):
+        await asyncio.sleep(3600)
+    data = {"by": ctx.to_agent, "depth": ctx.chain_depth}
+    if "to" in step:
+        return ctx.handoff(to_agent=step["to"], task_description=step["task"], result_data=data)
+    if "capability" in step:
+        return ctx.handoff(capability=step["capability"], task_description=step["task"], result_data=data)
+    return ctx.complete({**data, **step.get("complete", {})})
+
+
+def relay_script(agents: list[str], last: dict[str, Any]) -> dict[str, Any]:
+    """agents[0] -> agents[1] -> ...; the last one does `last`."""
+    script = {f"{a}@{d}": {"to": agents[d + 1], "task": f"step {d + 1}"} for d, a in enumerate(agents[:-1])}
+    script[f"{agents[-1]}@{len(agents) - 1}"] = last
+    return script
+
+
+async def linear(client: Client, chain_id: UUID) -> ChainRecord:
+    """Four hops a -> b -> c -> d, all completed; b fails once and succeeds on attempt 2."""
+    script = relay_script(RELAY[:4], {"complete": {"verdict": "ship it"}})
+    script["golden-b@1"]["flaky"] = True
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="review PR 42",
+                           context_data={"script": script, "repo": "golden"}, policy=FAST)
+
+
+async def fallback_unreachable(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> down (no worker: unreachable) -> the configured fallback agent completes."""
+    script = {"golden-a@0": {"to": DOWN, "task": "deploy"}, f"{SPARE}@1": {"complete": {"fallback": True}}}
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="ship",
+                           context_data={"script": script},
+                           policy={**FAST, "schedule_to_start_s": 1, "fallback_agent": SPARE})
+
+
+async def fallback_capability(client: Client, chain_id: UUID) -> ChainRecord:
+    """lead -> deploy-1 (PermanentError) -> deploy-2, the other live DEPLOYMENT agent, completes."""
+    script = {
+        f"{LEAD}@0": {"to": DEPLOY_1, "task": "deploy"},
+        f"{DEPLOY_1}@1": {"permanent": "cluster credentials revoked"},
+        f"{DEPLOY_2}@1": {"complete": {"deployed": True}},
+    }
+    return await run_chain(client, chain_id=chain_id, to_agent=LEAD, task_description="release",
+                           context_data={"script": script}, policy=FAST)
+
+
+async def depth_exceeded(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> b -> c -> d -> e complete; e's handoff to f would be depth 5: refused."""
+    script = relay_script(RELAY, {"complete": {}})
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="dig deeper",
+                           context_data={"script": script}, policy=FAST)
+
+
+async def loop_detected(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> b -> back to a with a's own task: refused as a loop."""
+    script = {"golden-a@0": {"to": "golden-b", "task": "check"},
+              "golden-b@1": {"to": "golden-a", "task": "review"}}
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="review",
+                           context_data={"script": script}, policy=FAST)
+
+
+async def cancelled(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> slow, which works until the chain is cancelled from outside."""
+    script = {"golden-a@0": {"to": SLOW, "task": "long job"}, f"{SLOW}@1": {"wait": True}}
+    await start_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="long",
+                      context_data={"script": script}, policy={**FAST, "heartbeat_timeout_s": 1})
+    handle = client.get_workflow_handle(str(chain_id))
+    for _ in range(200):  # until the slow hop has started
+        state = await handle.query("chain_state", result_type=ChainRecord)
+        if len(state.hops) == 2 and state.hops[1].status.value == "running":
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await cancel_chain(client, chain_id)
+    return await wait_chain(client, chain_id)
+
+
+async def capability(client: Client, chain_id: UUID) -> ChainRecord:
+    """Started by capability CODE_ANALYSIS (lead), which hands off by capability SECURITY_AUDIT."""
+    script = {f"{LEAD}@0": {"capability": "SECURITY_AUDIT", "task": "audit"},
+              f"{AUDIT}@1": {"complete": {"findings": 0}}}
+    return await run_chain(client, chain_id=chain_id, capability=AgentCapability.CODE_ANALYSIS,
+                           task_description="analyse", context_data={"script": script}, policy=FAST)
+
+
+async def failed(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> broken, which fails all 2 attempts; no fallback: the chain fails keeping a's result."""
+    script = {"golden-a@0": {"to": BROKEN, "task": "fix"}, f"{BROKEN}@1": {"error": "disk on fire"}}
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="repair",
+                           context_data={"script": script}, policy={**FAST, "max_attempts": 2})
+
+
+SCENARIOS = {
+    "linear": linear,
+    "fallback_unreachable": fallback_unreachable,
+    "fallback_capability": fallback_capability,
+    "depth_exceeded": depth_exceeded,
+    "loop_detected": loop_detected,
+    "cancelled": cancelled,
+    "capability": capability,
+    "failed": failed,
+}
+
+
+async def write_history(client: Client, workflow_id: str, name: str) -> None:
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    (GOLDEN / f"{name}.json").write_text(history.to_json() + "\n")
+
+
+def quiet_logs() -> None:
+    """Only errors: the scenarios fail hops on purpose, and the summary lines are what matter."""
+    logging.getLogger("temporalio").setLevel(logging.ERROR)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+async def main() -> int:
+    quiet_logs()
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        data_converter=pydantic_data_converter,
+        search_attributes=list(SEARCH_ATTRIBUTES),
+        dev_server_extra_args=tuning_args(None),
+        port=free_port(),
+        ui=False,
+    )
+    try:
+        client = env.client
+        plain = [make_agent(a, scripted) for a in [*RELAY, SPARE, SLOW, BROKEN]]
+        listed = [
+            make_agent(LEAD, scripted, [AgentCapability.CODE_ANALYSIS]),
+            make_agent(AUDIT, scripted, [AgentCapability.SECURITY_AUDIT]),
+            make_agent(DEPLOY_1, scripted, [AgentCapability.DEPLOYMENT]),
+            make_agent(DEPLOY_2, scripted, [AgentCapability.DEPLOYMENT]),
+        ]
+        async with chain_worker(client):
+            async with running(client, *plain), running(client, *listed, register=True):
+                for name, scenario in SCENARIOS.items():
+                    record = await asyncio.wait_for(scenario(client, CHAIN_IDS[name]), 60)
+                    # The record a user would see, rebuilt from history like `handoff show`.
+                    shown = await get_chain(client, record.chain_id)
+                    hops = ", ".join(f"{h.to_agent or '-'}:{h.status.value}" for h in shown.hops)
+                    print(f"{name:22} {shown.status.value:15} {hops}")
+                    await write_history(client, str(CHAIN_IDS[name]), name)
+            # After the registered agents deregistered: registrations and deregistrations.
+            await write_history(client, REGISTRY_WORKFLOW_ID, REGISTRY_FILE)
+    finally:
+        await env.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,375 @@
+"""The audit trail tells the truth: hundreds of random chains, each compared hop by hop with what
+the agents actually executed.
+
+Every fake agent writes down each handler invocation (chain, handoff id, agent, attempt, outcome,
+result). After all chains end, the record `handoff show --json` prints (`get_chain`, rebuilt from
+workflow history) must agree with that ground truth for every chain, and with an independent
+model of the chain rules of DESIGN section 5 (depth, loops, retries, fallback).
+
+Reproduce a run with HANDOFF_AUDIT_SEED=<the printed seed>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowHistory
+
+from handoff import ChainRecord, ChainStatus, HandoffContext, HopStatus, PermanentError, get_chain, run_chain
+from handoff.audit import record_from_history
+from tests.conftest import make_agent, running
+
+pytestmark = pytest.mark.usefixtures("chains")
+
+CHAINS = 200
+CONCURRENCY = 20
+CLI_SAMPLE = 10
+POOL = 6
+MAX_ATTEMPTS = 3  # the default policy
+MAX_VISITS = 2  # the default policy
+MAX_DEPTH = 5
+HANDOFF = Path(sys.executable).parent / "handoff"
+
+# What the planned agent does at its hop (the fallback agent always does "ok").
+BEHAVIOURS = {
+    "ok": 0.62,
+    "flaky": 0.12,  # raises an ordinary error on attempt 1, succeeds on attempt 2
+    "permanent": 0.08,  # raises PermanentError: one attempt
+    "fail": 0.08,  # returns ctx.fail(...): one attempt, the hop failed
+    "exhaust": 0.04,  # raises an ordinary error on every attempt
+    "down": 0.06,  # the hop goes to an agent with no worker: unreachable
+}
+LOOP_BACK = 0.10  # a hop hands back to an earlier (agent, task) of the chain
+FALLBACK = 0.5  # chains with a configured fallback agent
+SUCCESS = ("handoff", "complete")
+
+
+@dataclass
+class Step:
+    agent: str
+    behaviour: str
+    next_agent: str | None  # None: complete the chain
+    next_task: str | None
+
+
+@dataclass
+class Plan:
+    chain_id: UUID
+    task: str
+    steps: list[Step]
+    fallback: str | None
+    has_down: bool
+
+    def policy(self) -> dict[str, Any]:
+        policy: dict[str, Any] = {"retry_initial_s": 0.05, "fallback_agent": self.fallback}
+        if self.has_down:
+            policy["schedule_to_start_s"] = 1.5
+        return policy
+
+
+@dataclass
+class Agents:
+    pool: list[str]
+    fallback: str
+    down: str
+
+
+def make_plan(rng: random.Random, index: int, agents: Agents) -> Plan:
+    """A chain of 1..6 requested hops with random agents, failures and loop-backs."""
+    hops = rng.randint(1, 6)
+    task = f"chain {index} task"
+    names = list(BEHAVIOURS)
+    planned = [rng.choice(agents.pool) for _ in range(hops)]
+    behaviours = rng.choices(names, weights=list(BEHAVIOURS.values()), k=hops)
+    planned = [agents.down if b == "down" else a for a, b in zip(planned, behaviours)]
+    tasks = [task] + [f"step {d}" for d in range(1, hops)]
+    steps = []
+    for depth in range(hops):
+        if rng.random() < LOOP_BACK:
+            back = rng.randint(0, depth)  # the same agent with the same task as an earlier hop
+            steps.append(Step(planned[depth], behaviours[depth], planned[back], tasks[back]))
+            break
+        last = depth == hops - 1
+        steps.append(Step(planned[depth], behaviours[depth],
+                          None if last else planned[depth + 1], None if last else tasks[depth + 1]))
+    return Plan(
+        chain_id=uuid4(),
+        task=task,
+        steps=steps,
+        fallback=agents.fallback if rng.random() < FALLBACK else None,
+        has_down=agents.down in (s.agent for s in steps),
+    )
+
+
+# -- the expected record, from the plan and the rules alone ---------------------------------
+
+Signature = tuple[ChainStatus, list[tuple[str, HopStatus, int, str | None]]]
+
+
+def expected_signature(plan: Plan) -> Signature:
+    """(chain status, [(to_agent, status, attempts, fallback_for)]) per DESIGN section 5.
+
+    The pool agents are not registered, so a failed hop can only fall back to the configured
+    fallback agent."""
+    hops: list[tuple[str, HopStatus, int, str | None]] = []
+    visits: Counter[str] = Counter()
+    asked: set[tuple[str, str]] = set()
+    failed: set[str] = set()
+
+    def loops(agent: str, task: str) -> bool:
+        return (agent, task) in asked or visits[agent] >= MAX_VISITS
+
+    agent, task = plan.steps[0].agent, plan.task
+    for depth in range(MAX_DEPTH + 1):
+        if depth >= MAX_DEPTH:
+            hops.append((agent, HopStatus.REFUSED, 0, None))
+            return ChainStatus.DEPTH_EXCEEDED, hops
+        if loops(agent, task):
+            hops.append((agent, HopStatus.REFUSED, 0, None))
+            return ChainStatus.LOOP_DETECTED, hops
+        step = plan.steps[depth]
+        assert step.agent == agent, "plans hand off to the next step's agent"
+        fallback_for = None
+        while True:
+            visits[agent] += 1
+            asked.add((agent, task))
+            behaviour = "ok" if agent == plan.fallback else step.behaviour
+            status, attempts = {
+                "ok": (HopStatus.COMPLETED, 1),
+                "flaky": (HopStatus.COMPLETED, 2),
+                "permanent": (HopStatus.FAILED, 1),
+                "fail": (HopStatus.FAILED, 1),
+                "exhaust": (HopStatus.FAILED, MAX_ATTEMPTS),
+                "down": (HopStatus.UNREACHABLE, 0),
+            }[behaviour]
+            hops.append((agent, status, attempts, fallback_for))
+            if status is HopStatus.COMPLETED:
+                break
+            failed.add(agent)
+            fallback_for = fallback_for or agent
+            if plan.fallback and plan.fallback not in failed and not loops(plan.fallback, task):
+                agent = plan.fallback
+                continue
+            return ChainStatus.FAILED, hops
+        if step.next_agent is None:
+            return ChainStatus.COMPLETED, hops
+        agent, task = step.next_agent, step.next_task
+    raise AssertionError("unreachable")
+
+
+# -- the fake agents and their ground truth ------------------------------------------------
+
+
+@dataclass
+class Truth:
+    plans: dict[str, Plan] = field(default_factory=dict)
+    calls: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+
+def scripted(agent_id: str, truth: Truth):
+    """The handler of one fake agent: does what the chain's plan says, and writes it down."""
+
+    async def handle(ctx: HandoffContext):
+        chain = str(ctx.chain_id)
+        plan = truth.plans[chain]
+        step = plan.steps[ctx.chain_depth]
+        attempt = activity.info().attempt
+        behaviour = "ok" if agent_id == plan.fallback else step.behaviour
+        call = {"chain_id": chain, "handoff_id": ctx.handoff_id, "agent": agent_id,
+                "to_agent": ctx.to_agent, "depth": ctx.chain_depth, "attempt": attempt}
+        truth.calls[chain].append(call)
+        if (behaviour == "flaky" and attempt == 1) or behaviour == "exhaust":
+            call["outcome"] = "raise_retryable"
+            raise ConnectionError(f"{agent_id} is flaky (attempt {attempt})")
+        if behaviour == "permanent":
+            call["outcome"] = "raise_permanent"
+            raise PermanentError(f"{agent_id} cannot do {ctx.task_description!r}")
+        if behaviour == "fail":
+            result = ctx.fail(f"{agent_id} refused", {"by": agent_id})
+            call["outcome"], call["result_data"] = "fail", result.result_data
+            return result
+        data = {"by": agent_id, "depth": ctx.chain_depth, "token": f"{ctx.handoff_id}/{attempt}"}
+        call["result_data"] = data
+        if step.next_agent is None:
+            call["outcome"] = "complete"
+            return ctx.complete(data)
+        call["outcome"] = "handoff"
+        return ctx.handoff(to_agent=step.next_agent, task_description=step.next_task, result_data=data)
+
+    return handle
+
+
+def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> list[str]:
+    """Every way the record disagrees with the ground truth and the model; empty if none."""
+    problems: list[str] = []
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    by_handoff: dict[UUID, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        by_handoff[call["handoff_id"]].append(call)
+    executed_truth = [(c[0]["agent"], h) for h, c in by_handoff.items()]
+    executed_record = [(h.to_agent, h.handoff_id) for h in record.hops if h.handoff_id in by_handoff]
+    check(executed_record == executed_truth,
+          f"executed hops: record {executed_record} != truth {executed_truth}")
+    check(all(c["agent"] == c["to_agent"] for c in calls), "a hop ran on another agent's queue")
+
+    for hop in record.hops:
+        runs = by_handoff.get(hop.handoff_id, [])
+        if not runs:  # never executed: refused, or nobody picked it up
+            check(hop.status in (HopStatus.REFUSED, HopStatus.UNREACHABLE),
+                  f"hop {hop.hop} {hop.to_agent}: {hop.status.value} but its handler never ran")
+            check(hop.attempts == 0, f"hop {hop.hop} {hop.to_agent}: {hop.attempts} attempts, none ran")
+            continue
+        last = runs[-1]
+        check([c["attempt"] for c in runs] == list(range(1, len(runs) + 1)),
+              f"hop {hop.hop}: attempts seen {[c['attempt'] for c in runs]}")
+        check(hop.attempts == len(runs), f"hop {hop.hop} {hop.to_agent}: attempts {hop.attempts}, "
+                                         f"handler ran {len(runs)} times")
+        expected = HopStatus.COMPLETED if last["outcome"] in SUCCESS else HopStatus.FAILED
+        check(hop.status is expected, f"hop {hop.hop} {hop.to_agent}: {hop.status.value}, "
+                                      f"last invocation {last['outcome']}")
+        if "result_data" in last:
+            check(hop.result_data == last["result_data"], f"hop {hop.hop}: result_data differs")
+        check(hop.hop == last["depth"], f"hop {hop.hop}: the handler saw depth {last['depth']}")
+
+    refused = [h for h in record.hops if h.status is HopStatus.REFUSED]
+    check(not refused or (len(refused) == 1 and record.hops[-1] is refused[0]),
+          "a refused hop is only ever the chain's last")
+    check(bool(refused) == (record.status in (ChainStatus.LOOP_DETECTED, ChainStatus.DEPTH_EXCEEDED)),
+          f"status {record.status.value} with {len(refused)} refused hop(s)")
+    successes = [c for c in calls if c["outcome"] in SUCCESS]
+    check(record.final_result == (successes[-1]["result_data"] if successes else {}),
+          "final_result is not the last successful hop's result_data")
+    check((record.status is ChainStatus.COMPLETED) == bool(calls and calls[-1]["outcome"] == "complete"),
+          f"status {record.status.value}, last invocation {calls[-1]['outcome'] if calls else None}")
+
+    status, hops = expected_signature(plan)
+    actual = [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in record.hops]
+    check((record.status, actual) == (status, hops),
+          f"model: {status.value} {hops}\n      record: {record.status.value} {actual}")
+    return problems
+
+
+def hop_facts(record: ChainRecord) -> list[tuple]:
+    """What a history records of each scheduled hop (refused hops never reach history)."""
+    return [(h.hop, h.handoff_id, h.from_agent, h.to_agent, h.task_description, h.status, h.attempts,
+             h.result_data, h.fallback_for) for h in record.hops if h.status is not HopStatus.REFUSED]
+
+
+async def rebuilt_from_events(client: Client, chain_id: UUID) -> ChainRecord:
+    """The record `handoff show` rebuilds event by event, as for a chain still running: the
+    history without its completion event (which would hand back the workflow's own record)."""
+    history = await client.get_workflow_handle(str(chain_id)).fetch_history()
+    events = [e for e in history.events if not e.HasField("workflow_execution_completed_event_attributes")]
+    return await record_from_history(WorkflowHistory(history.workflow_id, events), client.data_converter)
+
+
+def tampered(record: ChainRecord) -> list[ChainRecord]:
+    """Copies of a record, each with one lie in it that the comparison must catch."""
+    executed = [i for i, h in enumerate(record.hops) if h.attempts]
+    lies = []
+    for i in executed[-1:]:
+        for update in ({"attempts": record.hops[i].attempts + 1}, {"handoff_id": uuid4()},
+                       {"status": HopStatus.REFUSED}, {"to_agent": "someone-else"}):
+            copy = record.model_copy(deep=True)
+            copy.hops[i] = copy.hops[i].model_copy(update=update)
+            lies.append(copy)
+    lies.append(record.model_copy(update={"final_result": {"forged": True}}))
+    lies.append(record.model_copy(update={"hops": record.hops[:-1]}))
+    return lies
+
+
+async def show_json(chain_id: UUID, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(
+        subprocess.run, [str(HANDOFF), "show", str(chain_id), "--json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+async def test_audit_record_matches_what_agents_executed(client, uid, cli_env):
+    seed = int(os.environ.get("HANDOFF_AUDIT_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"\nHANDOFF_AUDIT_SEED={seed}")
+    rng = random.Random(seed)
+    agents = Agents(pool=[f"r{i}-{uid}" for i in range(POOL)], fallback=f"rfb-{uid}", down=f"rdown-{uid}")
+    truth = Truth()
+    plans = [make_plan(rng, i, agents) for i in range(CHAINS)]
+    truth.plans.update({str(p.chain_id): p for p in plans})
+    workers = [make_agent(a, scripted(a, truth), max_concurrent=CONCURRENCY)
+               for a in [*agents.pool, agents.fallback]]
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def run(plan: Plan) -> ChainRecord:
+        async with gate:
+            return await asyncio.wait_for(run_chain(
+                client, chain_id=plan.chain_id, to_agent=plan.steps[0].agent,
+                task_description=plan.task, policy=plan.policy()), 60)
+
+    async def show(plan: Plan) -> ChainRecord:
+        async with gate:
+            return await get_chain(client, plan.chain_id)
+
+    started = time.monotonic()
+    async with running(client, *workers):
+        finished = await asyncio.gather(*(run(p) for p in plans))
+    ran_s = time.monotonic() - started
+    records = await asyncio.gather(*(show(p) for p in plans))
+
+    async def rebuild(plan: Plan) -> ChainRecord:
+        async with gate:
+            return await rebuilt_from_events(client, plan.chain_id)
+
+    rebuilt = await asyncio.gather(*(rebuild(p) for p in plans))
+
+    assert [r.chain_id for r in finished] == [p.chain_id for p in plans]
+    failures = {}
+    for plan, record, events in zip(plans, records, rebuilt):
+        problems = mismatches(plan, record, truth.calls[str(plan.chain_id)])
+        if hop_facts(events) != hop_facts(record):
+            problems.append(f"rebuilt event by event: {hop_facts(events)}\n      record: {hop_facts(record)}")
+        if problems:
+            failures[plan.chain_id] = problems
+    matched = CHAINS - len(failures)
+    statuses = Counter(r.status.value for r in records)
+    hop_statuses = Counter(h.status.value for r in records for h in r.hops)
+    invocations = sum(len(c) for c in truth.calls.values())
+    print(f"chains={CHAINS} matched={matched} ({100 * matched / CHAINS:.1f} %) in {ran_s:.1f}s; "
+          f"statuses={dict(statuses)}; hops={dict(hop_statuses)}; handler invocations={invocations}; "
+          f"with fallback agent={sum(bool(p.fallback) for p in plans)}")
+    details = "\n".join(f"{cid}: " + "\n  ".join(p) for cid, p in list(failures.items())[:5])
+    assert not failures, f"seed {seed}: {len(failures)} of {CHAINS} chains disagree:\n{details}"
+    # The run exercised every ending and every kind of hop it was built to.
+    assert {"completed", "failed", "depth_exceeded", "loop_detected"} <= set(statuses)
+    assert {"completed", "failed", "refused", "unreachable"} <= set(hop_statuses)
+    assert any(h.fallback_for for r in records for h in r.hops)
+    assert any(h.attempts == 2 for r in records for h in r.hops)
+    # ... and the comparison is not vacuous: a record with one lie in it is caught.
+    lies = [(p, lie) for p, r in zip(plans, records) if r.hops for lie in tampered(r)][:200]
+    uncaught = [p.chain_id for p, lie in lies if not mismatches(p, lie, truth.calls[str(p.chain_id)])]
+    assert not uncaught, f"tampered records passed the comparison: {uncaught[:5]}"
+
+    # `handoff show ID --json` through the real CLI prints the same record.
+    sample = rng.sample(plans, CLI_SAMPLE)
+    shown = await asyncio.gather(*(show_json(p.chain_id, cli_env) for p in sample))
+    by_id = {r.chain_id: r for r in records}
+    for plan, proc in zip(sample, shown):
+        record = by_id[plan.chain_id]
+        assert proc.returncode == (0 if record.status is ChainStatus.COMPLETED else 1), proc.stderr
+        assert json.loads(proc.stdout) == json.loads(record.model_dump_json()), plan.chain_id
+    print(f"cli: {CLI_SAMPLE} of {CHAINS} chains shown identically by `handoff show --json`; "
+          f"total {time.monotonic() - started:.1f}s")

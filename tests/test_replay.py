@@ -1,0 +1,170 @@
+"""Replay safety: the golden chain histories in tests/golden/ replay against today's workflow code.
+
+A failure here means a change to workflows/ would break chains already running in production
+(non-determinism). Such a change needs `workflow.patched(...)` or a new workflow version; see
+tests/golden/README.md before regenerating anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+from temporalio.workflow import NondeterminismError
+
+from handoff.audit import record_from_history
+from handoff.constants import CHAIN_WORKFLOW, REGISTRY_WORKFLOW_ID
+from handoff.models import ChainRecord, ChainRequest, ChainStatus, HopStatus
+from tests.golden.regenerate import CHAIN_IDS, REGISTRY_FILE
+from workflows.chain import HandoffChainWorkflow
+from workflows.registry import AgentRegistryWorkflow
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+C, F, U, R, X = (HopStatus.COMPLETED, HopStatus.FAILED, HopStatus.UNREACHABLE, HopStatus.REFUSED,
+                 HopStatus.CANCELLED)
+
+# What each golden history must contain, as `handoff show` rebuilds it:
+# chain status, then (to_agent, hop status, attempts, fallback_for) for every hop, final_result.
+EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | None]], dict]] = {
+    "linear": (ChainStatus.COMPLETED, [
+        ("golden-a", C, 1, None), ("golden-b", C, 2, None), ("golden-c", C, 1, None),
+        ("golden-d", C, 1, None)],
+        {"by": "golden-d", "depth": 3, "verdict": "ship it"}),
+    "fallback_unreachable": (ChainStatus.COMPLETED, [
+        ("golden-a", C, 1, None), ("golden-down", U, 0, None), ("golden-spare", C, 1, "golden-down")],
+        {"by": "golden-spare", "depth": 1, "fallback": True}),
+    "fallback_capability": (ChainStatus.COMPLETED, [
+        ("golden-lead", C, 1, None), ("golden-deploy-1", F, 1, None),
+        ("golden-deploy-2", C, 1, "golden-deploy-1")],
+        {"by": "golden-deploy-2", "depth": 1, "deployed": True}),
+    "depth_exceeded": (ChainStatus.DEPTH_EXCEEDED, [
+        ("golden-a", C, 1, None), ("golden-b", C, 1, None), ("golden-c", C, 1, None),
+        ("golden-d", C, 1, None), ("golden-e", C, 1, None), ("golden-f", R, 0, None)],
+        {"by": "golden-e", "depth": 4}),
+    "loop_detected": (ChainStatus.LOOP_DETECTED, [
+        ("golden-a", C, 1, None), ("golden-b", C, 1, None), ("golden-a", R, 0, None)],
+        {"by": "golden-b", "depth": 1}),
+    # The cancelled hop was running its first attempt; history records no attempt for an
+    # activity that never finished, so the rebuilt record says 0.
+    "cancelled": (ChainStatus.CANCELLED, [("golden-a", C, 1, None), ("golden-slow", X, 0, None)],
+                  {"by": "golden-a", "depth": 0}),
+    "capability": (ChainStatus.COMPLETED, [("golden-lead", C, 1, None), ("golden-audit", C, 1, None)],
+                   {"by": "golden-audit", "depth": 1, "findings": 0}),
+    "failed": (ChainStatus.FAILED, [("golden-a", C, 1, None), ("golden-broken", F, 2, None)],
+               {"by": "golden-a", "depth": 0}),
+}
+
+
+def golden_history(name: str) -> WorkflowHistory:
+    workflow_id = REGISTRY_WORKFLOW_ID if name == REGISTRY_FILE else str(CHAIN_IDS[name])
+    return WorkflowHistory.from_json(workflow_id, (GOLDEN / f"{name}.json").read_text())
+
+
+def replayer(*workflows: type) -> Replayer:
+    return Replayer(workflows=list(workflows) or [HandoffChainWorkflow, AgentRegistryWorkflow],
+                    data_converter=pydantic_data_converter)
+
+
+def test_every_scenario_has_a_golden_file_and_an_expectation():
+    files = {p.stem for p in GOLDEN.glob("*.json")}
+    assert files == {*CHAIN_IDS, REGISTRY_FILE}
+    assert set(EXPECTED) == set(CHAIN_IDS)
+
+
+REPLAY_TIMEOUT_S = 30
+
+
+@pytest.mark.parametrize("name", [*CHAIN_IDS, REGISTRY_FILE])
+async def test_golden_history_replays_without_nondeterminism(name):
+    try:
+        result = await asyncio.wait_for(replayer().replay_workflow(golden_history(name)), REPLAY_TIMEOUT_S)
+    except TimeoutError:
+        # Were NondeterminismError among the workflow's failure_exception_types, it would fail
+        # the workflow instead of the replay, and replay_workflow would never return.
+        pytest.fail(f"replaying {name}.json hung for {REPLAY_TIMEOUT_S}s: probably non-determinism")
+    assert result.replay_failure is None
+
+
+@pytest.mark.parametrize("name", list(CHAIN_IDS))
+async def test_golden_history_is_the_scenario_its_name_says(name):
+    status, hops, final_result = EXPECTED[name]
+    record = await record_from_history(golden_history(name), pydantic_data_converter)
+    assert record.chain_id == CHAIN_IDS[name]
+    assert record.status is status
+    assert [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in record.hops] == hops
+    assert [h.hop for h in record.hops] == sorted(h.hop for h in record.hops)
+    assert record.final_result == final_result
+    assert (record.error is None) == (status is ChainStatus.COMPLETED)
+
+
+async def test_capability_hops_were_resolved_through_the_registry():
+    record = await record_from_history(golden_history("capability"), pydantic_data_converter)
+    assert [h.capability.value for h in record.hops] == ["CODE_ANALYSIS", "SECURITY_AUDIT"]
+    assert [h.from_agent for h in record.hops] == ["starter", "golden-lead"]
+
+
+# -- the replayer catches a change ---------------------------------------------------------
+
+# The real chain workflow's definition options, so a modified copy can be defined exactly alike.
+REAL = workflow._Definition.must_from_class(HandoffChainWorkflow)
+
+
+async def preflight_then_chain(chain: HandoffChainWorkflow, request: ChainRequest) -> ChainRecord:
+    """A careless edit: a new activity scheduled before the first hop, without a patch."""
+    await workflow.execute_activity(
+        "handoff.preflight", request, task_queue="handoff.chains",
+        start_to_close_timeout=timedelta(seconds=5),
+    )
+    return await HandoffChainWorkflow.run(chain, request)
+
+
+@workflow.defn(name=CHAIN_WORKFLOW, sandboxed=False)
+class UnchangedChain(HandoffChainWorkflow):
+    """Control: the real workflow, subclassed the same way as the changed copies below."""
+
+    @workflow.run
+    async def run(self, request: ChainRequest) -> ChainRecord:
+        return await super().run(request)
+
+
+@workflow.defn(name=CHAIN_WORKFLOW, sandboxed=False)
+class ChangedChain(HandoffChainWorkflow):
+    """The careless edit, with the SDK's default failure handling."""
+
+    @workflow.run
+    async def run(self, request: ChainRequest) -> ChainRecord:
+        return await preflight_then_chain(self, request)
+
+
+@workflow.defn(name=CHAIN_WORKFLOW, sandboxed=False, failure_exception_types=REAL.failure_exception_types)
+class ChangedChainLikeReal(HandoffChainWorkflow):
+    """The careless edit, with the real workflow's `failure_exception_types`."""
+
+    @workflow.run
+    async def run(self, request: ChainRequest) -> ChainRecord:
+        return await preflight_then_chain(self, request)
+
+
+async def test_subclassed_but_unchanged_workflow_replays():
+    result = await replayer(UnchangedChain).replay_workflow(golden_history("linear"))
+    assert result.replay_failure is None
+
+
+@pytest.mark.parametrize("name", ["linear", "fallback_capability"])
+async def test_changed_workflow_fails_replay_with_nondeterminism(name):
+    with pytest.raises(NondeterminismError) as caught:
+        await replayer(ChangedChain).replay_workflow(golden_history(name))
+    assert "nondeterminism" in str(caught.value).lower()
+
+
+async def test_changed_copy_of_the_real_definition_fails_replay_with_nondeterminism():
+    with pytest.raises(NondeterminismError):
+        await asyncio.wait_for(
+            replayer(ChangedChainLikeReal).replay_workflow(golden_history("linear")), timeout=5)

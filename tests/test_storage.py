@@ -1,0 +1,88 @@
+"""Large contexts through external payload storage: 20 MB crosses hops intact; more is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from uuid import uuid4
+
+import pytest
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import StorageDriverClaim, StorageDriverRetrieveContext, StorageDriverStoreContext
+
+from handoff import ChainRecord, ChainStatus, ContextTooLarge
+from handoff.client import build_request, connect, context_limit
+from handoff.constants import CHAIN_WORKFLOW, MAX_CONTEXT_BYTES, MAX_EXTERNAL_CONTEXT_BYTES
+from handoff.storage import PAYLOAD_DIR_ENV, FileStorageDriver, StorageError
+from tests.conftest import make_agent, running
+from workers.chain_worker import chain_worker
+
+
+async def test_file_driver_is_content_addressed_and_checks_what_it_reads(tmp_path):
+    driver = FileStorageDriver(tmp_path)
+    payload = Payload(metadata={"encoding": b"json/plain"}, data=b'{"x": 1}')
+    claims = await driver.store(StorageDriverStoreContext(), [payload, payload])
+    assert claims[0] == claims[1] and len(list(tmp_path.iterdir())) == 1
+    assert await driver.retrieve(StorageDriverRetrieveContext(), claims[:1]) == [payload]
+    [stored] = tmp_path.iterdir()
+    stored.write_bytes(b"tampered")
+    with pytest.raises(StorageError, match="corrupt"):
+        await driver.retrieve(StorageDriverRetrieveContext(), claims[:1])
+    with pytest.raises(StorageError, match="missing"):
+        await driver.retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": "0" * 64})])
+    with pytest.raises(StorageError, match="malformed"):
+        await driver.retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": "../x"})])
+
+
+@pytest.fixture
+async def stored_client(address, tmp_path, monkeypatch):
+    monkeypatch.setenv(PAYLOAD_DIR_ENV, str(tmp_path / "payloads"))
+    return await connect(address=address)
+
+
+async def test_twenty_megabyte_context_crosses_hops_intact(stored_client, uid, tmp_path):
+    client = stored_client
+    assert context_limit(client) == MAX_EXTERNAL_CONTEXT_BYTES
+    blob = "".join(f"line {i}: {uuid4().hex}\n" for i in range(420_000))[:20 * 1024 * 1024]
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    first, second = f"big-a-{uid}", f"big-b-{uid}"
+
+    async def read_and_pass(ctx):
+        assert hashlib.sha256(ctx.context_data["source"].encode()).hexdigest() == digest
+        return ctx.handoff(to_agent=second, task_description="check again",
+                           result_data={"size": len(ctx.context_data["source"])},
+                           context_data={"checked_by": ctx.to_agent})
+
+    async def read_and_finish(ctx):
+        same = hashlib.sha256(ctx.context_data["source"].encode()).hexdigest() == digest
+        return ctx.complete({"intact": same, "checked_by": ctx.context_data["checked_by"]})
+
+    queue = f"chains-{uid}"
+    request = build_request(task_description="big", to_agent=first, context_data={"source": blob},
+                            max_context_bytes=context_limit(client))
+    async with chain_worker(client, task_queue=queue), \
+            running(client, make_agent(first, read_and_pass), make_agent(second, read_and_finish)):
+        started = time.perf_counter()
+        handle = await client.start_workflow(CHAIN_WORKFLOW, request, id=str(request.chain_id),
+                                             task_queue=queue, result_type=ChainRecord)
+        record = await handle.result()
+        elapsed = time.perf_counter() - started
+    print(f"20 MiB context, 2-hop chain: {elapsed * 1000:.0f} ms")
+    assert record.status is ChainStatus.COMPLETED
+    assert record.final_result == {"intact": True, "checked_by": first}
+    assert record.hops[0].result_data == {"size": len(blob)}
+    history = await handle.fetch_history()
+    assert len(history.to_json()) < MAX_CONTEXT_BYTES, "the context lives in storage, not in history"
+
+
+async def test_context_over_the_external_limit_is_refused_before_starting(stored_client):
+    with pytest.raises(ContextTooLarge):
+        build_request(task_description="t", to_agent="a",
+                      context_data={"blob": "x" * (MAX_EXTERNAL_CONTEXT_BYTES + 1)},
+                      max_context_bytes=context_limit(stored_client))
+
+
+def test_without_storage_the_limit_stays_under_temporals(monkeypatch):
+    monkeypatch.delenv(PAYLOAD_DIR_ENV, raising=False)
+    with pytest.raises(ContextTooLarge):
+        build_request(task_description="t", to_agent="a", context_data={"blob": "x" * MAX_CONTEXT_BYTES})
