@@ -1,8 +1,11 @@
-"""Benchmarks: `python -m bench` prints JSON (and writes bench/results/latest.json).
+"""Benchmarks: `python -m bench` prints JSON (also bench/results/latest.json) and draws
+bench/results/latency.png.
 
-Each scenario starts its own embedded Temporal server on free ports, a chain worker process and
-an agent worker process (`handoff worker`), then measures from a client in this process.
-Scenarios are compared within one run, so ratios hold on a noisy machine where absolutes do not.
+Every scenario runs on an embedded server started here on free ports, with every worker in its own
+process: handoff's chain worker, handoff's agent worker (5 relay agents), and for the baselines a
+workflow worker and an activity worker (`bench/baseline.py`). Handoff and its baselines are measured
+in the same run, interleaved, and reported as ratios, which hold on a noisy machine where absolute
+figures do not.
 """
 
 from __future__ import annotations
@@ -19,14 +22,23 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
+from uuid import uuid4
 
+from temporalio.client import Client
+
+from bench.baseline import WORKFLOW_QUEUE
 from handoff.client import connect, run_chain
 from handoff.models import ChainStatus
-from handoff.server import EmbeddedServer, free_port
+from handoff.server import EmbeddedServer, free_port, search_attribute_args, temporal_binary
+from handoff.storage import PAYLOAD_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 HANDOFF = str(Path(sys.executable).parent / "handoff")
+CONTEXT_SIZES = {"10KB": 10 * 1024, "1MB": 1024 * 1024, "10MB": 10 * 1024 * 1024, "20MB": 20 * 1024 * 1024}
+
+Measure = Callable[[], Awaitable[None]]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -35,28 +47,31 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(percentile(values, 0.50), 2),
-        "p95": round(percentile(values, 0.95), 2),
-        "p99": round(percentile(values, 0.99), 2),
-        "mean": round(statistics.fmean(values), 2),
-        "n": len(values),
-    }
+    return {"p50": round(percentile(values, 0.50), 2), "p95": round(percentile(values, 0.95), 2),
+            "p99": round(percentile(values, 0.99), 2), "mean": round(statistics.fmean(values), 2),
+            "n": len(values)}
 
 
 @contextmanager
-def stack(tuned: bool, db: str | None) -> Iterator[EmbeddedServer]:
-    """An embedded server (tuned, or the dev server's defaults) plus worker processes."""
-    server = EmbeddedServer(port=free_port(), ui_port=free_port(), db=db)
+def stack(*, tuned: bool, db: str | None, payload_dir: str) -> Iterator[EmbeddedServer]:
+    """An embedded server (tuned, or `temporal server start-dev`'s defaults) and 4 worker processes."""
+    server = EmbeddedServer(port=free_port(), ui_port=free_port(), db=db, extra_args=["--headless"])
     if not tuned:
-        server.argv = _untuned_argv(server)  # type: ignore[method-assign]
+        server.argv = lambda: [  # type: ignore[method-assign]
+            temporal_binary(), "server", "start-dev", "--ip", server.ip, "--port", str(server.port),
+            "--headless", "--log-level", "error", *search_attribute_args(),
+            *(["--db-filename", db] if db else [])]
     server.start()
-    env = {**os.environ, "TEMPORAL_ADDRESS": server.address, "PYTHONPATH": str(ROOT)}
-    workers = [
-        subprocess.Popen([HANDOFF, "worker", "--chains"], env=env, stdout=subprocess.DEVNULL),
-        subprocess.Popen([HANDOFF, "worker", "--agent", "bench.agents:ALL"], env=env,
-                         stdout=subprocess.DEVNULL),
+    env = {**os.environ, "TEMPORAL_ADDRESS": server.address, "PYTHONPATH": str(ROOT),
+           PAYLOAD_DIR_ENV: payload_dir}
+    commands = [
+        [HANDOFF, "worker", "--chains"],
+        [HANDOFF, "worker", "--agent", "bench.agents:ALL"],
+        [sys.executable, "-m", "bench.baseline", server.address, "workflows"],
+        [sys.executable, "-m", "bench.baseline", server.address, "activities"],
     ]
+    workers = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for c in commands]
     try:
         yield server
     finally:
@@ -67,83 +82,179 @@ def stack(tuned: bool, db: str | None) -> Iterator[EmbeddedServer]:
         server.stop()
 
 
-def _untuned_argv(server: EmbeddedServer):
-    from handoff.server import search_attribute_args, temporal_binary
+class Bench:
+    def __init__(self, client: Client) -> None:
+        self.client = client
 
-    def argv() -> list[str]:
-        args = [temporal_binary(), "server", "start-dev", "--ip", server.ip, "--port", str(server.port),
-                "--ui-port", str(server.ui_port), "--log-level", "error", *search_attribute_args()]
-        return args + (["--db-filename", server.db] if server.db else [])
+    def handoff(self, hops: int, context: dict | None = None) -> Measure:
+        async def one() -> None:
+            record = await run_chain(self.client, to_agent="bench-r0", task_description="bench",
+                                     context_data={"hops": hops, **(context or {})})
+            if record.status is not ChainStatus.COMPLETED or len(record.hops) != hops:
+                raise RuntimeError(f"bench chain ended {record.status.value}: {record.error}")
+        return one
 
-    return argv
+    def bare(self, hops: int, workflow: str = "BareChain") -> Measure:
+        async def one() -> None:
+            await self.client.execute_workflow(workflow, hops, id=f"bench-{uuid4()}",
+                                               task_queue=WORKFLOW_QUEUE)
+        return one
 
 
-async def chains(address: str, hops: int, count: int, concurrency: int) -> dict:
-    client = await connect(address=address)
-    await run_chain(client, to_agent="bench-r0", task_description="warm-up", context_data={"hops": hops})
-    latencies: list[float] = []
-    failures = 0
+async def latencies(measure: Measure, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await measure()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def interleaved(measures: dict[str, Measure], count: int) -> dict[str, dict]:
+    """Latency of each measure, taking turns, so drift on a shared machine hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for name, measure in measures.items():
+        await measure()  # warm-up
+    for _ in range(count):
+        for name, measure in measures.items():
+            samples[name] += await latencies(measure, 1)
+    return {name: summary(values) for name, values in samples.items()}
+
+
+async def throughput(measure: Measure, chains: int, concurrency: int) -> dict:
     semaphore = asyncio.Semaphore(concurrency)
+    samples: list[float] = []
 
-    async def one(i: int) -> None:
-        nonlocal failures
+    async def one() -> None:
         async with semaphore:
-            started = time.perf_counter()
-            record = await run_chain(client, to_agent="bench-r0", task_description=f"bench {i}",
-                                     context_data={"hops": hops})
-            latencies.append((time.perf_counter() - started) * 1000)
-            failures += record.status is not ChainStatus.COMPLETED or len(record.hops) != hops
+            samples.extend(await latencies(measure, 1))
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    elapsed = time.perf_counter() - started
-    return {
-        "hops": hops, "chains": count, "concurrency": concurrency, "failures": failures,
-        "chain_ms": summary(latencies),
-        "per_hop_ms_p50": round(percentile(latencies, 0.5) / hops, 2),
-        "chains_per_s": round(count / elapsed, 2),
+    await asyncio.gather(*(one() for _ in range(chains)))
+    return {"concurrency": concurrency, "chains": chains,
+            "per_s": round(chains / (time.perf_counter() - started), 2), "latency_ms": summary(samples)}
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+async def main_scenarios(address: str, args: argparse.Namespace) -> dict:
+    bench = Bench(await connect(address=address))
+    result: dict = {}
+    # (1) hop latency, 1-5 hops, handoff vs bare Temporal
+    by_hops = {}
+    for hops in range(1, 6):
+        measured = await interleaved({"handoff": bench.handoff(hops), "bare": bench.bare(hops)}, args.samples)
+        measured["ratio_p50"] = ratio(measured["handoff"]["p50"], measured["bare"]["p50"])
+        by_hops[hops] = measured
+    result["latency_by_hops"] = by_hops
+    # throughput of 5-hop chains at concurrency 1/20/50
+    levels = []
+    for concurrency in (1, 20, 50):
+        chains = args.samples if concurrency == 1 else args.load_chains
+        handoff = await throughput(bench.handoff(5), chains, concurrency)
+        bare = await throughput(bench.bare(5), chains, concurrency)
+        levels.append({"concurrency": concurrency, "handoff": handoff, "bare": bare,
+                       "ratio_per_s": ratio(handoff["per_s"], bare["per_s"])})
+    result["throughput_5_hops"] = levels
+    # (2) peer-to-peer against hub-and-spoke, same 5 hops of work
+    hub = await interleaved({"peer_to_peer": bench.handoff(5), "hub_and_spoke": bench.bare(5, "HubChain")},
+                            args.samples)
+    hub["ratio_p50"] = ratio(hub["peer_to_peer"]["p50"], hub["hub_and_spoke"]["p50"])
+    result["peer_vs_hub_5_hops"] = hub
+    # (3) context transfer
+    transfer = {}
+    for name, size in CONTEXT_SIZES.items():
+        blob = {"blob": "x" * size}
+        one_hop = await latencies(bench.handoff(1, blob), args.context_samples)
+        transfer[name] = {"one_hop_ms": summary(one_hop)}
+        if name == "20MB":
+            transfer[name]["two_hops_ms"] = summary(await latencies(bench.handoff(2, blob), args.context_samples))
+    result["context_transfer"] = transfer
+    return result
+
+
+async def five_hop_latency(address: str, samples: int) -> dict:
+    bench = Bench(await connect(address=address))
+    return (await interleaved({"handoff": bench.handoff(5)}, samples))["handoff"]
+
+
+def targets(results: dict) -> dict:
+    five = results["latency_by_hops"][5]
+    through = {level["concurrency"]: level for level in results["throughput_5_hops"]}
+    transfer = results["context_transfer"]
+    checks = {
+        "5-hop p50 <= 1.15x bare Temporal": (five["ratio_p50"], 1.15, five["ratio_p50"] <= 1.15),
+        "5-hop throughput >= 0.9x bare at concurrency 20": (
+            through[20]["ratio_per_s"], 0.9, through[20]["ratio_per_s"] >= 0.9),
+        "peer-to-peer <= 0.6x hub-and-spoke (p50)": (
+            results["peer_vs_hub_5_hops"]["ratio_p50"], 0.6, results["peer_vs_hub_5_hops"]["ratio_p50"] <= 0.6),
+        "1 MB context hop < 150 ms (p50)": (
+            transfer["1MB"]["one_hop_ms"]["p50"], 150, transfer["1MB"]["one_hop_ms"]["p50"] < 150),
+        "20 MB context 2-hop chain < 1 s (p50)": (
+            transfer["20MB"]["two_hops_ms"]["p50"], 1000, transfer["20MB"]["two_hops_ms"]["p50"] < 1000),
     }
+    if "default_server" in results:
+        speedup = results["default_server"]["speedup_p50"]
+        checks["embedded server >= 2x faster than default dev server (5 hops)"] = (speedup, 2, speedup >= 2)
+    return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hops = sorted(results["latency_by_hops"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, colour in (("handoff", "tab:blue"), ("bare", "tab:grey")):
+        left.plot(hops, [results["latency_by_hops"][h][name]["p50"] for h in hops], "o-", color=colour,
+                  label=f"{name} p50")
+        left.plot(hops, [results["latency_by_hops"][h][name]["p95"] for h in hops], "o--", color=colour,
+                  alpha=0.5, label=f"{name} p95")
+    left.set(xlabel="hops in the chain", ylabel="chain latency (ms)", title="Latency: handoff vs bare Temporal",
+             xticks=hops)
+    left.legend()
+    sizes = list(results["context_transfer"])
+    right.bar(sizes, [results["context_transfer"][s]["one_hop_ms"]["p50"] for s in sizes], color="tab:blue")
+    right.set(xlabel="context size", ylabel="1-hop chain p50 (ms)", title="Context transfer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> dict:
-    results: dict = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "scenarios": {},
-    }
-    configs = [("tuned", True)] + ([("default", False)] if args.compare_default else [])
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                     "settings": {"samples": args.samples, "load_chains": args.load_chains}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, tuned in configs:
-            db = str(Path(tmp) / f"{name}.db") if args.db else None
-            with stack(tuned, db) as server:
-                scenario = {
-                    "latency": asyncio.run(chains(server.address, args.hops, args.chains, 1)),
-                    "throughput": asyncio.run(chains(server.address, args.hops, args.load_chains,
-                                                     args.concurrency)),
-                }
-            results["scenarios"][name] = scenario
-    if args.compare_default:
-        tuned_p50 = results["scenarios"]["tuned"]["latency"]["chain_ms"]["p50"]
-        default_p50 = results["scenarios"]["default"]["latency"]["chain_ms"]["p50"]
-        results["speedup_vs_default_dev_server_p50"] = round(default_p50 / tuned_p50, 2)
+        payloads = str(Path(tmp) / "payloads")
+        os.environ[PAYLOAD_DIR_ENV] = payloads  # this process's client stores like the workers
+        with stack(tuned=True, db=str(Path(tmp) / "tuned.db"), payload_dir=payloads) as server:
+            results.update(asyncio.run(main_scenarios(server.address, args)))
+            tuned = results["latency_by_hops"][5]["handoff"]
+        if not args.skip_default:
+            with stack(tuned=False, db=str(Path(tmp) / "default.db"), payload_dir=payloads) as server:
+                default = asyncio.run(five_hop_latency(server.address, min(args.samples, 20)))
+            results["default_server"] = {"tuned_5_hops_ms": tuned, "default_5_hops_ms": default,
+                                         "speedup_p50": ratio(default["p50"], tuned["p50"])}
+    results["targets"] = targets(results)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--hops", type=int, default=5)
-    parser.add_argument("--chains", type=int, default=100, help="sequential chains for latency")
-    parser.add_argument("--load-chains", type=int, default=200, help="chains for throughput")
-    parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--db", action="store_true", help="persist to a database file (WAL)")
-    parser.add_argument("--compare-default", action="store_true",
-                        help="also measure a default `temporal server start-dev`")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--samples", type=int, default=30, help="sequential samples per latency figure")
+    parser.add_argument("--load-chains", type=int, default=100, help="chains per throughput level")
+    parser.add_argument("--context-samples", type=int, default=5)
+    parser.add_argument("--skip-default", action="store_true", help="skip the default dev server")
+    parser.add_argument("--out", default=str(RESULTS / "latest.json"))
     args = parser.parse_args()
     results = run(args)
-    text = json.dumps(results, indent=2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, Path(args.out).with_name("latency.png"))
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

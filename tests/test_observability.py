@@ -93,11 +93,13 @@ async def test_hop_logs_are_json_bound_to_the_hop_and_not_repeated_on_replay(jso
         client = env.client
         async with chain_worker(client, max_cached_workflows=0), \
                 running(client, *[make_agent(i, relay) for i in ids]):
-            record = await run_chain(client, to_agent=ids[0], task_description="log me")
+            record = await run_chain(client, to_agent=ids[0], task_description="log me",
+                                     context_data={"api_token": "s3cr3t-t0ken-value"})
     finally:
         await env.shutdown()
     assert record.status is ChainStatus.COMPLETED
     events = json_logs()
+    assert "s3cr3t-t0ken-value" not in json.dumps(events), "context data is never logged"
     workflow_lines = [e for e in events if e.get("event") == "hop_completed" and e.get("logger") == "temporalio.workflow"]
     assert Counter(e["handoff_id"] for e in workflow_lines) == Counter(
         str(h.handoff_id) for h in record.hops), "one workflow line per hop, even with replays"

@@ -1,0 +1,77 @@
+"""The baselines handoff is measured against, on the same server in the same run.
+
+- `BareChain`: the least Temporal can do for an N-hop chain: one workflow calling one activity
+  per hop, each on its own task queue, served by a separate worker process. No routing, no
+  records, no rules: what is left of handoff's latency over it is handoff's own overhead.
+- `HubChain`: the same N hops of work, hub-and-spoke: control returns to an orchestrator agent
+  (an activity on the hub's queue) before every hop, as in orchestrator-centred frameworks.
+
+Run as processes: `python -m bench.baseline ADDRESS workflows` and `... ADDRESS activities`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import timedelta
+
+from temporalio import activity, workflow
+from temporalio.client import Client
+from temporalio.common import RetryPolicy
+from temporalio.worker import Worker
+
+WORKFLOW_QUEUE = "bench.baseline"
+HUB_QUEUE = "bench.hub"
+HOPS = 5
+SPOKE_QUEUES = [f"bench.spoke{i}" for i in range(HOPS)]
+HOP_OPTIONS = {"start_to_close_timeout": timedelta(seconds=60),
+               "retry_policy": RetryPolicy(maximum_attempts=3)}
+
+
+@activity.defn(name="bench.work")
+async def work(step: int) -> int:
+    return step
+
+
+@activity.defn(name="bench.route")
+async def route(step: int) -> int:
+    """The orchestrator deciding where the next step goes."""
+    return step
+
+
+@workflow.defn(name="BareChain")
+class BareChain:
+    @workflow.run
+    async def run(self, hops: int) -> int:
+        for step in range(hops):
+            await workflow.execute_activity("bench.work", step, task_queue=SPOKE_QUEUES[step], **HOP_OPTIONS)
+        return hops
+
+
+@workflow.defn(name="HubChain")
+class HubChain:
+    @workflow.run
+    async def run(self, hops: int) -> int:
+        for step in range(hops):
+            await workflow.execute_activity("bench.route", step, task_queue=HUB_QUEUE, **HOP_OPTIONS)
+            await workflow.execute_activity("bench.work", step, task_queue=SPOKE_QUEUES[step], **HOP_OPTIONS)
+        return hops
+
+
+async def serve(address: str, role: str) -> None:
+    """Serve the baseline workflows (`role` = workflows) or every activity (`activities`): two
+    processes, like handoff's chain worker and agent worker."""
+    client = await Client.connect(address)
+    if role == "workflows":
+        workers = [Worker(client, task_queue=WORKFLOW_QUEUE, workflows=[BareChain, HubChain])]
+    else:
+        workers = [
+            Worker(client, task_queue=HUB_QUEUE, activities=[route], max_concurrent_activities=100),
+            *(Worker(client, task_queue=q, activities=[work], max_concurrent_activities=100)
+              for q in SPOKE_QUEUES),
+        ]
+    await asyncio.gather(*(w.run() for w in workers))
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], sys.argv[2]))
