@@ -77,6 +77,8 @@ async def record_from_history(history: WorkflowHistory, converter: DataConverter
                 status=HopStatus.RUNNING,
                 started_at=when,
                 fallback_for=hop_input.fallback_for,
+                withheld_context_keys=hop_input.withheld_context_keys,
+                previous_results_shown=hop_input.previous_results_shown,
             )
         elif kind == "activity_task_started_event_attributes" and attrs.scheduled_event_id in hops:
             hops[attrs.scheduled_event_id].attempts = attrs.attempt

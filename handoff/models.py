@@ -100,6 +100,10 @@ class HandoffContext(BaseModel):
     previous_results: list[dict[str, Any]] = Field(default_factory=list)
     chain_depth: int = Field(default=0, ge=0, le=MAX_CHAIN_DEPTH)
     created_at: datetime = Field(default_factory=utc_now)
+    visible_context_keys: list[str] | None = None
+    """On a handoff directive: the keys of the chain's context the receiving agent sees (None: all)."""
+    visible_previous_results: int | None = Field(default=None, ge=0)
+    """On a handoff directive: how many of the latest earlier results the receiver sees (None: all)."""
 
     _aware = field_validator("created_at")(_aware_utc)
 
@@ -131,11 +135,15 @@ class HandoffContext(BaseModel):
         capability: AgentCapability | str | None = None,
         context_data: dict[str, Any] | None = None,
         result_data: dict[str, Any] | None = None,
+        visible_context_keys: list[str] | None = None,
+        visible_previous_results: int | None = None,
     ) -> HandoffResult:
         """This hop's successful result, handing the chain on to an agent or a capability.
 
         `context_data` is merged into the chain's context for every later hop; `result_data`
-        is this hop's own result, which later hops see in `previous_results`.
+        is this hop's own result, which later hops see in `previous_results`. The next agent
+        alone may be shown less: only `visible_context_keys` of the context and only the latest
+        `visible_previous_results` results; what it was not shown is recorded in its hop entry.
         """
         if (to_agent is None) == (capability is None):
             raise ValueError("handoff() takes exactly one of to_agent= or capability=")
@@ -147,6 +155,8 @@ class HandoffContext(BaseModel):
             task_description=task_description,
             context_data=context_data or {},
             chain_depth=min(self.chain_depth + 1, MAX_CHAIN_DEPTH),
+            visible_context_keys=visible_context_keys,
+            visible_previous_results=visible_previous_results,
         )
         return HandoffResult(
             handoff_id=self.handoff_id,
@@ -243,6 +253,8 @@ class HopInput(BaseModel):
     heartbeat_interval_s: float
     fallback_for: str | None = None
     max_result_bytes: int = MAX_CONTEXT_BYTES
+    withheld_context_keys: list[str] = Field(default_factory=list)
+    previous_results_shown: int | None = None
 
 
 class HopOutput(BaseModel):
@@ -308,6 +320,10 @@ class HopRecord(BaseModel):
     fallback_for: str | None = None
     candidates: list[str] = Field(default_factory=list)
     """For a capability hop or a fallback: the agents considered, in the order tried."""
+    withheld_context_keys: list[str] = Field(default_factory=list)
+    """Keys of the chain's context this hop's agent was not shown (the sender's filter)."""
+    previous_results_shown: int | None = None
+    """How many earlier results this hop's agent was shown, when the sender limited them."""
 
 
 class ChainRecord(BaseModel):

@@ -437,3 +437,31 @@ async def test_handoff_policy_with_bad_names_is_refused_at_the_edge(client):
     with pytest.raises(InvalidRequest, match="invalid agent id"):
         await start_chain(client, to_agent="a", task_description="t",
                           policy={"allowed_handoffs": {"a": ["Not An Agent"]}})
+
+
+async def test_sender_can_limit_what_the_next_agent_sees(client, uid):
+    a, b, c = f"a-{uid}", f"b-{uid}", f"c-{uid}"
+    seen: dict[str, dict] = {}
+
+    async def share_little(ctx):
+        return ctx.handoff(to_agent=b, task_description="look at the public part",
+                           result_data={"a": "private finding"}, context_data={"note": "from a"},
+                           visible_context_keys=["public"], visible_previous_results=0)
+
+    async def look(ctx):
+        seen[ctx.to_agent] = {"context": dict(ctx.context_data), "previous": list(ctx.previous_results)}
+        if ctx.to_agent == b:
+            return ctx.handoff(to_agent=c, task_description="look at everything", result_data={"b": 1})
+        return ctx.complete({"c": 1})
+
+    async with running(client, make_agent(a, share_little), make_agent(b, look), make_agent(c, look)):
+        chain_id = await start_chain(client, to_agent=a, task_description="t",
+                                     context_data={"public": 1, "secret": 2})
+        record = await wait_chain(client, chain_id)
+    assert record.status is ChainStatus.COMPLETED
+    assert seen[b] == {"context": {"public": 1}, "previous": []}
+    assert seen[c]["context"] == {"public": 1, "secret": 2, "note": "from a"}
+    assert seen[c]["previous"] == [{"a": "private finding"}, {"b": 1}]
+    assert record.hops[1].withheld_context_keys == ["note", "secret"]
+    assert record.hops[1].previous_results_shown == 0
+    assert record.hops[2].withheld_context_keys == [] and record.hops[2].previous_results_shown is None

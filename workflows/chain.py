@@ -67,6 +67,8 @@ class Target:
     capability: AgentCapability | None
     task: str
     from_agent: str
+    visible_keys: tuple[str, ...] | None = None
+    visible_previous: int | None = None
 
 
 class ChainEnd(Exception):
@@ -182,6 +184,9 @@ class HandoffChainWorkflow:
             capability=directive.to_capability,
             task=directive.task_description,
             from_agent=agent,  # set here, never taken from the agent
+            visible_keys=(tuple(directive.visible_context_keys)
+                          if directive.visible_context_keys is not None else None),
+            visible_previous=directive.visible_previous_results,
         )
 
     def _loop_violation(self, agent: str, task: str) -> str | None:
@@ -286,6 +291,14 @@ class HandoffChainWorkflow:
         policy = self._policy
         now = workflow.now()
         handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
+        shown_context, withheld = self._context_data, []
+        if target.visible_keys is not None:
+            shown_context = {k: v for k, v in self._context_data.items() if k in target.visible_keys}
+            withheld = sorted(k for k in self._context_data if k not in target.visible_keys)
+        shown_results = [*self._prior_results, *self._results]
+        if target.visible_previous is not None:
+            shown_results = shown_results[-target.visible_previous:] if target.visible_previous else []
+        shown_count = len(shown_results) if target.visible_previous is not None else None
         context = HandoffContext(
             handoff_id=handoff_id,
             chain_id=self._record.chain_id,
@@ -293,21 +306,24 @@ class HandoffChainWorkflow:
             to_agent=agent,
             to_capability=target.capability,
             task_description=target.task,
-            context_data=self._context_data,
-            previous_results=[*self._prior_results, *self._results],
+            context_data=shown_context,
+            previous_results=shown_results,
             chain_depth=depth,
             created_at=now,
         )
         hop_input = HopInput(
             hop=depth, context=context, fallback_for=fallback_for,
             heartbeat_interval_s=policy.heartbeat_timeout_s / 4,
-            max_result_bytes=policy.max_context_bytes,
+            max_result_bytes=policy.max_context_bytes, withheld_context_keys=withheld,
+            previous_results_shown=shown_count,
         )
         record = HopRecord(
             hop=depth, handoff_id=context.handoff_id, from_agent=target.from_agent, to_agent=agent,
             capability=target.capability, task_description=target.task, status=HopStatus.RUNNING,
             started_at=now, fallback_for=fallback_for,
             candidates=considered if (target.capability or fallback_for) else [],
+            withheld_context_keys=withheld,
+            previous_results_shown=shown_count,
         )
         self._record.hops.append(record)
         size = len(hop_input.model_dump_json())
