@@ -276,14 +276,19 @@ class HandoffChainWorkflow:
             like_agent=None if target.capability else target.to_agent,
             exclude=sorted(self._failed),
         )
-        return await workflow.execute_local_activity(
-            RESOLVE_ACTIVITY,
-            request,
-            result_type=list[Candidate],
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=200)),
-            summary=f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}",
-        )
+        try:
+            return await workflow.execute_local_activity(
+                RESOLVE_ACTIVITY,
+                request,
+                result_type=list[Candidate],
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=200)),
+                summary=f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}",
+            )
+        except ActivityError as err:  # registry unreachable: no candidates, the chain ends with a status
+            workflow.logger.warning("resolve_failed", extra={"chain_id": str(self._record.chain_id),
+                                                             "reason": str(err.cause or err)})
+            return []
 
     async def _attempt(
         self, depth: int, target: Target, agent: str, fallback_for: str | None, considered: list[str]
