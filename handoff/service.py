@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.agent import Agent, Handler
 from handoff.audit import hop_contexts
@@ -196,8 +197,10 @@ class PeerHandoffService:
         handle = self.client.get_workflow_handle(str(chain_id))
         try:
             history = await handle.fetch_history()
-        except Exception:
-            return []
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return []
+            raise
         return await hop_contexts(history, self.client.data_converter)
 
 
