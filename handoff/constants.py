@@ -14,6 +14,8 @@ AGENT_TASK_QUEUE_PREFIX = "agent."
 CHAIN_WORKFLOW = "HandoffChain"
 REGISTRY_WORKFLOW = "AgentRegistry"
 REGISTRY_WORKFLOW_ID = "handoff-agent-registry"
+REGISTRY_MEMO_KEY = "agents"
+"""Memo key under which the registry workflow publishes its agent cards."""
 HOP_ACTIVITY = "handoff.hop"
 RESOLVE_ACTIVITY = "handoff.resolve_candidates"
 

@@ -21,6 +21,7 @@ from handoff.agent import Agent
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     LIVE_POLLER_WINDOW_S,
+    REGISTRY_MEMO_KEY,
     REGISTRY_WORKFLOW,
     REGISTRY_WORKFLOW_ID,
     agent_task_queue,
@@ -84,14 +85,17 @@ async def deregister_agent(client: Client, agent_id: str, instance: str | None =
 
 
 async def registered_agents(client: Client) -> list[AgentCard]:
-    """Every registered card; empty when no registry exists yet."""
+    """Every registered card; empty when no registry exists yet. Read from the registry's memo,
+    which the server answers itself (a query would wait on a worker, and on a restarted worker's
+    abandoned sticky queue)."""
     handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
     try:
-        return await handle.query("agents", result_type=list[AgentCard], rpc_timeout=RPC_TIMEOUT)
+        description = await handle.describe(rpc_timeout=RPC_TIMEOUT)
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             return []
         raise
+    return await description.memo_value(REGISTRY_MEMO_KEY, [], type_hint=list[AgentCard])
 
 
 async def queue_stats(client: Client, task_queue: str) -> QueueStats:

@@ -14,7 +14,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, Field, ValidationError
 
-    from handoff.constants import REGISTRY_WORKFLOW, agent_task_queue
+    from handoff.constants import REGISTRY_MEMO_KEY, REGISTRY_WORKFLOW, agent_task_queue
     from handoff.models import AgentCapability, AgentCard, check_agent_id
 
 MAX_HISTORY_EVENTS = 5_000
@@ -80,6 +80,7 @@ class AgentRegistryWorkflow:
 
     @workflow.run
     async def run(self, state: RegistryState | None = None) -> None:
+        self._publish()
         await workflow.wait_condition(
             lambda: workflow.info().is_continue_as_new_suggested()
             or workflow.info().get_current_history_length() > self._max_history,
@@ -99,6 +100,7 @@ class AgentRegistryWorkflow:
         instances = self._instances.setdefault(reg.agent_id, [])
         if reg.instance not in instances:
             instances.append(reg.instance)
+        self._publish()
         return card
 
     @register.validator
@@ -127,8 +129,14 @@ class AgentRegistryWorkflow:
         if not instances or req.all_instances:
             del self._instances[req.agent_id]
             self._cards.pop(req.agent_id, None)
+        self._publish()
         return True
 
     @workflow.query
     def agents(self) -> list[AgentCard]:
         return sorted(self._cards.values(), key=lambda c: c.agent_id)
+
+    def _publish(self) -> None:
+        """Mirror the cards into the memo, which the server returns on describe: readers get
+        them without a worker round trip, also while no chain worker runs or one restarts."""
+        workflow.upsert_memo({REGISTRY_MEMO_KEY: [c.model_dump(mode="json") for c in self.agents()]})

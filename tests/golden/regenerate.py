@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,11 @@ from uuid import UUID
 import structlog
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from handoff import AgentCapability, ChainRecord, HandoffContext, HandoffResult, PermanentError
 from handoff.client import cancel_chain, get_chain, run_chain, start_chain, wait_chain
-from handoff.constants import REGISTRY_WORKFLOW_ID, SEARCH_ATTRIBUTES
-from handoff.server import free_port, temporal_binary, tuning_args
-from tests.conftest import make_agent, running
+from handoff.constants import REGISTRY_WORKFLOW_ID
+from tests.conftest import make_agent, running, start_dev_env
 from workers.chain_worker import chain_worker
 
 GOLDEN = Path(__file__).resolve().parent
@@ -195,14 +193,7 @@ def quiet_logs() -> None:
 
 async def main() -> int:
     quiet_logs()
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
-        data_converter=pydantic_data_converter,
-        search_attributes=list(SEARCH_ATTRIBUTES),
-        dev_server_extra_args=tuning_args(None),
-        port=free_port(),
-        ui=False,
-    )
+    env = await start_dev_env()
     try:
         client = env.client
         plain = [make_agent(a, scripted) for a in [*RELAY, SPARE, SLOW, BROKEN]]
@@ -229,4 +220,6 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    code = asyncio.run(main())
+    sys.stdout.flush()
+    os._exit(code)  # like the CLI: skip the interpreter shutdown the client's native threads can crash
