@@ -106,6 +106,8 @@ async def analyze(ctx: HandoffContext) -> HandoffResult:
     source, filename = source_of(ctx)
     result = {"capability": AgentCapability.CODE_ANALYSIS.value, **outline(source, filename)}
     count = result["finding_count"]
+    result["summary"] = (f"{result['lines']} lines, {plural(len(result['functions']), 'function')}, "
+                         f"{plural(count, 'risky construct')}")
     if count:
         return ctx.handoff(
             capability=AgentCapability.SECURITY_AUDIT,

@@ -72,6 +72,7 @@ async def audit(ctx: HandoffContext) -> HandoffResult:
         "counts": counts,
         "sql_findings": sql,
         "findings": rated[:MAX_ITEMS],
+        "summary": f"{counts['high']} high, {counts['medium']} medium; {plural(sql, 'SQL finding')}",
     }
     if sql:
         return ctx.handoff(

@@ -135,6 +135,7 @@ async def review_sql(ctx: HandoffContext) -> HandoffResult:
         },
         "tables": sorted({t for s in statements for t in s["tables"]}),
         "statements": statements[:MAX_ITEMS],
+        "summary": f"{plural(len(statements), 'SQL statement')}, {dynamic} built from input, rewrites proposed",
     }
     return ctx.handoff(
         capability=AgentCapability.TESTING,

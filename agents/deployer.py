@@ -64,6 +64,8 @@ async def gate(ctx: HandoffContext) -> HandoffResult:
         "high_findings": len(high),
         "reasons": reasons,
         "checklist": checklist(ctx, findings, high),
+        "summary": f"release {'blocked' if high else 'approved'}: " + "; ".join(reasons[:2])
+                   + (f" (+{len(reasons) - 2} more)" if len(reasons) > 2 else ""),
     })
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
-from agents._source import MAX_ITEMS, functions, latest, parse, snake, source_of
+from agents._source import MAX_ITEMS, functions, latest, parse, plural, snake, source_of
 from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
@@ -64,6 +64,7 @@ async def plan_tests(ctx: HandoffContext) -> HandoffResult:
         "counts": {"unit": len(unit), "regression": len(regression), "total": len(unit) + len(regression)},
         "unit_tests": unit[:MAX_ITEMS],
         "regression_tests": regression[:MAX_ITEMS],
+        "summary": f"{plural(len(unit), 'unit test')} and {plural(len(regression), 'regression test')} planned",
     }
     return ctx.handoff(
         capability=AgentCapability.DEPLOYMENT,

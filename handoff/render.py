@@ -51,7 +51,7 @@ def chain_table(record: ChainRecord) -> Group:
     table.add_column("ms", no_wrap=True, justify="right")
     table.add_column("task / result", overflow="fold", min_width=24)
     for hop in record.hops:
-        outcome = hop.error if hop.error else _brief(hop.result_data)
+        outcome = hop.error or hop.result_data.get("summary") or _brief(hop.result_data)
         if hop.fallback_for:
             outcome = f"(fallback for {hop.fallback_for}) {outcome}"
         route = Text(f"{hop.from_agent} -> {hop.to_agent or '?'}")
@@ -64,7 +64,8 @@ def chain_table(record: ChainRecord) -> Group:
         table.add_row(str(hop.hop), route, status, _ms(hop.duration_ms), detail)
     parts: list[Any] = [title, table]
     if record.final_result:
-        parts.append(Text(f"final result: {_brief(record.final_result, 400)}"))
+        final = record.final_result.get("summary") or _brief(record.final_result, 400)
+        parts.append(Text(f"final result: {final}"))
     if record.error:
         parts.append(Text(f"error: {record.error}", style=style))
     return Group(*parts)
