@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.audit import record_from_history
 from handoff.codec import data_converter
-from handoff.storage import storage_from_env
+from handoff.storage import storage_configured, storage_from_env
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
@@ -64,7 +64,7 @@ async def connect(
     `CodecConfigError`), None for none.
     """
     converter = data_converter(codec)
-    storage = storage_from_env()
+    storage = await storage_from_env()
     if storage is not None:
         converter = dataclasses.replace(converter, external_storage=storage)
     config = ClientConfig.load_client_connect_config(profile=profile)
@@ -142,7 +142,7 @@ def build_request(
 
 def env_context_limit() -> int:
     """The context limit for clients that `connect()` builds from this environment."""
-    return MAX_EXTERNAL_CONTEXT_BYTES if storage_from_env() is not None else MAX_CONTEXT_BYTES
+    return MAX_EXTERNAL_CONTEXT_BYTES if storage_configured() else MAX_CONTEXT_BYTES
 
 
 def context_limit(client: Client) -> int:

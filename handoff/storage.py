@@ -10,6 +10,7 @@ that every hop carries unchanged is written once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -24,9 +25,12 @@ from temporalio.converter import (
     StorageDriverStoreContext,
 )
 
+from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
 from handoff.errors import HandoffError
 
 PAYLOAD_DIR_ENV = "HANDOFF_PAYLOAD_DIR"
+S3_BUCKET_ENV = "HANDOFF_S3_BUCKET"
+S3_ENDPOINT_ENV = "HANDOFF_S3_ENDPOINT_URL"
 THRESHOLD = 256 * 1024
 """Payloads above this many bytes are stored externally (the SDK's default)."""
 
@@ -95,7 +99,36 @@ def file_storage(directory: str | os.PathLike[str], threshold: int = THRESHOLD) 
     return ExternalStorage(drivers=[FileStorageDriver(directory)], payload_size_threshold=threshold)
 
 
-def storage_from_env() -> ExternalStorage | None:
-    """File storage in $HANDOFF_PAYLOAD_DIR when it is set; else none (payloads stay inline)."""
+def storage_configured() -> bool:
+    """Whether this environment stores large payloads externally (S3 or a directory)."""
+    return bool(os.environ.get(S3_BUCKET_ENV) or os.environ.get(PAYLOAD_DIR_ENV))
+
+
+# S3 clients live as long as the process: every client and worker it builds may store and
+# fetch payloads until it exits.
+_s3_clients = contextlib.AsyncExitStack()
+
+
+async def s3_storage(bucket: str, endpoint_url: str | None = None, threshold: int = THRESHOLD) -> ExternalStorage:
+    """The SDK's S3 driver on an aioboto3 client (credentials and region from the usual AWS
+    environment); `endpoint_url` for an S3-compatible server. Needs the `s3` extra."""
+    try:
+        import aioboto3
+        from temporalio.contrib.aws.s3driver import S3StorageDriver
+        from temporalio.contrib.aws.s3driver.aioboto3 import new_aioboto3_client
+    except ImportError:
+        raise StorageError(f"{S3_BUCKET_ENV} is set but aioboto3 is missing: pip install 'handoff[s3]'") from None
+    s3 = await _s3_clients.enter_async_context(aioboto3.Session().client("s3", endpoint_url=endpoint_url))
+    driver = S3StorageDriver(client=new_aioboto3_client(s3), bucket=bucket,
+                             max_payload_size=MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024)
+    return ExternalStorage(drivers=[driver], payload_size_threshold=threshold)
+
+
+async def storage_from_env() -> ExternalStorage | None:
+    """S3 when $HANDOFF_S3_BUCKET is set (endpoint: $HANDOFF_S3_ENDPOINT_URL), else files in
+    $HANDOFF_PAYLOAD_DIR when that is set; else none (payloads stay inline)."""
+    bucket = os.environ.get(S3_BUCKET_ENV)
+    if bucket:
+        return await s3_storage(bucket, os.environ.get(S3_ENDPOINT_ENV) or None)
     directory = os.environ.get(PAYLOAD_DIR_ENV)
     return file_storage(directory) if directory else None
