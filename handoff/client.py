@@ -175,7 +175,7 @@ async def start_request(client: Client, request: ChainRequest, *, search_attribu
     attributes = (
         TypedSearchAttributes([
             SearchAttributePair(SA_STATUS, "running"),
-            SearchAttributePair(SA_AGENTS, []),
+            SearchAttributePair(SA_AGENTS, [request.to_agent] if request.to_agent else []),
             SearchAttributePair(SA_CURRENT_AGENT, first),
             SearchAttributePair(SA_DEPTH, 0),
         ])

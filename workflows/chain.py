@@ -434,11 +434,12 @@ class HandoffChainWorkflow:
 
     def _show_progress(self, depth: int, agent: str, target: Target) -> None:
         if self._search_attributes:
-            workflow.upsert_search_attributes([
-                SA_AGENTS.value_set(sorted(set(self._agents))),
-                SA_CURRENT_AGENT.value_set(agent),
-                SA_DEPTH.value_set(depth),
-            ])
+            # Each upsert is a visibility write: send only the values that changed.
+            current = workflow.info().typed_search_attributes
+            wanted = ((SA_AGENTS, sorted(set(self._agents))), (SA_CURRENT_AGENT, agent), (SA_DEPTH, depth))
+            changed = [key.value_set(value) for key, value in wanted if current.get(key) != value]
+            if changed:
+                workflow.upsert_search_attributes(changed)
         workflow.set_current_details(f"hop {depth}: {target.from_agent} -> **{agent}**: {target.task[:120]}")
 
     def _log_fields(self, record: HopRecord) -> dict[str, Any]:
