@@ -9,6 +9,7 @@ HANDOFF_SKIP_BROWSER is set. The page's rendered DOM is checked, and a screensho
 from __future__ import annotations
 
 import asyncio
+import base64
 import html
 import os
 import re
@@ -154,3 +155,52 @@ async def test_timeline_names_each_hops_agents(tmp_path, uid):
     data = screenshot.read_bytes()
     assert png_size(data) == (1600, 1200)
     assert len(data) > 50_000, f"the screenshot is nearly blank ({len(data)} bytes)"
+
+
+async def test_ui_shows_encrypted_context_decoded_through_the_codec_server(tmp_path, uid, monkeypatch):
+    """With encryption on, history holds ciphertext; the UI, pointed at `handoff codec-server`,
+    shows the chain's input in the clear."""
+    from handoff.codec import ENV_KEY_ID, ENV_KEYS, codec_from_env
+    from handoff.codec_server import start_codec_server
+
+    monkeypatch.setenv(ENV_KEYS, f"k1:{base64.b64encode(os.urandom(32)).decode()}")
+    monkeypatch.setenv(ENV_KEY_ID, "k1")
+    secret = f"launch-code-{uid}"
+    agent = f"ui-vault-{uid}"
+
+    async def keep(ctx):
+        return ctx.complete({"kept": ctx.context_data["secret"] == secret})
+
+    codec_port, ui_port = free_port(), free_port()
+    ui_origin = f"http://127.0.0.1:{ui_port}"
+    codec = await start_codec_server(codec_from_env(), port=codec_port, ui_origins=[ui_origin])
+    try:
+        with EmbeddedServer(port=free_port(), ui_port=ui_port,
+                            codec_endpoint=f"http://127.0.0.1:{codec_port}") as server:
+            wait_http_ok(server.ui_url)
+            client = await connect(address=server.address)
+            async with chain_worker(client), running(client, make_agent(agent, keep)):
+                record = await run_chain(client, to_agent=agent, task_description="keep it safe",
+                                         context_data={"secret": secret})
+            assert record.final_result == {"kept": True}
+            history = (await client.get_workflow_handle(str(record.chain_id)).fetch_history()).to_json()
+            assert secret not in history, "the server holds ciphertext only"
+            run_id = (await client.get_workflow_handle(str(record.chain_id)).describe()).run_id
+            url = f"{server.ui_url}/namespaces/default/workflows/{record.chain_id}/{run_id}/history"
+            page = ""
+            for attempt in range(2):  # a second load only if the first caught the SPA mid-fetch
+                work = tmp_path / f"codec-{attempt}"
+                work.mkdir()
+                page = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
+                if secret in page:
+                    break
+            assert secret in page, "the UI decoded the input through the codec server"
+            await codec.cleanup()
+            codec = None
+            work = tmp_path / "no-codec"
+            work.mkdir()
+            page = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
+            assert secret not in page, "without the codec server the UI has only ciphertext"
+    finally:
+        if codec is not None:
+            await codec.cleanup()
