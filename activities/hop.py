@@ -43,16 +43,19 @@ def _outcome(result: object) -> str:
     return "handed_off" if result.next_handoff is not None else "completed"
 
 
-def _record_handler_duration(agent_id: str, outcome: str, elapsed_s: float) -> None:
-    """Agent-side view of a hop (one point per attempt), next to the workflow's `handoff_hop_duration`
-    (scheduling to outcome, retries included). A no-op unless the worker's runtime exports metrics."""
-    activity.metric_meter().create_histogram_float(
-        "handoff_handler_duration", "time an agent's handler took for one hop attempt", "ms"
-    ).record(elapsed_s * 1000, {"agent": agent_id, "outcome": outcome})
-
-
 def hop_activity(agent: Agent):
     """The `handoff.hop` activity implementation for `agent`."""
+    handler_ms = None  # created on the first hop: the activity metric meter exists only inside one
+
+    def record_handler_duration(outcome: str, elapsed_s: float) -> None:
+        """Agent-side view of a hop (one point per attempt), next to the workflow's
+        `handoff_hop_duration` (scheduling to outcome, retries included). A no-op unless the
+        worker's runtime exports metrics."""
+        nonlocal handler_ms
+        if handler_ms is None:
+            handler_ms = activity.metric_meter().create_histogram_float(
+                "handoff_handler_duration", "time an agent's handler took for one hop attempt", "ms")
+        handler_ms.record(elapsed_s * 1000, {"agent": agent.id, "outcome": outcome})
 
     @activity.defn(name=HOP_ACTIVITY)
     async def run_hop(hop: HopInput) -> HopOutput:
@@ -87,8 +90,8 @@ def hop_activity(agent: Agent):
             ) from err
         finally:
             beat.cancel()
-            _record_handler_duration(agent.id, outcome, time.perf_counter() - started)
-        elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            record_handler_duration(outcome, elapsed)
         output = _checked_output(result, hop, agent.id, attempt, elapsed)
         hop_log.info(
             "hop_completed",

@@ -145,6 +145,11 @@ def env_context_limit() -> int:
     return MAX_EXTERNAL_CONTEXT_BYTES if storage_configured() else MAX_CONTEXT_BYTES
 
 
+def _request_for(client: Client, arguments: dict[str, Any]) -> ChainRequest:
+    """`build_request`, with the context limit that `client`'s converter allows."""
+    return build_request(**{"max_context_bytes": context_limit(client), **arguments})
+
+
 def context_limit(client: Client) -> int:
     """How large a context chains started by `client` may carry: over Temporal's payload limit
     only when its converter stores large payloads externally."""
@@ -208,14 +213,14 @@ async def start_request(client: Client, request: ChainRequest, *, search_attribu
 
 async def start_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> UUID:
     """Start a chain and return its id (also its workflow id). See `build_request` for arguments."""
-    built = build_request(**{"max_context_bytes": context_limit(client), **request})
+    built = _request_for(client, request)
     await start_request(client, built, search_attributes=search_attributes)
     return built.chain_id
 
 
 async def run_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> ChainRecord:
     """Start a chain, wait for it to end, and return its record."""
-    built = build_request(**{"max_context_bytes": context_limit(client), **request})
+    built = _request_for(client, request)
     handle = await start_request(client, built, search_attributes=search_attributes)
     return await _ended(client, handle)
 

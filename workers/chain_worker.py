@@ -15,7 +15,7 @@ from workflows.registry import AgentRegistryWorkflow
 
 
 # When a chain worker stops, tasks of the workflows it cached wait this long on its sticky queue
-# before any other worker gets them (a registry query included); the SDK default is 10 s.
+# before any other worker gets them (registry updates included); the SDK default is 10 s.
 STICKY_TIMEOUT = timedelta(seconds=1)
 
 
