@@ -31,6 +31,10 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_RETRY_INITIAL_S = 1.0
 DEFAULT_MAX_VISITS_PER_AGENT = 2
+# A chain's progress search attributes (current agent, depth, agents) follow each hop once the
+# chain has run this long; a chain that ends sooner gets them in one write at its end. Each
+# upsert is a visibility write, which a fast chain would otherwise pay on every hop.
+DEFAULT_PROGRESS_AFTER_S = 1.0
 
 MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 """Temporal's default limit for one payload (blob)."""

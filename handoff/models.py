@@ -19,6 +19,7 @@ from handoff.constants import (
     DEFAULT_HOP_TIMEOUT_S,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_VISITS_PER_AGENT,
+    DEFAULT_PROGRESS_AFTER_S,
     DEFAULT_RETRY_INITIAL_S,
     DEFAULT_SCHEDULE_TO_START_S,
     MAX_CHAIN_DEPTH,
@@ -192,6 +193,9 @@ class ChainPolicy(BaseModel):
     max_depth: int = Field(default=MAX_CHAIN_DEPTH, ge=1, le=MAX_CHAIN_DEPTH)
     max_visits_per_agent: int = Field(default=DEFAULT_MAX_VISITS_PER_AGENT, ge=1, le=MAX_CHAIN_DEPTH)
     fallback_agent: str | None = None
+    progress_after_s: float = Field(default=DEFAULT_PROGRESS_AFTER_S, ge=0, le=3600)
+    """After how long the chain's search attributes (current agent, depth, agents visited) follow
+    every hop; a chain that ends sooner writes them once, at its end. 0: from the first hop."""
 
     max_context_bytes: int = Field(default=MAX_CONTEXT_BYTES, gt=0, le=MAX_EXTERNAL_CONTEXT_BYTES)
     """Largest hop input (and hop result) the chain accepts. Over Temporal's 2 MB payload limit

@@ -12,6 +12,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from handoff import ChainStatus, InvalidRequest, run_chain
+from handoff.client import start_chain, wait_chain
+from handoff.constants import SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_STATUS
 from handoff.log import configure_logging
 from handoff.search import chain_query, find_chains, parse_since
 from tests.conftest import make_agent, running, start_dev_env
@@ -60,6 +62,67 @@ async def test_chains_are_found_by_agent_status_and_time(client, uid):
     assert rows[0]["agents"] == sorted([a, b]) and rows[0]["status"] == ChainStatus.COMPLETED.value
     old = chain_query(agent=b, since=datetime.now(timezone.utc) + timedelta(minutes=5))
     assert await find_chains(client, old) == []
+
+
+def upserts(history) -> list[dict]:
+    """The search attributes each upsert event of a history set."""
+    return [dict(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+            for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")]
+
+
+@pytest.mark.usefixtures("chains")
+async def test_a_fast_chain_writes_its_search_attributes_once_at_its_end(client, uid):
+    a, b = f"fast-a-{uid}", f"fast-b-{uid}"
+
+    async def first(ctx):
+        return ctx.handoff(to_agent=b, task_description="next")
+
+    async def second(ctx):
+        return ctx.complete({})
+
+    async with running(client, make_agent(a, first), make_agent(b, second)):
+        record = await run_chain(client, to_agent=a, task_description="fast", policy={"progress_after_s": 30})
+    history = await client.get_workflow_handle(str(record.chain_id)).fetch_history()
+    assert [sorted(fields) for fields in upserts(history)] == [
+        ["HandoffAgents", "HandoffCurrentAgent", "HandoffDepth", "HandoffStatus"]]
+    described = (await client.get_workflow_handle(str(record.chain_id)).describe()).typed_search_attributes
+    assert described.get(SA_AGENTS) == sorted([a, b]) and described.get(SA_CURRENT_AGENT) == b
+    assert described.get(SA_DEPTH) == 1 and described.get(SA_STATUS) == ChainStatus.COMPLETED.value
+
+
+@pytest.mark.usefixtures("chains")
+async def test_a_slow_chain_shows_its_current_agent_while_it_runs(client, uid):
+    a, b, c = f"slow-a-{uid}", f"slow-b-{uid}", f"slow-c-{uid}"
+    release = asyncio.Event()
+
+    async def first(ctx):
+        return ctx.handoff(to_agent=b, task_description="wait")
+
+    async def waiting(ctx):
+        await release.wait()
+        return ctx.handoff(to_agent=c, task_description="finish")
+
+    async def last(ctx):
+        return ctx.complete({})
+
+    async with running(client, make_agent(a, first), make_agent(b, waiting), make_agent(c, last)):
+        chain_id = await start_chain(client, to_agent=a, task_description="slow",
+                                     policy={"progress_after_s": 0.3})
+        query = f"WorkflowId = '{chain_id}' AND HandoffCurrentAgent = '{b}' AND HandoffDepth = 1"
+        for _ in range(100):  # the timer fires after 0.3 s; visibility is eventually consistent
+            if [w async for w in client.list_workflows(query)]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail(f"the running chain never showed {b!r} at depth 1")
+        release.set()
+        record = await wait_chain(client, chain_id)
+    assert record.status is ChainStatus.COMPLETED
+    history = await client.get_workflow_handle(str(chain_id)).fetch_history()
+    assert any(e.HasField("timer_fired_event_attributes") for e in history.events)
+    # after the timer: b's progress; then c's hop; then the end (status only)
+    assert [fields.keys() & {"HandoffCurrentAgent", "HandoffStatus"} for fields in upserts(history)] == [
+        {"HandoffCurrentAgent"}, {"HandoffCurrentAgent"}, {"HandoffStatus"}]
 
 
 @pytest.fixture

@@ -62,9 +62,17 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
 }
 
 
-def golden_history(name: str) -> WorkflowHistory:
+# Every scenario's history as today's code records it (`linear`), and as earlier, still
+# replayable versions of the workflow recorded it (`linear.v1`: before `progress_after_s`, when
+# every hop upserted the search attributes).
+OLD_VERSIONS = (".v1",)
+CHAIN_FILES = [f"{name}{version}" for name in CHAIN_IDS for version in ("", *OLD_VERSIONS)]
+
+
+def golden_history(file: str) -> WorkflowHistory:
+    name = file.split(".")[0]
     workflow_id = REGISTRY_WORKFLOW_ID if name == REGISTRY_FILE else str(CHAIN_IDS[name])
-    return WorkflowHistory.from_json(workflow_id, (GOLDEN / f"{name}.json").read_text())
+    return WorkflowHistory.from_json(workflow_id, (GOLDEN / f"{file}.json").read_text())
 
 
 def replayer(*workflows: type) -> Replayer:
@@ -73,15 +81,15 @@ def replayer(*workflows: type) -> Replayer:
 
 
 def test_every_scenario_has_a_golden_file_and_an_expectation():
-    files = {p.stem for p in GOLDEN.glob("*.json")}
-    assert files == {*CHAIN_IDS, REGISTRY_FILE}
+    files = {p.name.removesuffix(".json") for p in GOLDEN.glob("*.json")}
+    assert files == {*CHAIN_FILES, REGISTRY_FILE}
     assert set(EXPECTED) == set(CHAIN_IDS)
 
 
 REPLAY_TIMEOUT_S = 30
 
 
-@pytest.mark.parametrize("name", [*CHAIN_IDS, REGISTRY_FILE])
+@pytest.mark.parametrize("name", [*CHAIN_FILES, REGISTRY_FILE])
 async def test_golden_history_replays_without_nondeterminism(name):
     try:
         result = await asyncio.wait_for(replayer().replay_workflow(golden_history(name)), REPLAY_TIMEOUT_S)
@@ -92,10 +100,11 @@ async def test_golden_history_replays_without_nondeterminism(name):
     assert result.replay_failure is None
 
 
-@pytest.mark.parametrize("name", list(CHAIN_IDS))
-async def test_golden_history_is_the_scenario_its_name_says(name):
+@pytest.mark.parametrize("file", CHAIN_FILES)
+async def test_golden_history_is_the_scenario_its_name_says(file):
+    name = file.split(".")[0]
     status, hops, final_result = EXPECTED[name]
-    record = await record_from_history(golden_history(name), pydantic_data_converter)
+    record = await record_from_history(golden_history(file), pydantic_data_converter)
     assert record.chain_id == CHAIN_IDS[name]
     assert record.status is status
     assert [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in record.hops] == hops

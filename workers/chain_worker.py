@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.registry import RegistryActivities
 from handoff.constants import CHAIN_TASK_QUEUE
@@ -19,10 +18,13 @@ from workflows.registry import AgentRegistryWorkflow
 STICKY_TIMEOUT = timedelta(seconds=1)
 
 
-# The sandbox re-imports a workflow's module for every new run: for the chain workflow that
-# was a third of the chain worker's CPU. Our workflow modules hold no mutable module state, so
-# they are imported once and passed through; the golden-history replay tests guard determinism.
-RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows"))
+# The chain and registry workflows run without the workflow sandbox. They are handoff's own code
+# (agent code runs in activities, never here), and the sandbox was the chain worker's largest
+# cost: it re-imported the workflow module for every run and, once that was passed through, it
+# still entered the sandbox for every payload of every task to find its serialization context
+# (a fifth of the worker's CPU). Determinism is guarded by tests instead: tests/test_replay.py
+# replays the golden histories with the SDK's default, fully restricted sandbox.
+RUNNER = UnsandboxedWorkflowRunner()
 
 
 def chain_worker(client: Client, *, task_queue: str = CHAIN_TASK_QUEUE, **options) -> Worker:

@@ -116,6 +116,8 @@ class HandoffChainWorkflow:
         self._failed: set[str] = set()
         self._agents: list[str] = []
         self._search_attributes = workflow.info().typed_search_attributes.get(SA_STATUS) is not None
+        self._live_progress = True  # whether each hop upserts the progress search attributes
+        self._progress: tuple[list[str], str, int] | None = None  # (agents, current agent, depth)
         # Replay-safe: the workflow metric meter records nothing while replaying history.
         meter = workflow.metric_meter()
         self._hops_metric = meter.create_counter(
@@ -140,6 +142,13 @@ class HandoffChainWorkflow:
             task=request.task_description,
             from_agent=request.started_by,
         )
+        # Versioned by the input rather than `workflow.patched` (whose marker costs one more
+        # visibility write per chain): requests recorded before `progress_after_s` existed lack
+        # the field, and those chains keep upserting at every hop, so their histories replay.
+        if (self._search_attributes and self._policy.progress_after_s
+                and "progress_after_s" in self._policy.model_fields_set):
+            self._live_progress = False
+            self._progress_timer = asyncio.create_task(self._progress_after(self._policy.progress_after_s))
         try:
             self._check_request(request)
             for depth in range(request.start_depth, MAX_CHAIN_DEPTH + 1):
@@ -425,21 +434,38 @@ class HandoffChainWorkflow:
         record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
         record.final_result = self._results[-1] if self._results else {}
         self._chains_metric.add(1, {"status": status.value})
-        if self._search_attributes:
-            workflow.upsert_search_attributes([SA_STATUS.value_set(status.value)])
+        self._upsert_search_attributes(status)
         workflow.set_current_details(f"**{status.value}**" + (f": {error}" if error else ""))
         workflow.logger.info("chain_finished", extra={"chain_id": str(record.chain_id),
                                                       "status": status.value, "reason": error})
         return record
 
+    async def _progress_after(self, delay_s: float) -> None:
+        """From `delay_s` into the chain on, every hop upserts its progress; a chain that ends
+        sooner never wakes this timer and writes its search attributes once, in `_finish`."""
+        await workflow.sleep(delay_s, summary="from here on, search attributes follow every hop")
+        self._live_progress = True
+        self._upsert_search_attributes()
+
+    def _upsert_search_attributes(self, status: ChainStatus | None = None) -> None:
+        """Upsert the progress (and `status`) values that changed: each upsert is a visibility write."""
+        if not self._search_attributes:
+            return
+        wanted: list[tuple[Any, Any]] = []
+        if self._progress is not None:
+            agents, agent, depth = self._progress
+            wanted += [(SA_AGENTS, agents), (SA_CURRENT_AGENT, agent), (SA_DEPTH, depth)]
+        if status is not None:
+            wanted.append((SA_STATUS, status.value))
+        current = workflow.info().typed_search_attributes
+        changed = [key.value_set(value) for key, value in wanted if current.get(key) != value]
+        if changed:
+            workflow.upsert_search_attributes(changed)
+
     def _show_progress(self, depth: int, agent: str, target: Target) -> None:
-        if self._search_attributes:
-            # Each upsert is a visibility write: send only the values that changed.
-            current = workflow.info().typed_search_attributes
-            wanted = ((SA_AGENTS, sorted(set(self._agents))), (SA_CURRENT_AGENT, agent), (SA_DEPTH, depth))
-            changed = [key.value_set(value) for key, value in wanted if current.get(key) != value]
-            if changed:
-                workflow.upsert_search_attributes(changed)
+        self._progress = (sorted(set(self._agents)), agent, depth)
+        if self._live_progress:
+            self._upsert_search_attributes()
         workflow.set_current_details(f"hop {depth}: {target.from_agent} -> **{agent}**: {target.task[:120]}")
 
     def _log_fields(self, record: HopRecord) -> dict[str, Any]:
