@@ -11,6 +11,7 @@ import time
 
 import structlog
 from temporalio import activity
+from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 
 from handoff.agent import Agent
@@ -21,16 +22,27 @@ from handoff.constants import (
     RESULT_TOO_LARGE_ERROR,
 )
 from handoff.errors import PermanentError
-from handoff.models import HandoffResult, HopInput, HopOutput
+from handoff.models import HandoffResult, HopInput, HopOutput, sized_payload
 
 log = structlog.get_logger("handoff.hop")
 
 
-async def _heartbeat(interval_s: float, attempt: int) -> None:
-    """Heartbeat until cancelled, so a hop whose worker died is retried within the heartbeat timeout."""
-    while True:
-        await asyncio.sleep(interval_s)
-        activity.heartbeat({"attempt": attempt})
+class _Heartbeat:
+    """Heartbeats every `interval_s` until stopped, so a hop whose worker died is retried within
+    the heartbeat timeout. A timer callback, not a task: most hops end before the first beat."""
+
+    def __init__(self, interval_s: float, attempt: int) -> None:
+        self._interval_s = interval_s
+        self._details = {"attempt": attempt}
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(interval_s, self._beat)
+
+    def _beat(self) -> None:
+        activity.heartbeat(self._details)  # the callback runs in the activity's context
+        self._timer = self._loop.call_later(self._interval_s, self._beat)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def _failure(message: str, attempt: int, *, kind: str, permanent: bool) -> ApplicationError:
@@ -58,7 +70,8 @@ def hop_activity(agent: Agent):
         handler_ms.record(elapsed_s * 1000, {"agent": agent.id, "outcome": outcome})
 
     @activity.defn(name=HOP_ACTIVITY)
-    async def run_hop(hop: HopInput) -> HopOutput:
+    async def run_hop(hop: HopInput) -> RawValue:
+        """Returns the `HopOutput`, already serialized (it was, to check its size)."""
         attempt = activity.info().attempt
         ctx = hop.context
         hop_log = log.bind(
@@ -70,7 +83,7 @@ def hop_activity(agent: Agent):
             attempt=attempt,
         )
         hop_log.info("hop_started", task=ctx.task_description[:200])
-        beat = asyncio.create_task(_heartbeat(hop.heartbeat_interval_s, attempt))
+        beat = _Heartbeat(hop.heartbeat_interval_s, attempt)
         started = time.perf_counter()
         outcome = "failed"
         try:
@@ -89,10 +102,10 @@ def hop_activity(agent: Agent):
                 f"{type(err).__name__}: {err}", attempt, kind=type(err).__name__, permanent=False
             ) from err
         finally:
-            beat.cancel()
+            beat.stop()
             elapsed = time.perf_counter() - started
             record_handler_duration(outcome, elapsed)
-        output = _checked_output(result, hop, agent.id, attempt, elapsed)
+        output, payload = _checked_output(result, hop, agent.id, attempt, elapsed)
         hop_log.info(
             "hop_completed",
             success=output.result.success,
@@ -104,14 +117,14 @@ def hop_activity(agent: Agent):
                 else None
             ),
         )
-        return output
+        return payload
 
     return run_hop
 
 
 def _checked_output(
     result: object, hop: HopInput, agent_id: str, attempt: int, elapsed: float
-) -> HopOutput:
+) -> tuple[HopOutput, RawValue]:
     """Validate what the handler returned; a malformed or oversized result is not retried."""
     if not isinstance(result, HandoffResult):
         raise _failure(
@@ -124,7 +137,7 @@ def _checked_output(
         update={"handoff_id": hop.context.handoff_id, "execution_time_seconds": elapsed}
     )
     output = HopOutput(result=result, attempt=attempt, agent_id=agent_id)
-    size = len(output.model_dump_json())
+    payload, size = sized_payload(output)
     if size > hop.max_result_bytes:
         raise _failure(
             f"result of {agent_id!r} is {size:,} bytes, over the {hop.max_result_bytes:,}-byte payload limit",
@@ -132,4 +145,4 @@ def _checked_output(
             kind=RESULT_TOO_LARGE_ERROR,
             permanent=True,
         )
-    return output
+    return output, payload

@@ -13,6 +13,9 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import to_json
+from temporalio.api.common.v1 import Payload
+from temporalio.common import RawValue
 
 from handoff.constants import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
@@ -267,6 +270,13 @@ class HopOutput(BaseModel):
     result: HandoffResult
     attempt: int
     agent_id: str
+
+
+def sized_payload(model: BaseModel) -> tuple[RawValue, int]:
+    """`model` serialized once, exactly as the pydantic data converter would, and its size in
+    bytes: a hop's input and result are size-checked without being serialized a second time."""
+    data = to_json(model)
+    return RawValue(Payload(metadata={"encoding": b"json/plain"}, data=data)), len(data)
 
 
 class AgentCard(BaseModel):

@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         HopRecord,
         HopStatus,
         ResolveRequest,
+        sized_payload,
     )
 
 
@@ -340,7 +341,7 @@ class HandoffChainWorkflow:
             previous_results_shown=shown_count,
         )
         self._record.hops.append(record)
-        size = len(hop_input.model_dump_json())
+        payload, size = sized_payload(hop_input)
         if size > policy.max_context_bytes:
             self._close_hop(record, HopStatus.REFUSED,
                             error=f"hop input is {size:,} bytes, over the {policy.max_context_bytes:,}-byte limit")
@@ -357,7 +358,7 @@ class HandoffChainWorkflow:
         try:
             output: HopOutput = await workflow.execute_activity(
                 HOP_ACTIVITY,
-                hop_input,
+                payload,  # hop_input, serialized once for its size check
                 task_queue=agent_task_queue(agent),
                 result_type=HopOutput,
                 start_to_close_timeout=timedelta(seconds=policy.hop_timeout_s),
