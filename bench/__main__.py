@@ -27,7 +27,7 @@ from uuid import uuid4
 
 from temporalio.client import Client
 
-from bench.baseline import WORKFLOW_QUEUE
+from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
 from handoff.client import connect, run_chain
 from handoff.models import ChainStatus
 from handoff.server import EmbeddedServer, free_port, search_attribute_args, temporal_binary
@@ -54,7 +54,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 @contextmanager
 def stack(*, tuned: bool, db: str | None, payload_dir: str) -> Iterator[EmbeddedServer]:
-    """An embedded server (tuned, or `temporal server start-dev`'s defaults) and 4 worker processes."""
+    """An embedded server (tuned, or `temporal server start-dev`'s defaults) and 5 worker processes."""
     server = EmbeddedServer(port=free_port(), ui_port=free_port(), db=db, extra_args=["--headless"])
     if not tuned:
         server.argv = lambda: [  # type: ignore[method-assign]
@@ -68,6 +68,7 @@ def stack(*, tuned: bool, db: str | None, payload_dir: str) -> Iterator[Embedded
         [HANDOFF, "worker", "--chains"],
         [HANDOFF, "worker", "--agent", "bench.agents:ALL"],
         [sys.executable, "-m", "bench.baseline", server.address, "workflows"],
+        [sys.executable, "-m", "bench.baseline", server.address, "workflows-unsandboxed"],
         [sys.executable, "-m", "bench.baseline", server.address, "activities"],
     ]
     workers = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,10 +95,11 @@ class Bench:
                 raise RuntimeError(f"bench chain ended {record.status.value}: {record.error}")
         return one
 
-    def bare(self, hops: int, workflow: str = "BareChain") -> Measure:
+    def bare(self, hops: int, workflow: str = "BareChain", *, sandboxed: bool = True) -> Measure:
+        queue = WORKFLOW_QUEUE if sandboxed else UNSANDBOXED_QUEUE
+
         async def one() -> None:
-            await self.client.execute_workflow(workflow, hops, id=f"bench-{uuid4()}",
-                                               task_queue=WORKFLOW_QUEUE)
+            await self.client.execute_workflow(workflow, hops, id=f"bench-{uuid4()}", task_queue=queue)
         return one
 
 
@@ -121,7 +123,8 @@ async def interleaved(measures: dict[str, Measure], count: int) -> dict[str, dic
     return {name: summary(values) for name, values in samples.items()}
 
 
-async def throughput(measure: Measure, chains: int, concurrency: int) -> dict:
+async def load(measure: Measure, chains: int, concurrency: int) -> tuple[float, list[float]]:
+    """Run `chains` at `concurrency`: the seconds it took and each chain's latency."""
     semaphore = asyncio.Semaphore(concurrency)
     samples: list[float] = []
 
@@ -131,8 +134,23 @@ async def throughput(measure: Measure, chains: int, concurrency: int) -> dict:
 
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(chains)))
-    return {"concurrency": concurrency, "chains": chains,
-            "per_s": round(chains / (time.perf_counter() - started), 2), "latency_ms": summary(samples)}
+    return time.perf_counter() - started, samples
+
+
+async def throughputs(measures: dict[str, Measure], chains: int, concurrency: int, rounds: int) -> dict[str, dict]:
+    """Chains per second of each measure at `concurrency`: `rounds` turns of `chains` each, the
+    order reversed every round, so drift on a shared machine hits all alike."""
+    seconds = {name: 0.0 for name in measures}
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for turn in range(rounds):
+        names = list(measures) if turn % 2 == 0 else list(reversed(measures))
+        for name in names:
+            took, latency = await load(measures[name], chains, concurrency)
+            seconds[name] += took
+            samples[name] += latency
+    return {name: {"concurrency": concurrency, "chains": chains * rounds,
+                   "per_s": round(chains * rounds / seconds[name], 2), "latency_ms": summary(samples[name])}
+            for name in measures}
 
 
 def ratio(a: float, b: float) -> float:
@@ -143,20 +161,29 @@ async def main_scenarios(address: str, args: argparse.Namespace) -> dict:
     bench = Bench(await connect(address=address))
     result: dict = {}
     # (1) hop latency, 1-5 hops, handoff vs bare Temporal
+    # (and, for 5 hops, against the bare baseline without the workflow sandbox, like handoff's)
     by_hops = {}
     for hops in range(1, 6):
-        measured = await interleaved({"handoff": bench.handoff(hops), "bare": bench.bare(hops)}, args.samples)
+        measures = {"handoff": bench.handoff(hops), "bare": bench.bare(hops)}
+        if hops == 5:
+            measures["bare_unsandboxed"] = bench.bare(hops, sandboxed=False)
+        measured = await interleaved(measures, args.samples)
         measured["ratio_p50"] = ratio(measured["handoff"]["p50"], measured["bare"]["p50"])
+        if hops == 5:
+            measured["ratio_p50_unsandboxed"] = ratio(measured["handoff"]["p50"], measured["bare_unsandboxed"]["p50"])
         by_hops[hops] = measured
     result["latency_by_hops"] = by_hops
     # throughput of 5-hop chains at concurrency 1/20/50
     levels = []
     for concurrency in (1, 20, 50):
         chains = args.samples if concurrency == 1 else args.load_chains
-        handoff = await throughput(bench.handoff(5), chains, concurrency)
-        bare = await throughput(bench.bare(5), chains, concurrency)
-        levels.append({"concurrency": concurrency, "handoff": handoff, "bare": bare,
-                       "ratio_per_s": ratio(handoff["per_s"], bare["per_s"])})
+        measured = await throughputs({"handoff": bench.handoff(5), "bare": bench.bare(5),
+                                      "bare_unsandboxed": bench.bare(5, sandboxed=False)},
+                                     chains, concurrency, args.rounds)
+        levels.append({"concurrency": concurrency, **measured,
+                       "ratio_per_s": ratio(measured["handoff"]["per_s"], measured["bare"]["per_s"]),
+                       "ratio_per_s_unsandboxed": ratio(measured["handoff"]["per_s"],
+                                                        measured["bare_unsandboxed"]["per_s"])})
     result["throughput_5_hops"] = levels
     # (2) peer-to-peer against hub-and-spoke, same 5 hops of work
     hub = await interleaved({"peer_to_peer": bench.handoff(5), "hub_and_spoke": bench.bare(5, "HubChain")},
@@ -201,6 +228,58 @@ def targets(results: dict) -> dict:
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
+def markdown(results: dict) -> str:
+    """The README's results table, from one run."""
+    lat = results["latency_by_hops"]
+    one, five = lat[1], lat[5]
+    levels = {level["concurrency"]: level for level in results["throughput_5_hops"]}
+    hub = results["peer_vs_hub_5_hops"]
+    transfer = results["context_transfer"]
+    met = {name: ("yes" if check["met"] else "**no**") for name, check in results["targets"].items()}
+
+    def ms(s: dict, *keys: str) -> str:
+        return " / ".join(f"{s[k]:.1f}" for k in keys) + " ms"
+
+    def per_s(name: str) -> str:
+        return " / ".join(f"{levels[c][name]['per_s']:.1f}" for c in sorted(levels))
+
+    rows = [
+        "| measure | handoff | baseline | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+        f"| 1-hop chain p50 / p95 / p99 | {ms(one['handoff'], 'p50', 'p95', 'p99')} | "
+        f"bare Temporal {ms(one['bare'], 'p50', 'p95', 'p99')} | {one['ratio_p50']:.2f} | | |",
+        f"| 5-hop chain p50 / p95 / p99 | {ms(five['handoff'], 'p50', 'p95', 'p99')} | "
+        f"bare Temporal {ms(five['bare'], 'p50', 'p95', 'p99')} | {five['ratio_p50']:.2f} | <= 1.15 | "
+        f"{met['5-hop p50 <= 1.15x bare Temporal']} |",
+        f"| 5-hop chains/s at concurrency {' / '.join(str(c) for c in sorted(levels))} | {per_s('handoff')} | "
+        f"bare {per_s('bare')} | {levels[20]['ratio_per_s']:.2f} at 20 | >= 0.9 | "
+        f"{met['5-hop throughput >= 0.9x bare at concurrency 20']} |",
+        f"| 5 hops of work, p50 | peer-to-peer {hub['peer_to_peer']['p50']:.1f} ms | "
+        f"hub-and-spoke {hub['hub_and_spoke']['p50']:.1f} ms | {hub['ratio_p50']:.2f} | <= 0.6 | "
+        f"{met['peer-to-peer <= 0.6x hub-and-spoke (p50)']} |",
+        "| 1-hop chain with a " + " / ".join(transfer) + " context, p50 | "
+        + " / ".join(f"{transfer[n]['one_hop_ms']['p50']:.0f}" for n in transfer) + " ms | | | 1 MB < 150 ms | "
+        f"{met['1 MB context hop < 150 ms (p50)']} |",
+        f"| 2-hop chain with a 20MB context, p50 | {transfer['20MB']['two_hops_ms']['p50']:.0f} ms | | | < 1 s | "
+        f"{met['20 MB context 2-hop chain < 1 s (p50)']} |",
+    ]
+    if "default_server" in results:
+        default = results["default_server"]
+        rows.append(
+            "| 5-hop chain p50, embedded server vs default `temporal server start-dev --db-filename` | "
+            f"{default['tuned_5_hops_ms']['p50']:.1f} ms | {default['default_5_hops_ms']['p50']:.1f} ms | "
+            f"{default['speedup_p50']:.1f}x faster | >= 2x | "
+            f"{met['embedded server >= 2x faster than default dev server (5 hops)']} |")
+    rows += [
+        "",
+        "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
+        f"handoff's chain worker runs: 5-hop p50 {five['bare_unsandboxed']['p50']:.1f} ms "
+        f"(ratio {five['ratio_p50_unsandboxed']:.2f}), chains/s {per_s('bare_unsandboxed')} "
+        f"(ratio {levels[20]['ratio_per_s_unsandboxed']:.2f} at 20).",
+    ]
+    return "\n".join(rows) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -226,7 +305,8 @@ def plot(results: dict, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                     "settings": {"samples": args.samples, "load_chains": args.load_chains}}
+                     "settings": {"samples": args.samples, "load_chains": args.load_chains,
+                                  "rounds": args.rounds}}
     with tempfile.TemporaryDirectory() as tmp:
         payloads = str(Path(tmp) / "payloads")
         os.environ[PAYLOAD_DIR_ENV] = payloads  # this process's client stores like the workers
@@ -245,15 +325,21 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--samples", type=int, default=30, help="sequential samples per latency figure")
-    parser.add_argument("--load-chains", type=int, default=100, help="chains per throughput level")
+    parser.add_argument("--load-chains", type=int, default=100, help="chains per throughput level and round")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each system takes per throughput level")
     parser.add_argument("--context-samples", type=int, default=5)
     parser.add_argument("--skip-default", action="store_true", help="skip the default dev server")
-    parser.add_argument("--out", default=str(RESULTS / "latest.json"))
+    parser.add_argument("--out", default=str(RESULTS / "latest.json"),
+                        help="the JSON; the README table (.md) and the plot (latency.png) go beside it")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot (needs the bench extra)")
     args = parser.parse_args()
     results = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, Path(args.out).with_name("latency.png"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    if not args.no_plot:
+        plot(results, out.with_name("latency.png"))
     print(json.dumps(results, indent=2))
 
 

@@ -6,7 +6,10 @@
 - `HubChain`: the same N hops of work, hub-and-spoke: control returns to an orchestrator agent
   (an activity on the hub's queue) before every hop, as in orchestrator-centred frameworks.
 
-Run as processes: `python -m bench.baseline ADDRESS workflows` and `... ADDRESS activities`.
+The workflows run with the SDK's defaults (`workflows`), and, for a stricter comparison, also
+without the workflow sandbox as handoff's chain worker runs them (`workflows-unsandboxed`).
+
+Run as processes: `python -m bench.baseline ADDRESS workflows|workflows-unsandboxed|activities`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from datetime import timedelta
 from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.common import RetryPolicy
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 WORKFLOW_QUEUE = "bench.baseline"
+UNSANDBOXED_QUEUE = "bench.baseline.unsandboxed"
 HUB_QUEUE = "bench.hub"
 HOPS = 5
 SPOKE_QUEUES = [f"bench.spoke{i}" for i in range(HOPS)]
@@ -59,11 +63,14 @@ class HubChain:
 
 
 async def serve(address: str, role: str) -> None:
-    """Serve the baseline workflows (`role` = workflows) or every activity (`activities`): two
-    processes, like handoff's chain worker and agent worker."""
+    """Serve the baseline workflows (`role` = workflows, workflows-unsandboxed) or every activity
+    (`activities`): separate processes, like handoff's chain worker and agent worker."""
     client = await Client.connect(address)
     if role == "workflows":
         workers = [Worker(client, task_queue=WORKFLOW_QUEUE, workflows=[BareChain, HubChain])]
+    elif role == "workflows-unsandboxed":
+        workers = [Worker(client, task_queue=UNSANDBOXED_QUEUE, workflows=[BareChain, HubChain],
+                          workflow_runner=UnsandboxedWorkflowRunner())]
     else:
         workers = [
             Worker(client, task_queue=HUB_QUEUE, activities=[route], max_concurrent_activities=100),

@@ -33,8 +33,10 @@ DEFAULT_RETRY_INITIAL_S = 1.0
 DEFAULT_MAX_VISITS_PER_AGENT = 2
 # A chain's progress search attributes (current agent, depth, agents) follow each hop once the
 # chain has run this long; a chain that ends sooner gets them in one write at its end. Each
-# upsert is a visibility write, which a fast chain would otherwise pay on every hop.
-DEFAULT_PROGRESS_AFTER_S = 1.0
+# upsert is a visibility write, and the timer that starts them wakes the workflow once: worth it
+# for a chain of slow agents, not for one that ends within seconds. Visibility itself lags about
+# a second on a cluster, and the Web UI shows the running hop live either way.
+DEFAULT_PROGRESS_AFTER_S = 2.0
 
 MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 """Temporal's default limit for one payload (blob)."""

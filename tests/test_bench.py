@@ -1,0 +1,29 @@
+"""The benchmark suite runs end to end (tiny sample counts: this checks it works, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path):
+    out = tmp_path / "latest.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench", "--samples", "2", "--load-chains", "4", "--rounds", "2",
+         "--context-samples", "1", "--skip-default", "--no-plot", "--out", str(out)],
+        cwd=ROOT, check=True, timeout=240, stdout=subprocess.DEVNULL)
+    results = json.loads(out.read_text())
+    assert sorted(results["latency_by_hops"]) == ["1", "2", "3", "4", "5"]
+    five = results["latency_by_hops"]["5"]
+    assert five["handoff"]["n"] == five["bare"]["n"] == five["bare_unsandboxed"]["n"] == 2
+    assert [level["concurrency"] for level in results["throughput_5_hops"]] == [1, 20, 50]
+    assert all(level["handoff"]["chains"] == level["bare"]["chains"] for level in results["throughput_5_hops"])
+    assert set(results["context_transfer"]) == {"10KB", "1MB", "10MB", "20MB"}
+    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"].values())
+    table = out.with_suffix(".md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 6 and "hub-and-spoke" in table  # header + one row per measure (no default server)
