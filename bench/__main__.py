@@ -186,9 +186,11 @@ async def main_scenarios(address: str, args: argparse.Namespace) -> dict:
                                                         measured["bare_unsandboxed"]["per_s"])})
     result["throughput_5_hops"] = levels
     # (2) peer-to-peer against hub-and-spoke, same 5 hops of work
-    hub = await interleaved({"peer_to_peer": bench.handoff(5), "hub_and_spoke": bench.bare(5, "HubChain")},
+    hub = await interleaved({"peer_to_peer": bench.handoff(5), "hub_and_spoke": bench.bare(5, "HubChain"),
+                             "hub_and_spoke_unsandboxed": bench.bare(5, "HubChain", sandboxed=False)},
                             args.samples)
     hub["ratio_p50"] = ratio(hub["peer_to_peer"]["p50"], hub["hub_and_spoke"]["p50"])
+    hub["ratio_p50_unsandboxed"] = ratio(hub["peer_to_peer"]["p50"], hub["hub_and_spoke_unsandboxed"]["p50"])
     result["peer_vs_hub_5_hops"] = hub
     # (3) context transfer
     transfer = {}
@@ -275,7 +277,8 @@ def markdown(results: dict) -> str:
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
         f"handoff's chain worker runs: 5-hop p50 {five['bare_unsandboxed']['p50']:.1f} ms "
         f"(ratio {five['ratio_p50_unsandboxed']:.2f}), chains/s {per_s('bare_unsandboxed')} "
-        f"(ratio {levels[20]['ratio_per_s_unsandboxed']:.2f} at 20).",
+        f"(ratio {levels[20]['ratio_per_s_unsandboxed']:.2f} at 20); hub-and-spoke "
+        f"{hub['hub_and_spoke_unsandboxed']['p50']:.1f} ms (peer-to-peer ratio {hub['ratio_p50_unsandboxed']:.2f}).",
     ]
     return "\n".join(rows) + "\n"
 
@@ -324,7 +327,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--samples", type=int, default=30, help="sequential samples per latency figure")
+    parser.add_argument("--samples", type=int, default=50, help="sequential samples per latency figure")
     parser.add_argument("--load-chains", type=int, default=100, help="chains per throughput level and round")
     parser.add_argument("--rounds", type=int, default=3, help="turns each system takes per throughput level")
     parser.add_argument("--context-samples", type=int, default=5)

@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.api.common.v1 import Payload
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.contrib.pydantic import PydanticPayloadConverter, pydantic_data_converter
 from temporalio.converter import DataConverter, PayloadCodec
 
 from handoff.errors import HandoffError
@@ -261,10 +261,28 @@ def codec_from_env(environ: Mapping[str, str] | None = None) -> PayloadCodec | N
     return codec_from_settings(CodecSettings.from_env(environ))
 
 
+class SharedPydanticPayloadConverter(PydanticPayloadConverter):
+    """The pydantic payload converter, built once per process. The SDK copies its data converter
+    for every serialization context (every activity, and with external storage every payload of
+    a workflow task), and each copy constructed a new payload converter, with its own empty cache
+    of pydantic type adapters, only to discard it. It holds no per-context state."""
+
+    _instance: SharedPydanticPayloadConverter | None = None
+
+    def __new__(cls) -> SharedPydanticPayloadConverter:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+            PydanticPayloadConverter.__init__(cls._instance)
+        return cls._instance
+
+    def __init__(self) -> None:  # initialised once, in __new__
+        pass
+
+
 def data_converter(codec: PayloadCodec | None | Literal["env"] = "env") -> DataConverter:
-    """The pydantic data converter with `codec` (by default the one from the environment)."""
+    """The pydantic data converter (as `pydantic_data_converter`, built once) with `codec` (by
+    default the one from the environment)."""
     if isinstance(codec, str):
         codec = codec_from_env()
-    if codec is None:
-        return pydantic_data_converter
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+    return dataclasses.replace(pydantic_data_converter, payload_converter_class=SharedPydanticPayloadConverter,
+                               payload_codec=codec)

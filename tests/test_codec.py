@@ -32,6 +32,7 @@ from handoff.codec import (
     CodecConfigError,
     CodecSettings,
     PayloadDecodeError,
+    SharedPydanticPayloadConverter,
     codec_from_env,
     data_converter,
 )
@@ -87,7 +88,8 @@ async def test_large_payloads_are_compressed_and_decode_exactly():
 async def test_compression_can_be_turned_off_and_tuned():
     big = payload({"blob": "x" * 10_000})
     assert codec_from_env({ENV_THRESHOLD: "off"}) is None
-    assert data_converter(codec_from_env({ENV_THRESHOLD: "off"})) is pydantic_data_converter
+    plain = data_converter(codec_from_env({ENV_THRESHOLD: "off"}))
+    assert plain.payload_codec is None and plain.payload_converter_class is SharedPydanticPayloadConverter
     [kept] = await codec_from_env({ENV_THRESHOLD: "100000"}).encode([big])
     assert kept == big
     [packed] = await codec_from_env({ENV_THRESHOLD: "0"}).encode([payload({"x": "y" * 50})])
