@@ -4,7 +4,9 @@
   per hop, each on its own task queue, served by a separate worker process. No routing, no
   records, no rules: what is left of handoff's latency over it is handoff's own overhead.
 - `HubChain`: the same N hops of work, hub-and-spoke: control returns to an orchestrator agent
-  (an activity on the hub's queue) before every hop, as in orchestrator-centred frameworks.
+  (an activity on the hub's queue) before every hop and once after the last, N+1 turns, as a
+  supervisor or manager agent does in orchestrator-centred frameworks (it picks each next
+  agent, then composes the answer); in peer-to-peer handoff the last agent's result ends the chain.
 
 The workflows run with the SDK's defaults (`workflows`), and, for a stricter comparison, also
 without the workflow sandbox as handoff's chain worker runs them (`workflows-unsandboxed`).
@@ -39,7 +41,7 @@ async def work(step: int) -> int:
 
 @activity.defn(name="bench.route")
 async def route(step: int) -> int:
-    """The orchestrator deciding where the next step goes."""
+    """The orchestrator deciding where the next step goes (or, after the last, the answer)."""
     return step
 
 
@@ -59,6 +61,7 @@ class HubChain:
         for step in range(hops):
             await workflow.execute_activity("bench.route", step, task_queue=HUB_QUEUE, **HOP_OPTIONS)
             await workflow.execute_activity("bench.work", step, task_queue=SPOKE_QUEUES[step], **HOP_OPTIONS)
+        await workflow.execute_activity("bench.route", hops, task_queue=HUB_QUEUE, **HOP_OPTIONS)
         return hops
 
 

@@ -87,6 +87,8 @@ async def record_from_history(history: WorkflowHistory, converter: DataConverter
             output: HopOutput = await _decode_one(converter, attrs.result, HopOutput)
             hop.attempts = output.attempt
             hop.result_data = output.result.result_data
+            if output.result.next_handoff is not None:
+                hop.context_added = sorted(output.result.next_handoff.context_data)
             ok = output.result.success
             _close(hop, HopStatus.COMPLETED if ok else HopStatus.FAILED, when,
                    None if ok else str(output.result.result_data.get("error", "agent reported failure")))

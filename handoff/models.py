@@ -338,6 +338,9 @@ class HopRecord(BaseModel):
     """Keys of the chain's context this hop's agent was not shown (the sender's filter)."""
     previous_results_shown: int | None = None
     """How many earlier results this hop's agent was shown, when the sender limited them."""
+    context_added: list[str] = Field(default_factory=list)
+    """Keys this hop's agent added to (or changed in) the chain's context for the hops after it:
+    the `context_data` of its handoff, merged by the workflow (the values are in the history)."""
 
 
 class ChainRecord(BaseModel):

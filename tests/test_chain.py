@@ -66,6 +66,7 @@ async def test_five_hop_chain_runs_each_hop_on_its_agents_queue(client, uid):
     assert [len(s["previous"]) for s in seen] == [0, 1, 2, 3, 4]
     assert seen[4]["previous"] == [{"by": i} for i in ids[:4]]
     assert seen[4]["context"] == {"repo": "x", "k0": 0, "k1": 1, "k2": 2, "k3": 3}
+    assert [h.context_added for h in record.hops] == [["k0"], ["k1"], ["k2"], ["k3"], []]
     assert record.final_result == {"by": ids[4], "last": True}
     assert all(h.attempts == 1 and h.status is HopStatus.COMPLETED for h in record.hops)
     assert await get_chain(client, record.chain_id) == record

@@ -184,6 +184,7 @@ class HandoffChainWorkflow:
             raise ChainEnd(ChainStatus.REJECTED, "the chain needs a task description")
 
     def _next_target(self, directive: HandoffContext, agent: str) -> Target:
+        self._record.hops[-1].context_added = sorted(directive.context_data)
         if directive.to_agent and not AGENT_ID_RE.match(directive.to_agent):
             raise ChainEnd(ChainStatus.FAILED, f"{agent!r} handed off to invalid agent id {directive.to_agent!r}")
         if not directive.to_agent and directive.to_capability is None:
