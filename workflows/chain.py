@@ -119,6 +119,7 @@ class HandoffChainWorkflow:
         self._search_attributes = workflow.info().typed_search_attributes.get(SA_STATUS) is not None
         self._live_progress = True  # whether each hop upserts the progress search attributes
         self._progress: tuple[list[str], str, int] | None = None  # (agents, current agent, depth)
+        self._progress_timer: asyncio.Task[None] | None = None
         # Replay-safe: the workflow metric meter records nothing while replaying history.
         meter = workflow.metric_meter()
         self._hops_metric = meter.create_counter(
