@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from handoff import ChainStatus, InvalidRequest, run_chain
+from handoff import ChainRecord, ChainStatus, InvalidRequest, run_chain
 from handoff.client import start_chain, wait_chain
 from handoff.constants import SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_STATUS
 from handoff.log import configure_logging
@@ -40,9 +40,8 @@ def test_chain_query_validates_what_goes_into_it():
         chain_query(status="finished")
 
 
-@pytest.mark.usefixtures("chains")
-async def test_chains_are_found_by_agent_status_and_time(client, uid):
-    a, b = f"find-a-{uid}", f"find-b-{uid}"
+async def run_two_hops(client, a: str, b: str, **request) -> ChainRecord:
+    """Run a chain a -> b, where b completes, on the agents' real workers."""
 
     async def first(ctx):
         return ctx.handoff(to_agent=b, task_description="next")
@@ -51,7 +50,13 @@ async def test_chains_are_found_by_agent_status_and_time(client, uid):
         return ctx.complete({})
 
     async with running(client, make_agent(a, first), make_agent(b, second)):
-        record = await run_chain(client, to_agent=a, task_description="find me")
+        return await run_chain(client, to_agent=a, **request)
+
+
+@pytest.mark.usefixtures("chains")
+async def test_chains_are_found_by_agent_status_and_time(client, uid):
+    a, b = f"find-a-{uid}", f"find-b-{uid}"
+    record = await run_two_hops(client, a, b, task_description="find me")
     query = chain_query(agent=b, status="completed", since=datetime.now(timezone.utc) - timedelta(minutes=5))
     for _ in range(50):  # visibility is eventually consistent
         rows = await find_chains(client, query)
@@ -73,15 +78,7 @@ def upserts(history) -> list[dict]:
 @pytest.mark.usefixtures("chains")
 async def test_a_fast_chain_writes_its_search_attributes_once_at_its_end(client, uid):
     a, b = f"fast-a-{uid}", f"fast-b-{uid}"
-
-    async def first(ctx):
-        return ctx.handoff(to_agent=b, task_description="next")
-
-    async def second(ctx):
-        return ctx.complete({})
-
-    async with running(client, make_agent(a, first), make_agent(b, second)):
-        record = await run_chain(client, to_agent=a, task_description="fast", policy={"progress_after_s": 30})
+    record = await run_two_hops(client, a, b, task_description="fast", policy={"progress_after_s": 30})
     history = await client.get_workflow_handle(str(record.chain_id)).fetch_history()
     assert [sorted(fields) for fields in upserts(history)] == [
         ["HandoffAgents", "HandoffCurrentAgent", "HandoffDepth", "HandoffStatus"]]
