@@ -6,7 +6,7 @@ COPY handoff ./handoff
 COPY workflows ./workflows
 COPY activities ./activities
 COPY workers ./workers
-COPY agents ./agents
+COPY examples ./examples
 RUN pip install --no-cache-dir .
 USER nobody
 ENTRYPOINT ["handoff"]

@@ -30,7 +30,12 @@ from temporalio.client import Client
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
 from handoff.client import connect, run_chain
 from handoff.models import ChainStatus
-from handoff.server import EmbeddedServer, free_port, search_attribute_args, temporal_binary
+from handoff.server import (
+    EmbeddedServer,
+    free_port,
+    search_attribute_args,
+    temporal_binary,
+)
 from handoff.storage import PAYLOAD_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,13 +1,24 @@
-"""handoff: peer-to-peer agent handoff chains, each a durable Temporal workflow."""
+"""handoff: peer-to-peer agent handoff chains, each a durable Temporal workflow.
+
+The front door: the public API of every floor (docs/design.md, "Layout and floors").
+"""
 
 from handoff.agent import Agent, Handler
-from handoff.client import cancel_chain, connect, get_chain, run_chain, start_chain, wait_chain
+from handoff.client import (
+    cancel_chain,
+    connect,
+    get_chain,
+    run_chain,
+    start_chain,
+    wait_chain,
+)
 from handoff.errors import (
     ChainNotFound,
     ContextTooLarge,
     HandoffError,
     InvalidRequest,
     PermanentError,
+    ServerUnreachable,
     UnknownAgent,
 )
 from handoff.models import (
@@ -17,21 +28,12 @@ from handoff.models import (
     ChainRecord,
     ChainStatus,
     HandoffContext,
+    HandoffDirective,
     HandoffResult,
     HopRecord,
     HopStatus,
 )
-
-
-
-def __getattr__(name: str):
-    # Imported on first use: the facade pulls in the workers, which plain API users do not need.
-    if name == "PeerHandoffService":
-        from handoff.service import PeerHandoffService
-
-        return PeerHandoffService
-    raise AttributeError(f"module 'handoff' has no attribute {name!r}")
-
+from handoff.service import PeerHandoffService
 
 __all__ = [
     "Agent",
@@ -43,6 +45,7 @@ __all__ = [
     "ChainStatus",
     "ContextTooLarge",
     "HandoffContext",
+    "HandoffDirective",
     "HandoffError",
     "HandoffResult",
     "Handler",
@@ -51,6 +54,7 @@ __all__ = [
     "InvalidRequest",
     "PeerHandoffService",
     "PermanentError",
+    "ServerUnreachable",
     "UnknownAgent",
     "cancel_chain",
     "connect",

@@ -7,7 +7,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from handoff.constants import agent_task_queue
-from handoff.models import AgentCapability, AgentCard, HandoffContext, HandoffResult, check_agent_id
+from handoff.models import (
+    AgentCapability,
+    HandoffContext,
+    HandoffResult,
+    Registration,
+    check_agent_id,
+)
 
 Handler = Callable[[HandoffContext], Awaitable[HandoffResult]]
 
@@ -45,12 +51,13 @@ class Agent:
     def task_queue(self) -> str:
         return agent_task_queue(self.id)
 
-    def card(self) -> AgentCard:
-        return AgentCard(
+    def registration(self, instance: str) -> Registration:
+        """What this agent's worker `instance` sends the registry."""
+        return Registration(
             agent_id=self.id,
             name=self.name,
-            capabilities=list(self.capabilities),
+            capabilities=[c.value for c in self.capabilities],
             max_concurrent=self.max_concurrent,
-            task_queue=self.task_queue,
             version=self.version,
+            instance=instance,
         )

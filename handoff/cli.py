@@ -10,14 +10,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import structlog
 import typer
 from rich.console import Console
-from temporalio.client import Client
 
 from handoff.agent import Agent
 from handoff.client import (
@@ -75,19 +75,20 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-async def _client(**options: Any) -> Client:
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """The errors handoff raises on purpose become one line on stderr and their exit code (2 for
+    bad input, 1 for a server that cannot be reached); anything else is a bug, with its traceback."""
     try:
-        return await connect(**options)
-    except RuntimeError as err:
-        raise Usage(f"cannot reach the Temporal server: {err}") from None
+        yield
+    except HandoffError as err:
+        _fail(str(err), err.exit_code)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a command's coroutine; typed errors become one line and exit 2."""
-    try:
+    """Run a command's coroutine, its errors as `_one_line_errors` says."""
+    with _one_line_errors():
         return asyncio.run(coro_fn())
-    except (HandoffError, ValueError) as err:
-        _fail(str(err))
 
 
 def _context_arg(value: str | None) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def start(
             context_data=_context_arg(context), chain_id=chain_id,
             hop_timeout=hop_timeout, max_depth=max_depth, policy=policy,
         )
-        client = await _client(tracing=telemetry.tracing)
+        client = await connect(tracing=telemetry.tracing)
         try:
             await start_request(client, request)
             link = ui_url(str(request.chain_id), client.namespace)
@@ -172,7 +173,7 @@ def show(
     """The chain's audit trail, rebuilt from workflow history (no worker needed)."""
 
     async def go() -> ChainRecord:
-        return await get_chain(await _client(), chain_id)
+        return await get_chain(await connect(), chain_id)
 
     record = _run(go)
     _print_record(record, as_json)
@@ -184,7 +185,7 @@ def cancel(chain_id: str = typer.Argument(..., help="the chain id")) -> None:
     """Cancel a running chain; its current hop is cancelled."""
 
     async def go() -> None:
-        await cancel_chain(await _client(), chain_id)
+        await cancel_chain(await connect(), chain_id)
 
     _run(go)
     out.print(f"chain {chain_id}: cancellation requested")
@@ -204,7 +205,7 @@ def list_chains(
     async def go() -> list[dict[str, Any]]:
         query = chain_query(agent=agent, status=status,
                             since=parse_since(since) if since is not None else None)
-        return await find_chains(await _client(), query, limit=limit)
+        return await find_chains(await connect(), query, limit=limit)
 
     rows = _run(go)
     if as_json:
@@ -227,7 +228,7 @@ def agents(as_json: bool = typer.Option(False, "--json")) -> None:
     from handoff.registry import agent_statuses
 
     async def go():
-        return await agent_statuses(await _client())
+        return await agent_statuses(await connect())
 
     statuses = _run(go)
     if as_json:
@@ -271,23 +272,21 @@ def worker(
         None, "--build-id", help="with --versioned: the version (default: the agent's `version`)"),
 ) -> None:
     """Run one agent's worker (or the chain worker) until SIGTERM/SIGINT."""
-    from workers.main import run_workers, stop_on_signals
+    from handoff.workers.main import run_workers, stop_on_signals
 
     if not agent and not chains:
         _fail("give --agent MODULE:OBJECT or --chains")
     if build_id is not None and not versioned:
         _fail("--build-id goes with --versioned")
     configure_logging("console" if log_format == "console" else "json")
-    try:
+    with _one_line_errors():
         loaded = [a for spec in agent for a in load_agents(spec)]
-    except HandoffError as err:
-        _fail(str(err))
     if build_id is not None:
         loaded = [dataclasses.replace(a, version=build_id) for a in loaded]
 
     async def go() -> None:
         telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
-        client = await _client(runtime=telemetry.runtime, tracing=telemetry.tracing)
+        client = await connect(runtime=telemetry.runtime, tracing=telemetry.tracing)
         if telemetry.metrics_url:
             structlog.get_logger("handoff.worker").info("metrics_serving", url=telemetry.metrics_url)
         stop = asyncio.Event()
@@ -309,7 +308,7 @@ def rollout(
     from handoff.versioning import set_current_build_id
 
     async def go() -> None:
-        await set_current_build_id(await _client(), agent_id, build_id)
+        await set_current_build_id(await connect(), agent_id, build_id)
 
     _run(go)
     out.print(f"{agent_id}: hops now go to version {build_id}")
@@ -327,10 +326,8 @@ def server(
     from handoff.server import EmbeddedServer
 
     embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, ip=ip, codec_endpoint=codec_endpoint)
-    try:
+    with _one_line_errors():
         embedded.start()
-    except HandoffError as err:
-        _fail(str(err))
     out.print(f"Temporal server on {embedded.address}, Web UI {embedded.ui_url}")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -361,12 +358,10 @@ def dev(
 
     configure_logging("console" if log_format == "console" else "json", level="WARNING")
     embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, codec_endpoint=codec_endpoint)
-    try:
+    with _one_line_errors():
         CodecSettings.from_env()  # bad codec settings: one line, before anything starts
         telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
         embedded.start()
-    except HandoffError as err:
-        _fail(str(err))
     try:
         code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
                                    telemetry=telemetry))
@@ -404,7 +399,7 @@ def codec_server(
 
     try:
         _run(go)
-    except OSError as err:
+    except OSError as err:  # the port: in use, or not ours to bind
         _fail(f"cannot serve on {host}:{port}: {err.strerror or err}")
 
 
@@ -425,19 +420,6 @@ def main() -> None:
             raise
         err_console.print(f"error: {err.format_message()}", markup=False, highlight=False, soft_wrap=True)
         code = getattr(err, "exit_code", EXIT_USAGE)
-    _exit(code if isinstance(code, int) else 0)
-
-
-def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    try:  # when measured (tests), keep the coverage data that atexit would have written
-        import coverage
-
-        current = coverage.Coverage.current()
-        if current is not None:
-            current.stop()
-            current.save()
-    except ImportError:
-        pass
-    os._exit(code)
+    os._exit(code if isinstance(code, int) else 0)

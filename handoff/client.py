@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
@@ -16,15 +15,14 @@ from temporalio.client import (
     WorkflowHandle,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.converter import PayloadCodec
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.converter import PayloadCodec
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.audit import record_from_history
 from handoff.codec import data_converter
-from handoff.storage import storage_configured, storage_from_env
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
@@ -34,10 +32,16 @@ from handoff.constants import (
     SA_CURRENT_AGENT,
     SA_DEPTH,
     SA_STATUS,
-    STARTER_AGENT,
 )
-from handoff.errors import ChainNotFound, ContextTooLarge, InvalidRequest
-from handoff.models import AgentCapability, ChainPolicy, ChainRecord, ChainRequest, check_agent_id
+from handoff.errors import (
+    ChainNotFound,
+    ContextTooLarge,
+    InvalidRequest,
+    ServerUnreachable,
+    unless_missing,
+)
+from handoff.models import AgentCapability, ChainPolicy, ChainRecord, ChainRequest
+from handoff.storage import storage_configured, storage_from_env
 from handoff.telemetry import tracing_interceptor
 
 DEFAULT_ADDRESS = "localhost:7233"
@@ -74,9 +78,12 @@ async def connect(
     if namespace:
         config["namespace"] = namespace
     interceptors = [tracing_interceptor()] if tracing else []
-    return await Client.connect(
-        **config, data_converter=converter, runtime=runtime, interceptors=interceptors
-    )
+    try:
+        return await Client.connect(
+            **config, data_converter=converter, runtime=runtime, interceptors=interceptors
+        )
+    except RuntimeError as err:  # the core reports a failed connection as a plain runtime error
+        raise ServerUnreachable(f"cannot reach the Temporal server at {config['target_host']}: {err}") from None
 
 
 def _one_line(err: ValidationError) -> str:
@@ -94,46 +101,44 @@ def build_request(
     chain_id: UUID | str | None = None,
     hop_timeout: float | None = None,
     max_depth: int | None = None,
-    policy: ChainPolicy | dict[str, Any] | None = None,
-    started_by: str = STARTER_AGENT,
-    start_depth: int = 0,
-    previous_results: list[dict[str, Any]] | None = None,
-    first_handoff_id: UUID | None = None,
+    policy: ChainPolicy | Mapping[str, Any] | None = None,
     max_context_bytes: int | None = None,
 ) -> ChainRequest:
-    """Validate a chain request at the edge; raises `InvalidRequest` with one readable line."""
-    if (to_agent is None) == (capability is None):
-        raise InvalidRequest("give exactly one of to_agent or capability")
-    if not task_description or not task_description.strip():
-        raise InvalidRequest("the task description is empty")
-    if to_agent is not None:
-        try:
-            check_agent_id(to_agent)
-        except ValueError as err:
-            raise InvalidRequest(str(err)) from None
+    """Validate a chain request at the edge; raises `InvalidRequest` with one readable line.
+
+    The chain's bounds are its `policy` (a `ChainPolicy`, or a mapping of its fields);
+    `hop_timeout` and `max_depth` are shorthands for its `hop_timeout_s` and `max_depth`, to
+    give one way or the other. `max_context_bytes`: the context limit, by default what this
+    environment's payload storage allows.
+    """
+    if capability is not None:
+        capability = _capability(capability)
+    fields = policy.model_dump(exclude_unset=True) if isinstance(policy, ChainPolicy) else dict(policy or {})
+    for name, value in (("hop_timeout_s", hop_timeout), ("max_depth", max_depth)):
+        if value is not None:
+            if name in fields:
+                raise InvalidRequest(f"{name} is given twice: as an argument and in the policy")
+            fields[name] = value
+    fields.setdefault("max_context_bytes", max_context_bytes or env_context_limit())
     try:
-        if capability is not None:
-            capability = _capability(capability)
-        chain_uuid = uuid4() if chain_id is None else _uuid(chain_id)
-        overrides = {
-            k: v for k, v in {"hop_timeout_s": hop_timeout, "max_depth": max_depth}.items() if v is not None
-        }
-        base = {"max_context_bytes": max_context_bytes or env_context_limit(),
-                **(policy.model_dump() if isinstance(policy, ChainPolicy) else dict(policy or {}))}
         request = ChainRequest(
-            chain_id=chain_uuid,
+            chain_id=uuid4() if chain_id is None else _uuid(chain_id),
             to_agent=to_agent or "",
             capability=capability,
             task_description=task_description,
             context_data=context_data or {},
-            policy=ChainPolicy(**{**base, **overrides}),
-            started_by=started_by,
-            start_depth=start_depth,
-            previous_results=previous_results or [],
-            first_handoff_id=first_handoff_id,
+            policy=ChainPolicy(**fields),
         )
     except ValidationError as err:
         raise InvalidRequest(_one_line(err)) from None
+    return checked(request)
+
+
+def checked(request: ChainRequest) -> ChainRequest:
+    """`request`, if the chain may start; else `InvalidRequest` (`ContextTooLarge`) saying why."""
+    problem = request.problem()
+    if problem:
+        raise InvalidRequest(problem)
     size = len(request.model_dump_json())
     if size > request.policy.max_context_bytes:
         raise ContextTooLarge(size, request.policy.max_context_bytes)
@@ -143,11 +148,6 @@ def build_request(
 def env_context_limit() -> int:
     """The context limit for clients that `connect()` builds from this environment."""
     return MAX_EXTERNAL_CONTEXT_BYTES if storage_configured() else MAX_CONTEXT_BYTES
-
-
-def _request_for(client: Client, arguments: dict[str, Any]) -> ChainRequest:
-    """`build_request`, with the context limit that `client`'s converter allows."""
-    return build_request(**{"max_context_bytes": context_limit(client), **arguments})
 
 
 def context_limit(client: Client) -> int:
@@ -211,17 +211,48 @@ async def start_request(client: Client, request: ChainRequest, *, search_attribu
         raise
 
 
-async def start_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> UUID:
-    """Start a chain and return its id (also its workflow id). See `build_request` for arguments."""
-    built = _request_for(client, request)
-    await start_request(client, built, search_attributes=search_attributes)
-    return built.chain_id
+async def start_chain(
+    client: Client,
+    *,
+    task_description: str,
+    to_agent: str | None = None,
+    capability: AgentCapability | str | None = None,
+    context_data: dict[str, Any] | None = None,
+    chain_id: UUID | str | None = None,
+    hop_timeout: float | None = None,
+    max_depth: int | None = None,
+    policy: ChainPolicy | Mapping[str, Any] | None = None,
+    search_attributes: bool = True,
+) -> UUID:
+    """Start a chain and return its id (also its workflow id); `build_request` says what the
+    arguments mean. `search_attributes`: False on a server without handoff's registered."""
+    handle = await start_request(client, build_request(
+        task_description=task_description, to_agent=to_agent, capability=capability,
+        context_data=context_data, chain_id=chain_id, hop_timeout=hop_timeout, max_depth=max_depth,
+        policy=policy, max_context_bytes=context_limit(client),
+    ), search_attributes=search_attributes)
+    return UUID(handle.id)
 
 
-async def run_chain(client: Client, *, search_attributes: bool = True, **request: Any) -> ChainRecord:
-    """Start a chain, wait for it to end, and return its record."""
-    built = _request_for(client, request)
-    handle = await start_request(client, built, search_attributes=search_attributes)
+async def run_chain(
+    client: Client,
+    *,
+    task_description: str,
+    to_agent: str | None = None,
+    capability: AgentCapability | str | None = None,
+    context_data: dict[str, Any] | None = None,
+    chain_id: UUID | str | None = None,
+    hop_timeout: float | None = None,
+    max_depth: int | None = None,
+    policy: ChainPolicy | Mapping[str, Any] | None = None,
+    search_attributes: bool = True,
+) -> ChainRecord:
+    """Start a chain as `start_chain` does, wait for it to end, and return its record."""
+    handle = await start_request(client, build_request(
+        task_description=task_description, to_agent=to_agent, capability=capability,
+        context_data=context_data, chain_id=chain_id, hop_timeout=hop_timeout, max_depth=max_depth,
+        policy=policy, max_context_bytes=context_limit(client),
+    ), search_attributes=search_attributes)
     return await _ended(client, handle)
 
 
@@ -233,33 +264,25 @@ async def wait_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
 async def _ended(client: Client, handle: WorkflowHandle) -> ChainRecord:
     try:
         return await handle.result()
-    except WorkflowFailureError:
+    except WorkflowFailureError:  # cancelled, terminated, failed: the record is in its history
         return await get_chain(client, handle.id)
 
 
-@contextmanager
-def _chain_must_exist(chain_id: UUID | str) -> Iterator[None]:
-    try:
-        yield
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise ChainNotFound(str(chain_id)) from None
-        raise
-
-
 async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
-    """The chain's record, rebuilt from workflow history: works in any state, with no worker."""
-    handle = client.get_workflow_handle(str(_uuid(chain_id)))
-    with _chain_must_exist(chain_id):
-        history = await handle.fetch_history()
+    """The chain's record, read back from its workflow history: in any state, with no worker
+    (`handoff.audit`)."""
+    history = await unless_missing(client.get_workflow_handle(str(_uuid(chain_id))).fetch_history())
+    if history is None:
+        raise ChainNotFound(str(chain_id))
     return await record_from_history(history, client.data_converter)
 
 
 async def cancel_chain(client: Client, chain_id: UUID | str) -> None:
     """Ask a running chain to cancel; its current hop is cancelled and the chain ends `cancelled`."""
     handle = client.get_workflow_handle(str(_uuid(chain_id)))
-    with _chain_must_exist(chain_id):
-        description = await handle.describe()
+    description = await unless_missing(handle.describe())
+    if description is None:
+        raise ChainNotFound(str(chain_id))
     if description.status != WorkflowExecutionStatus.RUNNING:
         raise InvalidRequest(f"chain {chain_id} is not running ({description.status.name.lower()})")
     await handle.cancel()

@@ -38,8 +38,6 @@ DEFAULT_MAX_VISITS_PER_AGENT = 2
 # a second on a cluster, and the Web UI shows the running hop live either way.
 DEFAULT_PROGRESS_AFTER_S = 2.0
 
-MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
-"""Temporal's default limit for one payload (blob)."""
 MAX_CONTEXT_BYTES = 1_900_000
 """Largest hop input we schedule: a little under the payload limit, leaving room for the envelope."""
 MAX_EXTERNAL_CONTEXT_BYTES = 32 * 1024 * 1024

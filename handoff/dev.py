@@ -14,7 +14,7 @@ from handoff.registry import agent_statuses
 from handoff.render import chain_table, ui_url
 from handoff.server import EmbeddedServer
 from handoff.telemetry import Telemetry
-from workers.main import run_workers, stop_on_signals
+from handoff.workers.main import run_workers, stop_on_signals
 
 DEMO_TASK = "Review {name} before release"
 
@@ -46,7 +46,7 @@ async def run_dev(
     server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
     telemetry: Telemetry | None = None,
 ) -> int:
-    from agents import ALL_AGENTS
+    from handoff.examples import ALL_AGENTS
 
     telemetry = telemetry or Telemetry()
     client = await connect(address=server.address, runtime=telemetry.runtime, tracing=telemetry.tracing)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from temporalio.service import RPCError, RPCStatusCode
+
+T = TypeVar("T")
+
 
 class HandoffError(Exception):
-    """Base class of the errors this package raises on purpose."""
+    """Base class of the errors this package raises on purpose. The CLI prints one line and
+    exits with `exit_code`: 2, bad input or configuration, unless a subclass says otherwise."""
+
+    exit_code = 2
 
 
 class InvalidRequest(HandoffError, ValueError):
@@ -23,9 +33,15 @@ class ContextTooLarge(InvalidRequest):
 class UnknownAgent(InvalidRequest):
     def __init__(self, agent_id: str, known: list[str]) -> None:
         listed = ", ".join(sorted(known)) or "none registered"
-        super().__init__(f"unknown agent {agent_id!r} (known: {listed})")
+        super().__init__(f"Agent not found: {agent_id!r} (registered: {listed})")
         self.agent_id = agent_id
         self.known = known
+
+
+class ServerUnreachable(HandoffError):
+    """The Temporal server cannot be reached (not bad input: the CLI exits 1)."""
+
+    exit_code = 1
 
 
 class ChainNotFound(HandoffError, LookupError):
@@ -39,3 +55,14 @@ class PermanentError(HandoffError):
 
     Any other exception from a handler is retried (bounded by the chain's `max_attempts`).
     """
+
+
+async def unless_missing(call: Awaitable[T]) -> T | None:
+    """The result of a call to the Temporal server; None when the server says it does not know
+    what was asked for (NOT_FOUND)."""
+    try:
+        return await call
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise

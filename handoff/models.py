@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
 from temporalio.api.common.v1 import Payload
 from temporalio.common import RawValue
@@ -29,6 +29,7 @@ from handoff.constants import (
     MAX_CONTEXT_BYTES,
     MAX_EXTERNAL_CONTEXT_BYTES,
 )
+from handoff.errors import InvalidRequest
 
 AGENT_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -39,12 +40,28 @@ def utc_now() -> datetime:
 
 
 def check_agent_id(value: str) -> str:
-    """Return `value` if it is a valid agent id, else raise `ValueError` saying what is wrong."""
+    """Return `value` if it is a valid agent id, else raise `InvalidRequest` saying what is wrong
+    (a `ValueError`, so pydantic validators report it as theirs)."""
     if not isinstance(value, str) or not AGENT_ID_RE.match(value):
-        raise ValueError(
+        raise InvalidRequest(
             f"invalid agent id {value!r}: use a lowercase letter, then up to 62 of a-z 0-9 _ -"
         )
     return value
+
+
+def address_problem(to_agent: str | None, capability: object | None) -> str | None:
+    """What is wrong with where a chain or a handoff is addressed: it names exactly one agent
+    or one capability. None when nothing is."""
+    if bool(to_agent) == (capability is not None):
+        return "give exactly one of an agent (to_agent) or a capability"
+    if to_agent and not AGENT_ID_RE.match(to_agent):
+        return f"invalid agent id {to_agent!r}"
+    return None
+
+
+def task_problem(task: str) -> str | None:
+    """What is wrong with a task description: it says something. None when nothing is."""
+    return None if task.strip() else "the task description is empty"
 
 
 def _aware_utc(value: datetime) -> datetime:
@@ -86,12 +103,11 @@ class HopStatus(str, Enum):
 
 
 class HandoffContext(BaseModel):
-    """One handoff: what the receiving agent is asked to do, and everything the chain knows.
+    """One hop's input: what the receiving agent is asked to do, and everything the chain knows.
 
     The chain workflow builds every context: `from_agent`, `chain_id`, `chain_depth`,
     `handoff_id` and `previous_results` are set by the workflow, never taken from an agent.
-    A context is addressed to an agent (`to_agent`) or to a capability (`to_capability`);
-    the workflow resolves a capability to a live agent and fills in `to_agent`.
+    `to_capability` is the capability the hop was addressed by, when it was.
     """
 
     handoff_id: UUID = Field(default_factory=uuid4)
@@ -104,10 +120,6 @@ class HandoffContext(BaseModel):
     previous_results: list[dict[str, Any]] = Field(default_factory=list)
     chain_depth: int = Field(default=0, ge=0, le=MAX_CHAIN_DEPTH)
     created_at: datetime = Field(default_factory=utc_now)
-    visible_context_keys: list[str] | None = None
-    """On a handoff directive: the keys of the chain's context the receiving agent sees (None: all)."""
-    visible_previous_results: int | None = Field(default=None, ge=0)
-    """On a handoff directive: how many of the latest earlier results the receiver sees (None: all)."""
 
     _aware = field_validator("created_at")(_aware_utc)
 
@@ -115,12 +127,6 @@ class HandoffContext(BaseModel):
     @classmethod
     def _valid_to_agent(cls, value: str) -> str:
         return check_agent_id(value) if value else value
-
-    @model_validator(mode="after")
-    def _addressed(self) -> HandoffContext:
-        if not self.to_agent and self.to_capability is None:
-            raise ValueError("a handoff needs to_agent or to_capability")
-        return self
 
     def complete(self, result_data: dict[str, Any] | None = None) -> HandoffResult:
         """This hop's successful result; the chain ends here."""
@@ -148,17 +154,16 @@ class HandoffContext(BaseModel):
         is this hop's own result, which later hops see in `previous_results`. The next agent
         alone may be shown less: only `visible_context_keys` of the context and only the latest
         `visible_previous_results` results; what it was not shown is recorded in its hop entry.
+        Raises `InvalidRequest` unless exactly one of `to_agent` and `capability` is given.
         """
-        if (to_agent is None) == (capability is None):
-            raise ValueError("handoff() takes exactly one of to_agent= or capability=")
-        next_context = HandoffContext(
-            chain_id=self.chain_id,
-            from_agent=self.to_agent,
+        problem = address_problem(to_agent, capability)
+        if problem:
+            raise InvalidRequest(f"handoff(): {problem}")
+        directive = HandoffDirective(
             to_agent=to_agent or "",
             to_capability=AgentCapability(capability) if capability is not None else None,
             task_description=task_description,
             context_data=context_data or {},
-            chain_depth=min(self.chain_depth + 1, MAX_CHAIN_DEPTH),
             visible_context_keys=visible_context_keys,
             visible_previous_results=visible_previous_results,
         )
@@ -166,8 +171,33 @@ class HandoffContext(BaseModel):
             handoff_id=self.handoff_id,
             success=True,
             result_data=result_data or {},
-            next_handoff=next_context,
+            next_handoff=directive,
         )
+
+
+class HandoffDirective(BaseModel):
+    """What an agent returns to hand the chain on: where to, what to do, what to add to the
+    chain's context and what the next agent may see of it. Best built by `ctx.handoff(...)`.
+
+    The workflow judges it before anything runs: it must name exactly one agent or capability
+    and a task, and the chain's depth, loop and handoff-policy rules apply to what it names.
+    A fully built `HandoffContext` returned as `next_handoff` (the original API's style) is read
+    as a directive; its other fields are ignored, as they are in histories recorded before
+    directives had a model of their own.
+    """
+
+    to_agent: str = ""
+    to_capability: AgentCapability | None = None
+    task_description: str
+    context_data: dict[str, Any] = Field(default_factory=dict)
+    visible_context_keys: list[str] | None = None
+    """The keys of the chain's context the receiving agent sees (None: all)."""
+    visible_previous_results: int | None = Field(default=None, ge=0)
+    """How many of the latest earlier results the receiving agent sees (None: all)."""
+
+    def problem(self) -> str | None:
+        """Why the chain must refuse this directive; None when it may follow it."""
+        return address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
 
 
 class HandoffResult(BaseModel):
@@ -177,10 +207,17 @@ class HandoffResult(BaseModel):
     success: bool
     result_data: dict[str, Any] = Field(default_factory=dict)
     execution_time_seconds: float = 0.0
-    next_handoff: HandoffContext | None = None
+    next_handoff: HandoffDirective | None = None
     completed_at: datetime = Field(default_factory=utc_now)
 
     _aware = field_validator("completed_at")(_aware_utc)
+
+    @field_validator("next_handoff", mode="before")
+    @classmethod
+    def _context_as_directive(cls, value: Any) -> Any:
+        if isinstance(value, HandoffContext):
+            return value.model_dump()
+        return value
 
 
 class ChainPolicy(BaseModel):
@@ -251,6 +288,12 @@ class ChainRequest(BaseModel):
     first_handoff_id: UUID | None = None
     """Use this id for the first hop (the facade keeps the caller's handoff id)."""
 
+    def problem(self) -> str | None:
+        """Why the chain must be refused before its first hop; None when it may start. Checked
+        by the client before it starts anything, and by the workflow for requests that did not
+        come through the client."""
+        return address_problem(self.to_agent, self.capability) or task_problem(self.task_description)
+
 
 class HopInput(BaseModel):
     """The hop activity's input. `hop` and `fallback_for` let the audit be rebuilt from history."""
@@ -277,6 +320,28 @@ def sized_payload(model: BaseModel) -> tuple[RawValue, int]:
     bytes: a hop's input and result are size-checked without being serialized a second time."""
     data = to_json(model)
     return RawValue(Payload(metadata={"encoding": b"json/plain"}, data=data)), len(data)
+
+
+class Registration(BaseModel):
+    """An agent worker's registration (the registry's `register` Update). Loosely typed on
+    purpose: the registry's validator explains what is wrong with it."""
+
+    agent_id: str
+    name: str
+    capabilities: list[str]
+    max_concurrent: int = 5
+    version: str = "1"
+    instance: str = ""
+    """The registering worker's identity; an agent with several replicas has several instances."""
+
+
+class Deregistration(BaseModel):
+    """The registry's `deregister` Update."""
+
+    agent_id: str
+    instance: str = ""
+    all_instances: bool = False
+    """Remove the card whatever instances it has (an operator clearing an agent that was killed)."""
 
 
 class AgentCard(BaseModel):
@@ -342,6 +407,19 @@ class HopRecord(BaseModel):
     """Keys this hop's agent added to (or changed in) the chain's context for the hops after it:
     the `context_data` of its handoff, merged by the workflow (the values are in the history)."""
 
+    def close(self, status: HopStatus, error: str | None, when: datetime, *,
+              attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:
+        """The hop ended at `when` with `status`."""
+        self.status = status
+        self.error = error
+        if attempts is not None:
+            self.attempts = attempts
+        if result_data is not None:
+            self.result_data = result_data
+        self.completed_at = when
+        if self.started_at is not None:
+            self.duration_ms = (when - self.started_at).total_seconds() * 1000
+
 
 class ChainRecord(BaseModel):
     """The audit record of one chain: the chain workflow's result and its `chain_state` query."""
@@ -356,6 +434,18 @@ class ChainRecord(BaseModel):
     final_result: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
 
-    @property
-    def succeeded(self) -> bool:
-        return self.status is ChainStatus.COMPLETED
+    def end(self, status: ChainStatus, error: str | None, when: datetime) -> None:
+        """The chain ended at `when` with `status`; its final result is the last completed hop's."""
+        self.status = status
+        self.error = error
+        self.completed_at = when
+        self.duration_ms = (when - self.started_at).total_seconds() * 1000
+        self.final_result = next((h.result_data for h in reversed(self.hops) if h.status is HopStatus.COMPLETED), {})
+
+    def close_running(self, status: HopStatus, error: str, when: datetime) -> list[HopRecord]:
+        """Close every hop still running (the chain was cancelled, terminated, ...); the hops closed."""
+        running = [hop for hop in self.hops if hop.status is HopStatus.RUNNING]
+        for hop in running:
+            hop.close(status, error, when)
+        return running
+

@@ -15,7 +15,6 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.agent import Agent
 from handoff.constants import (
@@ -26,7 +25,8 @@ from handoff.constants import (
     REGISTRY_WORKFLOW_ID,
     agent_task_queue,
 )
-from handoff.models import AgentCapability, AgentCard, Candidate
+from handoff.errors import unless_missing
+from handoff.models import AgentCapability, AgentCard, Candidate, Deregistration
 
 RPC_TIMEOUT = timedelta(seconds=5)
 
@@ -49,18 +49,6 @@ class AgentStatus(BaseModel):
         return self.stats.backlog / max(self.card.max_concurrent, 1)
 
 
-def _registration(agent: Agent, instance: str) -> dict:
-    card = agent.card()
-    return {
-        "agent_id": card.agent_id,
-        "name": card.name,
-        "capabilities": [c.value for c in card.capabilities],
-        "max_concurrent": card.max_concurrent,
-        "version": card.version,
-        "instance": instance,
-    }
-
-
 async def register_agent(client: Client, agent: Agent, instance: str) -> AgentCard:
     """Register `agent` (creating the registry workflow if it does not exist yet)."""
     start = WithStartWorkflowOperation(
@@ -72,7 +60,7 @@ async def register_agent(client: Client, agent: Agent, instance: str) -> AgentCa
         static_summary="handoff capability registry",
     )
     return await client.execute_update_with_start_workflow(
-        "register", _registration(agent, instance), start_workflow_operation=start, result_type=AgentCard
+        "register", agent.registration(instance), start_workflow_operation=start, result_type=AgentCard
     )
 
 
@@ -80,7 +68,7 @@ async def deregister_agent(client: Client, agent_id: str, instance: str | None =
     """Remove one instance of an agent (its card goes with the last one); with no instance,
     remove the card outright. False if the agent was not registered."""
     handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
-    request = {"agent_id": agent_id, "instance": instance or "", "all_instances": instance is None}
+    request = Deregistration(agent_id=agent_id, instance=instance or "", all_instances=instance is None)
     return await handle.execute_update("deregister", request, result_type=bool, rpc_timeout=RPC_TIMEOUT)
 
 
@@ -89,12 +77,9 @@ async def registered_agents(client: Client) -> list[AgentCard]:
     which the server answers itself (a query would wait on a worker, and on a restarted worker's
     abandoned sticky queue)."""
     handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
-    try:
-        description = await handle.describe(rpc_timeout=RPC_TIMEOUT)
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return []
-        raise
+    description = await unless_missing(handle.describe(rpc_timeout=RPC_TIMEOUT))
+    if description is None:
+        return []
     return await description.memo_value(REGISTRY_MEMO_KEY, [], type_hint=list[AgentCard])
 
 

@@ -35,10 +35,7 @@ def chain_query(*, agent: str | None = None, status: str | None = None,
     """A visibility query for chains; values are validated so the query cannot be malformed."""
     clauses = [f"WorkflowType = '{CHAIN_WORKFLOW}'"]
     if agent is not None:
-        try:
-            check_agent_id(agent)
-        except ValueError as err:
-            raise InvalidRequest(str(err)) from None
+        check_agent_id(agent)
         clauses.append(f"{SA_AGENTS.name} = '{agent}'")
     if status is not None:
         known = [s.value for s in ChainStatus]

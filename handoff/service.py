@@ -16,13 +16,19 @@ from typing import Any
 from uuid import UUID
 
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.agent import Agent, Handler
 from handoff.audit import hop_contexts
-from handoff.client import build_request, connect, context_limit, start_request, wait_chain
-from handoff.constants import MAX_CHAIN_DEPTH
-from handoff.errors import InvalidRequest
+from handoff.client import (
+    build_request,
+    checked,
+    connect,
+    context_limit,
+    start_request,
+    wait_chain,
+)
+from handoff.constants import MAX_CHAIN_DEPTH, STARTER_AGENT
+from handoff.errors import UnknownAgent, unless_missing
 from handoff.models import (
     AgentCapability,
     ChainRecord,
@@ -32,12 +38,13 @@ from handoff.models import (
     HopStatus,
 )
 from handoff.registry import candidates_for, queue_stats, registered_agents
-from workers.agent_worker import run_agent
-from workers.main import run_chain_worker
+from handoff.workers.agent_worker import run_agent
+from handoff.workers.main import run_chain_worker
 
 
 class PeerHandoffService:
-    """Register agents, find them by capability, hand off to them; see DESIGN section 8."""
+    """Register agents, find them by capability, hand off to them (the original design's API;
+    docs/design.md, "The facade")."""
 
     MAX_CHAIN_DEPTH = MAX_CHAIN_DEPTH
     HANDOFF_TIMEOUT_SECONDS = 60
@@ -165,23 +172,23 @@ class PeerHandoffService:
                 f"Handoff chain too deep: {context.chain_depth} >= {self.MAX_CHAIN_DEPTH}")
         if context.to_agent:
             await self._require_registered(context.to_agent)
-        try:
-            request = build_request(
-                task_description=context.task_description,
-                to_agent=context.to_agent or None,
-                capability=None if context.to_agent else context.to_capability,
-                context_data=context.context_data,
-                chain_id=context.chain_id,
-                hop_timeout=self.HANDOFF_TIMEOUT_SECONDS,
-                started_by=context.from_agent or "starter",
-                start_depth=context.chain_depth,
-                previous_results=context.previous_results,
-                first_handoff_id=context.handoff_id,
-                max_context_bytes=context_limit(self.client),
-            )
-            await start_request(self.client, request)
-        except InvalidRequest as err:
-            raise ValueError(str(err)) from None
+        request = build_request(
+            task_description=context.task_description,
+            to_agent=context.to_agent or None,
+            capability=None if context.to_agent else context.to_capability,
+            context_data=context.context_data,
+            chain_id=context.chain_id,
+            hop_timeout=self.HANDOFF_TIMEOUT_SECONDS,
+            max_context_bytes=context_limit(self.client),
+        )
+        # The chain goes on from the caller's own handoff: its sender, depth, earlier results and id.
+        continued = request.model_copy(update={
+            "started_by": context.from_agent or STARTER_AGENT,
+            "start_depth": context.chain_depth,
+            "previous_results": context.previous_results,
+            "first_handoff_id": context.handoff_id,
+        })
+        await start_request(self.client, checked(continued))
         record = await wait_chain(self.client, context.chain_id)
         return _nested_result(context, record)
 
@@ -190,17 +197,13 @@ class PeerHandoffService:
             return
         if any(c.agent_id == agent_id for c in await registered_agents(self.client)):
             return
-        raise ValueError(f"Agent not found: {agent_id}")
+        raise UnknownAgent(agent_id, [*self._agents, *(c.agent_id for c in await registered_agents(self.client))])
 
     async def get_handoff_chain(self, chain_id: UUID) -> list[HandoffContext]:
         """Every handoff context of the chain, in order; [] for an unknown chain."""
-        handle = self.client.get_workflow_handle(str(chain_id))
-        try:
-            history = await handle.fetch_history()
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                return []
-            raise
+        history = await unless_missing(self.client.get_workflow_handle(str(chain_id)).fetch_history())
+        if history is None:
+            return []
         return await hop_contexts(history, self.client.data_converter)
 
 

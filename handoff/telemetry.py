@@ -125,9 +125,13 @@ def span_exporter() -> SpanExporter:
                               os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
     try:
         if protocol.startswith("http"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter,
+            )
         else:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter,
+            )
     except ImportError:
         raise TelemetryUnavailable(
             f"OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter ({protocol}) is not "

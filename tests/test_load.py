@@ -12,7 +12,7 @@ import pytest
 from temporalio import activity
 
 from handoff import ChainStatus, PermanentError, start_chain, wait_chain
-from tests.conftest import make_agent, running
+from tests.support import make_agent, running
 
 pytestmark = [pytest.mark.usefixtures("chains"), pytest.mark.timeout(600)]
 

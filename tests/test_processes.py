@@ -6,19 +6,16 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from handoff import ChainStatus, HopStatus, run_chain
 from handoff.registry import deregister_agent
-from tests.conftest import wait_live
+from tests.support import HANDOFF, wait_live
 
 pytestmark = pytest.mark.usefixtures("chains")
 
-HANDOFF = str(Path(sys.executable).parent / "handoff")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from handoff.registry import (
     register_agent,
     registered_agents,
 )
-from tests.conftest import make_agent, running, wait_live
+from tests.support import make_agent, running, wait_live
 
 pytestmark = pytest.mark.usefixtures("chains")
 

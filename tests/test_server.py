@@ -4,20 +4,17 @@ search attributes registered, data persisted in --db across restarts."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from handoff.workers.chain_worker import chain_worker
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
 from handoff import ChainStatus, run_chain
 from handoff.client import connect, get_chain
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.server import EmbeddedServer, ServerError, free_port
-from tests.conftest import ROOT, make_agent, running
-from workers.chain_worker import chain_worker
-
-HANDOFF = str(Path(sys.executable).parent / "handoff")
+from tests.support import HANDOFF, ROOT, make_agent, running
 
 
 async def test_server_registers_search_attributes_and_persists_chains(tmp_path, uid):
@@ -51,7 +48,7 @@ def test_dev_runs_the_demo_chain_end_to_end():
     """What `make run` does, with free ports and an in-memory database, stopping after the demo."""
     result = subprocess.run(
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--demo", str(ROOT / "agents" / "samples" / "inventory_service.py"), "--exit-after-demo"],
+         "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,12 +7,21 @@ import time
 from uuid import uuid4
 
 import pytest
+from handoff.workers.chain_worker import chain_worker
 from temporalio.api.common.v1 import Payload
-from temporalio.converter import StorageDriverClaim, StorageDriverRetrieveContext, StorageDriverStoreContext
+from temporalio.converter import (
+    StorageDriverClaim,
+    StorageDriverRetrieveContext,
+    StorageDriverStoreContext,
+)
 
 from handoff import ChainRecord, ChainStatus, ContextTooLarge
 from handoff.client import build_request, connect, context_limit
-from handoff.constants import CHAIN_WORKFLOW, MAX_CONTEXT_BYTES, MAX_EXTERNAL_CONTEXT_BYTES
+from handoff.constants import (
+    CHAIN_WORKFLOW,
+    MAX_CONTEXT_BYTES,
+    MAX_EXTERNAL_CONTEXT_BYTES,
+)
 from handoff.server import free_port
 from handoff.storage import (
     PAYLOAD_DIR_ENV,
@@ -21,8 +30,7 @@ from handoff.storage import (
     FileStorageDriver,
     StorageError,
 )
-from tests.conftest import make_agent, running
-from workers.chain_worker import chain_worker
+from tests.support import make_agent, running
 
 
 async def test_file_driver_is_content_addressed_and_checks_what_it_reads(tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from handoff.workers.chain_worker import chain_worker
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
@@ -35,9 +36,7 @@ from handoff.client import build_request, connect
 from handoff.constants import CHAIN_WORKFLOW
 from handoff.server import free_port
 from handoff.telemetry import Telemetry, TelemetryUnavailable, span_exporter
-from tests.conftest import ROOT, make_agent, running
-from tests.test_cli import HANDOFF, assert_usage_error, cli
-from workers.chain_worker import chain_worker
+from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
 Sample = tuple[dict[str, str], float]
 SAMPLE_RE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
@@ -263,7 +262,7 @@ async def test_dev_exports_spans_and_announces_metrics():
     result = await asyncio.to_thread(
         subprocess.run,
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--demo", str(ROOT / "agents" / "samples" / "inventory_service.py"), "--exit-after-demo",
+         "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo",
          "--metrics-port", str(port), "--otel"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
     )

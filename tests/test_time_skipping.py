@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from handoff.workers.chain_worker import chain_worker
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from handoff import ChainStatus, HopStatus, run_chain
-from tests.conftest import make_agent, running
-from workers.chain_worker import chain_worker
+from tests.support import make_agent, running
 
 
 def _test_server() -> str:

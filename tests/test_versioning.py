@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from handoff.workers.agent_worker import run_agent
 
 from handoff import ChainStatus, run_chain
 from handoff.versioning import current_build_id
-from tests.conftest import make_agent
-from workers.agent_worker import run_agent
+from tests.support import HANDOFF, make_agent
 
 pytestmark = pytest.mark.usefixtures("chains")
 
-HANDOFF = str(Path(sys.executable).parent / "handoff")
 
 
 async def test_rollout_moves_later_hops_of_a_running_chain_to_the_new_version(client, cli_env, uid):

@@ -23,12 +23,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from handoff.workers.chain_worker import chain_worker
 
 from handoff import ChainStatus, run_chain
 from handoff.client import connect
 from handoff.server import EmbeddedServer, free_port
-from tests.conftest import make_agent, running
-from workers.chain_worker import chain_worker
+from tests.support import make_agent, running
 
 BROWSER = next(
     (found for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from handoff.activities.registry import RegistryActivities
+from handoff.workflows.chain import HandoffChainWorkflow
+from handoff.workflows.registry import AgentRegistryWorkflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import (
+    SandboxedWorkflowRunner,
+    SandboxRestrictions,
+)
 
-from activities.registry import RegistryActivities
 from handoff.constants import CHAIN_TASK_QUEUE
-from workflows.chain import HandoffChainWorkflow
-from workflows.registry import AgentRegistryWorkflow
-
 
 # When a chain worker stops, tasks of the workflows it cached wait this long on its sticky queue
 # before any other worker gets them (registry updates included); the SDK default is 10 s.
@@ -19,12 +22,29 @@ STICKY_TIMEOUT = timedelta(seconds=1)
 
 
 # The chain and registry workflows run without the workflow sandbox. They are handoff's own code
-# (agent code runs in activities, never here), and the sandbox was the chain worker's largest
-# cost: it re-imported the workflow module for every run and, once that was passed through, it
-# still entered the sandbox for every payload of every task to find its serialization context
-# (a fifth of the worker's CPU). Determinism is guarded by tests instead: tests/test_replay.py
-# replays the golden histories with the SDK's default, fully restricted sandbox.
+# (agent code runs in activities, never here), and the sandbox costs the chain worker about a fifth
+# of its CPU: it loads the workflow modules afresh for every run and enters itself for every
+# payload of every task. Determinism is guarded by tests instead: tests/test_replay.py replays the
+# golden histories under the SDK's fully restricted sandbox (`sandboxed_runner`).
 RUNNER = UnsandboxedWorkflowRunner()
+
+# Every part of handoff but its workflows, passed through the sandbox: the workflow modules are
+# loaded afresh and checked; the rest (the `handoff` package they live in included) is the one
+# already imported, which also keeps the sandbox from re-importing native extensions it cannot.
+SANDBOX_PASSTHROUGH = (
+    "handoff.activities", "handoff.agent", "handoff.audit", "handoff.cli", "handoff.client",
+    "handoff.codec", "handoff.codec_server", "handoff.constants", "handoff.dev", "handoff.errors",
+    "handoff.examples", "handoff.log", "handoff.models", "handoff.registry", "handoff.render",
+    "handoff.search", "handoff.server", "handoff.service", "handoff.storage", "handoff.telemetry",
+    "handoff.testing", "handoff.versioning", "handoff.workers",
+)
+
+
+def sandboxed_runner() -> SandboxedWorkflowRunner:
+    """The SDK's workflow sandbox, fully restricted, for handoff's workflows (what the replay
+    tests check them under)."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*SANDBOX_PASSTHROUGH))
 
 
 def chain_worker(client: Client, *, task_queue: str = CHAIN_TASK_QUEUE, **options) -> Worker:

@@ -13,10 +13,10 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -42,14 +42,13 @@ with workflow.unsafe.imports_passed_through():
         agent_task_queue,
     )
     from handoff.models import (
-        AGENT_ID_RE,
         AgentCapability,
         Candidate,
-        ChainPolicy,
         ChainRecord,
         ChainRequest,
         ChainStatus,
         HandoffContext,
+        HandoffDirective,
         HandoffResult,
         HopInput,
         HopOutput,
@@ -70,6 +69,11 @@ class Target:
     from_agent: str
     visible_keys: tuple[str, ...] | None = None
     visible_previous: int | None = None
+
+    @property
+    def addressed(self) -> str:
+        """What the handoff names, for messages: the agent, else the capability."""
+        return self.to_agent or (self.capability.value if self.capability else "")
 
 
 class ChainEnd(Exception):
@@ -96,6 +100,10 @@ FAILURE_EXCEPTION_TYPES = [
     ValidationError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError, AssertionError,
 ]
 
+PROGRESS_TIMER_SUMMARY = ("still running: from here on, the chain's search attributes "
+                          "(HandoffCurrentAgent, HandoffDepth, HandoffAgents) follow every hop")
+"""The progress timer as the Web UI's timeline names it."""
+
 
 @workflow.defn(name=CHAIN_WORKFLOW, failure_exception_types=FAILURE_EXCEPTION_TYPES)
 class HandoffChainWorkflow:
@@ -107,7 +115,7 @@ class HandoffChainWorkflow:
             task_description=request.task_description,
             started_at=workflow.now(),
         )
-        self._policy: ChainPolicy = request.policy
+        policy = self._policy = request.policy
         self._context_data: dict[str, Any] = dict(request.context_data)
         self._prior_results = list(request.previous_results)
         self._results: list[dict[str, Any]] = []
@@ -119,7 +127,13 @@ class HandoffChainWorkflow:
         self._search_attributes = workflow.info().typed_search_attributes.get(SA_STATUS) is not None
         self._live_progress = True  # whether each hop upserts the progress search attributes
         self._progress: tuple[list[str], str, int] | None = None  # (agents, current agent, depth)
-        self._progress_timer: asyncio.Task[None] | None = None
+        self._retry_policy = RetryPolicy(
+            initial_interval=timedelta(seconds=policy.retry_initial_s),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=policy.retry_initial_s * 16),
+            maximum_attempts=policy.max_attempts,
+            non_retryable_error_types=list(NON_RETRYABLE_ERRORS),
+        )
         # Replay-safe: the workflow metric meter records nothing while replaying history.
         meter = workflow.metric_meter()
         self._hops_metric = meter.create_counter(
@@ -136,6 +150,12 @@ class HandoffChainWorkflow:
     def chain_state(self) -> ChainRecord:
         return self._record
 
+    @property
+    def record(self) -> ChainRecord:
+        """The chain's record as this run holds it (what `chain_state` answers); the rebuild
+        of a record from history (`handoff.audit`) replays the history and reads it here."""
+        return self._record
+
     @workflow.run
     async def run(self, request: ChainRequest) -> ChainRecord:
         target = Target(
@@ -150,9 +170,12 @@ class HandoffChainWorkflow:
         if (self._search_attributes and self._policy.progress_after_s
                 and "progress_after_s" in self._policy.model_fields_set):
             self._live_progress = False
+            # held: the event loop keeps only a weak reference to a task
             self._progress_timer = asyncio.create_task(self._progress_after(self._policy.progress_after_s))
         try:
-            self._check_request(request)
+            problem = request.problem()
+            if problem:
+                raise ChainEnd(ChainStatus.REJECTED, problem)
             for depth in range(request.start_depth, MAX_CHAIN_DEPTH + 1):
                 if depth >= self._policy.max_depth:
                     self._refuse(depth, target, ChainStatus.DEPTH_EXCEEDED,
@@ -163,35 +186,21 @@ class HandoffChainWorkflow:
                 directive = result.next_handoff
                 if directive is None:
                     return self._finish(ChainStatus.COMPLETED)
-                target = self._next_target(directive, agent)
+                target = self._next_target(depth + 1, directive, agent)
         except ChainEnd as end:
             return self._finish(end.status, end.error)
         except (asyncio.CancelledError, CancelledError):
-            for hop in self._record.hops:
-                if hop.status is HopStatus.RUNNING:
-                    self._close_hop(hop, HopStatus.CANCELLED, error="chain cancelled")
+            for hop in self._record.close_running(HopStatus.CANCELLED, "chain cancelled", workflow.now()):
+                self._count_hop(hop)
             self._finish(ChainStatus.CANCELLED, "chain cancelled")
             raise
         raise AssertionError("unreachable: the depth check ends every chain")
 
     # -- rules -------------------------------------------------------------------------
 
-    def _check_request(self, request: ChainRequest) -> None:
-        if not request.to_agent and request.capability is None:
-            raise ChainEnd(ChainStatus.REJECTED, "the chain needs a first agent or capability")
-        if request.to_agent and not AGENT_ID_RE.match(request.to_agent):
-            raise ChainEnd(ChainStatus.REJECTED, f"invalid agent id {request.to_agent!r}")
-        if not request.task_description.strip():
-            raise ChainEnd(ChainStatus.REJECTED, "the chain needs a task description")
-
-    def _next_target(self, directive: HandoffContext, agent: str) -> Target:
+    def _next_target(self, depth: int, directive: HandoffDirective, agent: str) -> Target:
         self._record.hops[-1].context_added = sorted(directive.context_data)
-        if directive.to_agent and not AGENT_ID_RE.match(directive.to_agent):
-            raise ChainEnd(ChainStatus.FAILED, f"{agent!r} handed off to invalid agent id {directive.to_agent!r}")
-        if not directive.to_agent and directive.to_capability is None:
-            raise ChainEnd(ChainStatus.FAILED, f"{agent!r} handed off without an agent or capability")
-        self._context_data.update(directive.context_data)
-        return Target(
+        target = Target(
             to_agent=directive.to_agent,
             capability=directive.to_capability,
             task=directive.task_description,
@@ -200,6 +209,11 @@ class HandoffChainWorkflow:
                           if directive.visible_context_keys is not None else None),
             visible_previous=directive.visible_previous_results,
         )
+        problem = directive.problem()
+        if problem:  # judged by what it names: one agent or one capability, never both
+            self._refuse(depth, target, ChainStatus.REJECTED, f"{agent!r} handed off badly: {problem}")
+        self._context_data.update(directive.context_data)
+        return target
 
     def _loop_violation(self, agent: str, task: str) -> str | None:
         if (agent, task) in self._asked:
@@ -209,7 +223,10 @@ class HandoffChainWorkflow:
                     f"(limit {self._policy.max_visits_per_agent} per chain)")
         return None
 
-    def _refuse(self, depth: int, target: Target, status: ChainStatus, reason: str) -> None:
+    def _permits(self, target: Target, agent: str) -> bool:
+        return self._policy.permits(target.from_agent, agent, target.capability)
+
+    def _refuse(self, depth: int, target: Target, status: ChainStatus, reason: str) -> NoReturn:
         self._record.hops.append(HopRecord(
             hop=depth, from_agent=target.from_agent, to_agent=target.to_agent,
             capability=target.capability, task_description=target.task,
@@ -224,16 +241,7 @@ class HandoffChainWorkflow:
     async def _handoff(self, depth: int, target: Target) -> tuple[HandoffResult, str]:
         """Run one handoff: the first choice, then fallbacks. Returns the result and the agent
         that produced it, or raises ChainEnd."""
-        if target.to_agent:
-            agent, considered = target.to_agent, [target.to_agent]
-            if not self._policy.permits(target.from_agent, agent, target.capability):
-                self._refuse(depth, target, ChainStatus.REJECTED,
-                             f"the handoff policy does not let {target.from_agent!r} hand off to {agent!r}")
-            violation = self._loop_violation(agent, target.task)
-            if violation:
-                self._refuse(depth, target, ChainStatus.LOOP_DETECTED, violation)
-        else:
-            agent, considered = await self._pick(depth, target, first=True)
+        agent, considered = await self._first_choice(depth, target)
         fallback_for: str | None = None
         errors: list[str] = []
         while agent is not None:
@@ -243,44 +251,66 @@ class HandoffChainWorkflow:
             errors.append(f"{agent}: {record.error}")
             self._failed.add(agent)
             fallback_for = fallback_for or agent
-            agent, considered = await self._pick(depth, target, first=False)
+            agent, considered = await self._fallback_choice(target)
             if agent is not None:
                 self._fallbacks_metric.add(1, {"failed_agent": record.to_agent, "to_agent": agent})
         raise ChainEnd(ChainStatus.FAILED, f"hop {depth} failed on every agent tried ({'; '.join(errors)})")
 
-    async def _pick(self, depth: int, target: Target, *, first: bool) -> tuple[str | None, list[str]]:
-        """The next agent to try: the least loaded live agent with the capability (or, for a
-        hop addressed by name, with that agent's primary capability), else the configured
-        fallback agent. Agents that failed in this chain or would loop are skipped."""
+    async def _first_choice(self, depth: int, target: Target) -> tuple[str, list[str]]:
+        """The agent the handoff goes to first, and the agents considered; or a refusal (the
+        policy or the loop rules exclude every candidate) or an unreachable hop (no candidate)."""
+        if target.to_agent:
+            agent = target.to_agent
+            if not self._permits(target, agent):
+                self._refuse(depth, target, ChainStatus.REJECTED,
+                             f"the handoff policy does not let {target.from_agent!r} hand off to {agent!r}")
+            violation = self._loop_violation(agent, target.task)
+            if violation:
+                self._refuse(depth, target, ChainStatus.LOOP_DETECTED, violation)
+            return agent, [agent]
         candidates = await self._candidates(target)
         considered = [c.agent_id for c in candidates]
-        permitted = [c for c in candidates
-                     if self._policy.permits(target.from_agent, c.agent_id, target.capability)]
-        if first and candidates and not permitted:
+        permitted = [c for c in candidates if self._permits(target, c.agent_id)]
+        if candidates and not permitted:
             self._refuse(depth, target, ChainStatus.REJECTED,
-                         f"the handoff policy does not let {target.from_agent!r} hand off to "
-                         f"{target.capability.value if target.capability else target.to_agent}")
+                         f"the handoff policy does not let {target.from_agent!r} hand off to {target.addressed}")
         live = [c for c in permitted if c.live]
         allowed = [c for c in live if not self._loop_violation(c.agent_id, target.task)]
         if allowed:
             return allowed[0].agent_id, considered
-        if first and live:
+        if live:
             self._refuse(depth, target, ChainStatus.LOOP_DETECTED,
                          self._loop_violation(live[0].agent_id, target.task) or "loop")
+        fallback = self._usable_fallback(target)
+        if fallback:
+            return fallback, [*considered, fallback]
+        self._record.hops.append(HopRecord(
+            hop=depth, from_agent=target.from_agent, to_agent="", capability=target.capability,
+            task_description=target.task, status=HopStatus.UNREACHABLE, candidates=considered,
+            error=f"no live agent with capability {target.addressed} (considered: {considered or 'none'})",
+            started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
+        ))
+        raise ChainEnd(ChainStatus.FAILED, self._record.hops[-1].error or "")
+
+    async def _fallback_choice(self, target: Target) -> tuple[str | None, list[str]]:
+        """After a failed try: the least loaded live agent with the capability (for a hop
+        addressed by name, that agent's primary capability) the rules allow, else the configured
+        fallback agent; None when there is neither."""
+        candidates = await self._candidates(target)
+        considered = [c.agent_id for c in candidates]
+        allowed = [c for c in candidates if c.live and self._permits(target, c.agent_id)
+                   and not self._loop_violation(c.agent_id, target.task)]
+        if allowed:
+            return allowed[0].agent_id, considered
+        fallback = self._usable_fallback(target)
+        return (fallback, [*considered, fallback]) if fallback else (None, considered)
+
+    def _usable_fallback(self, target: Target) -> str | None:
         fallback = self._policy.fallback_agent
         if (fallback and fallback not in self._failed and not self._loop_violation(fallback, target.task)
-                and self._policy.permits(target.from_agent, fallback, target.capability)):
-            return fallback, [*considered, fallback]
-        if first:
-            what = target.capability.value if target.capability else target.to_agent
-            self._record.hops.append(HopRecord(
-                hop=depth, from_agent=target.from_agent, to_agent="", capability=target.capability,
-                task_description=target.task, status=HopStatus.UNREACHABLE, candidates=considered,
-                error=f"no live agent with capability {what} (considered: {considered or 'none'})",
-                started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
-            ))
-            raise ChainEnd(ChainStatus.FAILED, self._record.hops[-1].error or "")
-        return None, considered
+                and self._permits(target, fallback)):
+            return fallback
+        return None
 
     async def _candidates(self, target: Target) -> list[Candidate]:
         request = ResolveRequest(
@@ -302,78 +332,30 @@ class HandoffChainWorkflow:
                                                              "reason": str(err.cause or err)})
             return []
 
+    # -- one try of a hop on one agent ---------------------------------------------------
+
     async def _attempt(
         self, depth: int, target: Target, agent: str, fallback_for: str | None, considered: list[str]
     ) -> tuple[HopRecord, HandoffResult | None]:
-        policy = self._policy
-        now = workflow.now()
-        handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
-        shown_context, withheld = self._context_data, []
-        if target.visible_keys is not None:
-            shown_context = {k: v for k, v in self._context_data.items() if k in target.visible_keys}
-            withheld = sorted(k for k in self._context_data if k not in target.visible_keys)
-        shown_results = [*self._prior_results, *self._results]
-        if target.visible_previous is not None:
-            shown_results = shown_results[-target.visible_previous:] if target.visible_previous else []
-        shown_count = len(shown_results) if target.visible_previous is not None else None
-        context = HandoffContext(
-            handoff_id=handoff_id,
-            chain_id=self._record.chain_id,
-            from_agent=target.from_agent,
-            to_agent=agent,
-            to_capability=target.capability,
-            task_description=target.task,
-            context_data=shown_context,
-            previous_results=shown_results,
-            chain_depth=depth,
-            created_at=now,
-        )
-        hop_input = HopInput(
-            hop=depth, context=context, fallback_for=fallback_for,
-            heartbeat_interval_s=policy.heartbeat_timeout_s / 4,
-            max_result_bytes=policy.max_context_bytes, withheld_context_keys=withheld,
-            previous_results_shown=shown_count,
-        )
-        record = HopRecord(
-            hop=depth, handoff_id=context.handoff_id, from_agent=target.from_agent, to_agent=agent,
-            capability=target.capability, task_description=target.task, status=HopStatus.RUNNING,
-            started_at=now, fallback_for=fallback_for,
-            candidates=considered if (target.capability or fallback_for) else [],
-            withheld_context_keys=withheld,
-            previous_results_shown=shown_count,
-        )
-        self._record.hops.append(record)
-        payload, size = sized_payload(hop_input)
-        if size > policy.max_context_bytes:
-            self._close_hop(record, HopStatus.REFUSED,
-                            error=f"hop input is {size:,} bytes, over the {policy.max_context_bytes:,}-byte limit")
-            self._refusals_metric.add(1, {"reason": "context_too_large"})
-            status = ChainStatus.REJECTED if not self._results else ChainStatus.FAILED
-            raise ChainEnd(status, f"context too large for hop {depth}: {record.error}")
+        """One try of the hop on `agent`: its record, and the agent's result (None if it failed)."""
+        hop_input = self._hop_input(depth, target, agent, fallback_for)
+        record = self._open_hop(hop_input, target, considered)
+        payload = self._checked_payload(hop_input, record)
         self._visits[agent] += 1
         self._asked.add((agent, target.task))
         self._agents.append(agent)
         self._show_progress(depth, agent, target)
-        summary = f"hop {depth}: {target.from_agent} -> {agent}"
-        if fallback_for:
-            summary += f" (fallback for {fallback_for})"
         try:
             output: HopOutput = await workflow.execute_activity(
                 HOP_ACTIVITY,
                 payload,  # hop_input, serialized once for its size check
                 task_queue=agent_task_queue(agent),
                 result_type=HopOutput,
-                start_to_close_timeout=timedelta(seconds=policy.hop_timeout_s),
-                schedule_to_start_timeout=timedelta(seconds=policy.schedule_to_start_s),
-                heartbeat_timeout=timedelta(seconds=policy.heartbeat_timeout_s),
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=policy.retry_initial_s),
-                    backoff_coefficient=2.0,
-                    maximum_interval=timedelta(seconds=policy.retry_initial_s * 16),
-                    maximum_attempts=policy.max_attempts,
-                    non_retryable_error_types=list(NON_RETRYABLE_ERRORS),
-                ),
-                summary=f"{summary}: {target.task[:80]}",
+                start_to_close_timeout=timedelta(seconds=self._policy.hop_timeout_s),
+                schedule_to_start_timeout=timedelta(seconds=self._policy.schedule_to_start_s),
+                heartbeat_timeout=timedelta(seconds=self._policy.heartbeat_timeout_s),
+                retry_policy=self._retry_policy,
+                summary=_hop_summary(hop_input, target),
             )
         except ActivityError as err:
             if isinstance(err.cause, CancelledError):
@@ -393,6 +375,64 @@ class HandoffChainWorkflow:
         )
         workflow.logger.info("hop_completed", extra=self._log_fields(record))
         return record, result
+
+    def _hop_input(self, depth: int, target: Target, agent: str, fallback_for: str | None) -> HopInput:
+        """The hop activity's input: the chain's context and earlier results, as far as the
+        sender's filter lets the agent see them."""
+        shown_context, withheld = self._context_data, []
+        if target.visible_keys is not None:
+            shown_context = {k: v for k, v in self._context_data.items() if k in target.visible_keys}
+            withheld = sorted(k for k in self._context_data if k not in target.visible_keys)
+        shown_results = [*self._prior_results, *self._results]
+        shown_count = None
+        if target.visible_previous is not None:
+            shown_results = shown_results[-target.visible_previous:] if target.visible_previous else []
+            shown_count = len(shown_results)
+        handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
+        context = HandoffContext(
+            handoff_id=handoff_id,
+            chain_id=self._record.chain_id,
+            from_agent=target.from_agent,
+            to_agent=agent,
+            to_capability=target.capability,
+            task_description=target.task,
+            context_data=shown_context,
+            previous_results=shown_results,
+            chain_depth=depth,
+            created_at=workflow.now(),
+        )
+        return HopInput(
+            hop=depth, context=context, fallback_for=fallback_for,
+            heartbeat_interval_s=self._policy.heartbeat_timeout_s / 4,
+            max_result_bytes=self._policy.max_context_bytes, withheld_context_keys=withheld,
+            previous_results_shown=shown_count,
+        )
+
+    def _open_hop(self, hop_input: HopInput, target: Target, considered: list[str]) -> HopRecord:
+        """The hop's entry in the record, running from now."""
+        context = hop_input.context
+        record = HopRecord(
+            hop=hop_input.hop, handoff_id=context.handoff_id, from_agent=context.from_agent,
+            to_agent=context.to_agent, capability=target.capability, task_description=target.task,
+            status=HopStatus.RUNNING, started_at=context.created_at, fallback_for=hop_input.fallback_for,
+            candidates=considered if (target.capability or hop_input.fallback_for) else [],
+            withheld_context_keys=hop_input.withheld_context_keys,
+            previous_results_shown=hop_input.previous_results_shown,
+        )
+        self._record.hops.append(record)
+        return record
+
+    def _checked_payload(self, hop_input: HopInput, record: HopRecord) -> RawValue:
+        """`hop_input` serialized; a hop input over the chain's size limit is refused."""
+        payload, size = sized_payload(hop_input)
+        limit = self._policy.max_context_bytes
+        if size > limit:
+            self._close_hop(record, HopStatus.REFUSED,
+                            error=f"hop input is {size:,} bytes, over the {limit:,}-byte limit")
+            self._refusals_metric.add(1, {"reason": "context_too_large"})
+            status = ChainStatus.REJECTED if not self._results else ChainStatus.FAILED
+            raise ChainEnd(status, f"context too large for hop {hop_input.hop}: {record.error}")
+        return payload
 
     def _classify(self, err: ActivityError, agent: str) -> tuple[HopStatus, str, int]:
         cause = err.cause
@@ -415,27 +455,18 @@ class HandoffChainWorkflow:
 
     def _close_hop(self, record: HopRecord, status: HopStatus, *, error: str | None = None,
                    attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:
-        record.status = status
-        record.error = error
-        if attempts is not None:
-            record.attempts = attempts
-        if result_data is not None:
-            record.result_data = result_data
-        record.completed_at = workflow.now()
-        if record.started_at is not None:
-            record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
-        outcome = {"from_agent": record.from_agent, "to_agent": record.to_agent, "outcome": status.value}
+        record.close(status, error, workflow.now(), attempts=attempts, result_data=result_data)
+        self._count_hop(record)
+
+    def _count_hop(self, record: HopRecord) -> None:
+        outcome = {"from_agent": record.from_agent, "to_agent": record.to_agent, "outcome": record.status.value}
         self._hops_metric.add(1, outcome)
         if record.duration_ms is not None:
             self._hop_ms_metric.record(record.duration_ms, outcome)
 
     def _finish(self, status: ChainStatus, error: str | None = None) -> ChainRecord:
         record = self._record
-        record.status = status
-        record.error = error
-        record.completed_at = workflow.now()
-        record.duration_ms = (record.completed_at - record.started_at).total_seconds() * 1000
-        record.final_result = self._results[-1] if self._results else {}
+        record.end(status, error, workflow.now())
         self._chains_metric.add(1, {"status": status.value})
         self._upsert_search_attributes(status)
         workflow.set_current_details(f"**{status.value}**" + (f": {error}" if error else ""))
@@ -446,7 +477,7 @@ class HandoffChainWorkflow:
     async def _progress_after(self, delay_s: float) -> None:
         """From `delay_s` into the chain on, every hop upserts its progress; a chain that ends
         sooner never wakes this timer and writes its search attributes once, in `_finish`."""
-        await workflow.sleep(delay_s, summary="from here on, search attributes follow every hop")
+        await workflow.sleep(delay_s, summary=PROGRESS_TIMER_SUMMARY)
         self._live_progress = True
         self._upsert_search_attributes()
 
@@ -481,3 +512,12 @@ class HandoffChainWorkflow:
             "status": record.status.value,
             "reason": record.error,
         }
+
+
+def _hop_summary(hop_input: HopInput, target: Target) -> str:
+    """The hop as the Web UI's timeline names it."""
+    context = hop_input.context
+    summary = f"hop {hop_input.hop}: {context.from_agent} -> {context.to_agent}"
+    if hop_input.fallback_for:
+        summary += f" (fallback for {hop_input.fallback_for})"
+    return f"{summary}: {target.task[:80]}"

@@ -7,6 +7,7 @@ queue, read by the resolve activity. History stays bounded through continue-as-n
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -15,28 +16,15 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, Field, ValidationError
 
     from handoff.constants import REGISTRY_MEMO_KEY, REGISTRY_WORKFLOW, agent_task_queue
-    from handoff.models import AgentCapability, AgentCard, check_agent_id
+    from handoff.models import (
+        AgentCapability,
+        AgentCard,
+        Deregistration,
+        Registration,
+        check_agent_id,
+    )
 
 MAX_HISTORY_EVENTS = 5_000
-
-
-class Registration(BaseModel):
-    """An agent worker's registration. Loosely typed on purpose: the validator explains bad input."""
-
-    agent_id: str
-    name: str
-    capabilities: list[str]
-    max_concurrent: int = 5
-    version: str = "1"
-    instance: str = ""
-    """The registering worker's identity; an agent with several replicas has several instances."""
-
-
-class Deregistration(BaseModel):
-    agent_id: str
-    instance: str = ""
-    all_instances: bool = False
-    """Remove the card whatever instances it has (an operator clearing an agent that was killed)."""
 
 
 class RegistryState(BaseModel):
@@ -81,11 +69,14 @@ class AgentRegistryWorkflow:
     @workflow.run
     async def run(self, state: RegistryState | None = None) -> None:
         self._publish()
-        await workflow.wait_condition(
-            lambda: workflow.info().is_continue_as_new_suggested()
-            or workflow.info().get_current_history_length() > self._max_history,
-            timeout=timedelta(days=7),
-        )
+        try:
+            await workflow.wait_condition(
+                lambda: workflow.info().is_continue_as_new_suggested()
+                or workflow.info().get_current_history_length() > self._max_history,
+                timeout=timedelta(days=7),
+            )
+        except asyncio.TimeoutError:  # a quiet week: continue as new all the same
+            pass
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(RegistryState(
             cards=self._cards, instances=self._instances, max_history_events=self._max_history))

@@ -23,14 +23,20 @@ from typing import Any
 from uuid import UUID
 
 import structlog
+from handoff.workers.chain_worker import chain_worker
 from temporalio import activity
 from temporalio.client import Client
 
-from handoff import AgentCapability, ChainRecord, HandoffContext, HandoffResult, PermanentError
+from handoff import (
+    AgentCapability,
+    ChainRecord,
+    HandoffContext,
+    HandoffResult,
+    PermanentError,
+)
 from handoff.client import cancel_chain, get_chain, run_chain, start_chain, wait_chain
 from handoff.constants import REGISTRY_WORKFLOW_ID
-from tests.conftest import make_agent, running, start_dev_env
-from workers.chain_worker import chain_worker
+from tests.support import make_agent, running, start_dev_env
 
 GOLDEN = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from agents._source import (
+from handoff.examples._source import (
     MAX_ITEMS,
     clip,
     dotted_name,
@@ -23,6 +23,7 @@ from agents._source import (
     sql_strings,
     walk_scoped,
 )
+
 from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from agents._source import (
+from handoff.examples._source import (
     MAX_ITEMS,
     PLACEHOLDER_RE,
     SqlString,
@@ -22,6 +22,7 @@ from agents._source import (
     sql_strings,
     tables,
 )
+
 from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 

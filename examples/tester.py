@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
-from agents._source import MAX_ITEMS, functions, latest, parse, plural, snake, source_of
+from handoff.examples._source import (
+    MAX_ITEMS,
+    functions,
+    latest,
+    parse,
+    plural,
+    snake,
+    source_of,
+)
+
 from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 

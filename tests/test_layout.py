@@ -1,0 +1,130 @@
+"""The shape of the package: one import name, and floors that only import downwards
+(docs/design.md, "Layout and floors")."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+# Each module's floor; a module imports only modules on its own floor or below.
+FLOORS: dict[str, int] = {
+    **dict.fromkeys(["handoff.constants", "handoff.errors", "handoff.models"], 0),
+    **dict.fromkeys(["handoff.agent", "handoff.codec", "handoff.storage", "handoff.registry",
+                     "handoff.versioning", "handoff.telemetry", "handoff.log", "handoff.search"], 1),
+    **dict.fromkeys(["handoff.workflows", "handoff.activities"], 2),
+    **dict.fromkeys(["handoff.client", "handoff.audit"], 3),
+    "handoff.workers": 4,
+    **dict.fromkeys(["handoff.cli", "handoff.dev", "handoff.service", "handoff.server",
+                     "handoff.codec_server", "handoff.render", "handoff.testing", "handoff.examples"], 5),
+}
+FOLDERS = {"handoff": "handoff", "workflows": "handoff.workflows", "activities": "handoff.activities",
+           "workers": "handoff.workers", "examples": "handoff.examples"}
+FRONT_DOOR = "handoff"  # handoff/__init__.py re-exports the public API of every floor
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            files[name] = path
+    return files
+
+
+def floor_of(module: str) -> int:
+    """The floor of `module` or of the package it lives in."""
+    name = module
+    while name not in FLOORS:
+        if "." not in name:
+            raise KeyError(f"{module} has no floor: add it to FLOORS (and to docs/design.md)")
+        name = name.rsplit(".", 1)[0]
+    return FLOORS[name]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports, at its top or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_every_module_has_a_floor():
+    for name in module_files():
+        if name != FRONT_DOOR:
+            floor_of(name)
+
+
+def test_no_module_imports_a_floor_above_its_own():
+    upward = []
+    for name, path in module_files().items():
+        if name == FRONT_DOOR:
+            continue
+        for imported in imports_of(path):
+            if imported.startswith("handoff.") and floor_of(imported) > floor_of(name):
+                upward.append(f"{name} (floor {floor_of(name)}) imports {imported} (floor {floor_of(imported)})")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_floor_check_would_catch_an_arrow_upwards():
+    assert floor_of("handoff.workflows.chain") > floor_of("handoff.models")
+    assert floor_of("handoff.workers.main") > floor_of("handoff.client")
+    assert floor_of("handoff.cli") > floor_of("handoff.workers.agent_worker")
+
+
+def test_no_module_imports_the_folders_by_their_own_names():
+    """`workflows`, `activities`, `workers`, `examples` and `agents` are not import names."""
+    bare = {"workflows", "activities", "workers", "examples", "agents"}
+    offenders = []
+    for path in [*module_files().values(), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]:
+        for imported in imports_of(path):
+            if imported.split(".")[0] in bare:
+                offenders.append(f"{path.relative_to(ROOT)} imports {imported}")
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(out), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    [built] = out.glob("handoff-*.whl")
+    return zipfile.ZipFile(built)
+
+
+def test_the_distribution_installs_one_import_name(wheel):
+    top = {name.split("/")[0] for name in wheel.namelist()}
+    dist_info = {t for t in top if t.endswith(".dist-info")}
+    assert top - dist_info == {"handoff"}
+    names = set(wheel.namelist())
+    for expected in ("handoff/workflows/chain.py", "handoff/activities/hop.py", "handoff/workers/main.py",
+                     "handoff/examples/analyzer.py", "handoff/examples/samples/inventory_service.py"):
+        assert expected in names
+
+
+def test_the_openai_agents_sdk_installs_beside_handoff(tmp_path):
+    """`agents` is the OpenAI Agents SDK's import name; handoff leaves it alone."""
+    probe = ("import agents, handoff, handoff.examples, handoff.workflows.chain; "
+             "print(agents.__file__); print(agents.Agent.__module__, agents.Runner.__name__); "
+             "print(len(handoff.examples.ALL_AGENTS))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    location, kinds, count = done.stdout.split("\n")[:3]
+    assert Path(location).parent.parent.name == "site-packages", location  # not this repository's folder
+    assert kinds.startswith("agents.") and kinds.endswith("Runner")
+    assert count == "5"
