@@ -7,9 +7,11 @@ workflow routes a hop to an agent purely by task queue (`agent.<id>`).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import structlog
+from pydantic_core import PydanticSerializationError
 from temporalio import activity
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
@@ -22,9 +24,12 @@ from handoff.constants import (
     RESULT_TOO_LARGE_ERROR,
 )
 from handoff.errors import PermanentError
-from handoff.models import HandoffResult, HopInput, HopOutput, sized_payload
+from handoff.models import HandoffResult, HopInput, HopOutput, nesting_problem, sized_payload
 
 log = structlog.get_logger("handoff.hop")
+
+ENV_LOG_TASK_TEXT = "HANDOFF_LOG_TASK_TEXT"
+"""`off`: hop log lines leave out the task text (they always carry ids, agents and errors)."""
 
 
 class _Heartbeat:
@@ -57,6 +62,7 @@ def _outcome(result: object) -> str:
 
 def hop_activity(agent: Agent):
     """The `handoff.hop` activity implementation for `agent`."""
+    task_text = os.environ.get(ENV_LOG_TASK_TEXT, "on").strip().lower() not in ("off", "0", "false", "no")
     handler_ms = None  # created on the first hop: the activity metric meter exists only inside one
 
     def record_handler_duration(outcome: str, elapsed_s: float) -> None:
@@ -82,7 +88,7 @@ def hop_activity(agent: Agent):
             to_agent=agent.id,
             attempt=attempt,
         )
-        hop_log.info("hop_started", task=ctx.task_description[:200])
+        hop_log.info("hop_started", **({"task": ctx.task_description[:200]} if task_text else {}))
         beat = _Heartbeat(hop.heartbeat_interval_s, attempt)
         started = time.perf_counter()
         outcome = "failed"
@@ -133,11 +139,20 @@ def _checked_output(
             kind=INVALID_RESULT_ERROR,
             permanent=True,
         )
+    problem = nesting_problem(result.result_data, "result_data") or (
+        result.next_handoff and nesting_problem(result.next_handoff.context_data, "the handoff's context_data"))
+    if problem:
+        raise _failure(f"handler of {agent_id!r} returned a result whose {problem}", attempt,
+                       kind=INVALID_RESULT_ERROR, permanent=True)
     result = result.model_copy(
         update={"handoff_id": hop.context.handoff_id, "execution_time_seconds": elapsed}
     )
     output = HopOutput(result=result, attempt=attempt, agent_id=agent_id)
-    payload, size = sized_payload(output)
+    try:
+        payload, size = sized_payload(output)
+    except PydanticSerializationError as err:
+        raise _failure(f"handler of {agent_id!r} returned a result that is not JSON: {err}", attempt,
+                       kind=INVALID_RESULT_ERROR, permanent=True) from None
     if size > hop.max_result_bytes:
         raise _failure(
             f"result of {agent_id!r} is {size:,} bytes, over the {hop.max_result_bytes:,}-byte payload limit",

@@ -7,13 +7,12 @@ and skips the hops its input does not need (clean code goes straight to TESTING)
 
 from __future__ import annotations
 
+from handoff.agent import Agent
 from handoff.examples.analyzer import analyzer
 from handoff.examples.auditor import auditor
 from handoff.examples.dba import dba
 from handoff.examples.deployer import deployer
 from handoff.examples.tester import tester
-
-from handoff.agent import Agent
 
 ALL_AGENTS: list[Agent] = [analyzer, auditor, dba, tester, deployer]
 

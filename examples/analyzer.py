@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+from handoff.agent import Agent
 from handoff.examples._source import (
     MAX_ITEMS,
     clip,
@@ -23,8 +24,6 @@ from handoff.examples._source import (
     sql_strings,
     walk_scoped,
 )
-
-from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
 CODE_CALLS = {"eval", "exec", "compile"}

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from handoff.agent import Agent
 from handoff.examples._source import MAX_ITEMS, latest, parse, plural, source_of
 from handoff.examples.analyzer import scan
-
-from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
 CWE = {

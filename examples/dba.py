@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from handoff.agent import Agent
 from handoff.examples._source import (
     MAX_ITEMS,
     PLACEHOLDER_RE,
@@ -22,8 +23,6 @@ from handoff.examples._source import (
     sql_strings,
     tables,
 )
-
-from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
 MARK = "\x00{}\x00"

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from handoff.agent import Agent
 from handoff.examples._source import latest, parse, source_of
 from handoff.examples.analyzer import scan
 from handoff.examples.auditor import rate
-
-from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
 Result = dict[str, Any]

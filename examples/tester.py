@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
+from handoff.agent import Agent
 from handoff.examples._source import (
     MAX_ITEMS,
     functions,
@@ -19,8 +20,6 @@ from handoff.examples._source import (
     snake,
     source_of,
 )
-
-from handoff.agent import Agent
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
 ATTACK = {

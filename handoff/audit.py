@@ -69,7 +69,7 @@ async def _decode_one(converter: DataConverter, payloads: Any, type_hint: type) 
 # a chain cancelled before its workflow ran at all.
 _UNSEEN_ENDS: dict[str, Callable[[Any], tuple[ChainStatus, HopStatus, str]]] = {
     "workflow_execution_failed_event_attributes": lambda a: (
-        ChainStatus.FAILED, HopStatus.FAILED, a.failure.message or "the chain workflow failed"),
+        ChainStatus.FAILED, HopStatus.FAILED, "the chain workflow failed"),
     "workflow_execution_terminated_event_attributes": lambda a: (
         ChainStatus.FAILED, HopStatus.FAILED, f"terminated: {a.reason or 'no reason given'}"),
     "workflow_execution_timed_out_event_attributes": lambda a: (
@@ -92,7 +92,10 @@ async def record_from_history(
     record = await _replayed_record(history, converter)
     kind = last.WhichOneof("attributes")
     if kind in _UNSEEN_ENDS and record.status is ChainStatus.RUNNING:
-        status, hop_status, error = _UNSEEN_ENDS[kind](getattr(last, kind))
+        attrs = getattr(last, kind)
+        status, hop_status, error = _UNSEEN_ENDS[kind](attrs)
+        if kind == "workflow_execution_failed_event_attributes":  # its message may be encrypted
+            error = str(await converter.decode_failure(attrs.failure)) or error
         when = _time(last)
         record.close_running(hop_status, error, when)
         record.end(status, error, when)

@@ -10,14 +10,17 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from uuid import UUID
 
 import structlog
 import typer
 from rich.console import Console
+from temporalio.client import Client
 
 from handoff.agent import Agent
 from handoff.client import (
@@ -28,7 +31,8 @@ from handoff.client import (
     start_request,
     wait_chain,
 )
-from handoff.errors import HandoffError
+from handoff.codec_server import DEFAULT_UI_ORIGINS
+from handoff.errors import HandoffError, ServerUnreachable
 from handoff.log import configure_logging
 from handoff.models import ChainRecord, ChainStatus
 from handoff.render import agents_table, chain_table, ui_url
@@ -98,13 +102,17 @@ def _context_arg(value: str | None) -> dict[str, Any]:
     if value.startswith("@"):
         path = Path(value[1:])
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise Usage(f"cannot read context file {path}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise Usage(f"context file {path} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise Usage(f"--context is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:
+        raise Usage("--context nests lists or objects too deeply to read") from None
     if not isinstance(data, dict):
         raise Usage(f"--context must be a JSON object, got {type(data).__name__}")
     return data
@@ -131,9 +139,14 @@ def start(
     hop_timeout: float | None = typer.Option(None, "--hop-timeout", help="seconds per hop (default 60)"),
     max_depth: int | None = typer.Option(None, "--max-depth", help="at most this many hops (1-5)"),
     chain_id: str | None = typer.Option(None, "--id", help="chain id (a UUID); default a new one"),
+    reuse_id: bool = typer.Option(
+        False, "--reuse-id", help="with --id of a chain that has ended: start a new run under that id "
+                                  "(`show` then shows the new run)"),
     fallback_agent: str | None = typer.Option(None, "--fallback-agent", help="agent to try when all else fails"),
     schedule_to_start: float | None = typer.Option(None, "--schedule-to-start", help="seconds before an agent counts as down (default 10)"),
     wait: bool = typer.Option(False, "--wait", help="wait for the chain to end and print its record"),
+    wait_timeout: float | None = typer.Option(
+        None, "--wait-timeout", min=1, help="with --wait: give up waiting after this many seconds (exit 1)"),
     as_json: bool = typer.Option(False, "--json", help="with --wait: only the record's JSON on stdout"),
     otel: bool = OtelOption,
 ) -> None:
@@ -150,12 +163,12 @@ def start(
         )
         client = await connect(tracing=telemetry.tracing)
         try:
-            await start_request(client, request)
+            await start_request(client, request, reuse_id=reuse_id)
             link = ui_url(str(request.chain_id), client.namespace)
             if not (wait and as_json):
                 out.print(f"chain [bold]{request.chain_id}[/bold] started")
                 out.print(f"Web UI: {link}", soft_wrap=True)
-            return await wait_chain(client, request.chain_id) if wait else None
+            return await _wait_telling_why(client, request.chain_id, wait_timeout) if wait else None
         finally:
             telemetry.flush()
 
@@ -163,6 +176,41 @@ def start(
     if record is not None:
         _print_record(record, as_json)
         _exit_for(record)
+
+
+WAIT_NOTICE_S = 10.0
+
+
+async def _wait_telling_why(client: Client, chain_id: UUID, timeout_s: float | None) -> ChainRecord:
+    """Wait for the chain's end; say on stderr when no chain worker has taken it up, and give up
+    (`ChainStillRunning`, exit 1) after `timeout_s`."""
+    ended = asyncio.ensure_future(wait_chain(client, chain_id))
+    started = time.monotonic()
+    noticed = False
+    try:
+        while True:
+            left = None if timeout_s is None else timeout_s - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                raise ChainStillRunning(f"chain {chain_id} is still running after {timeout_s:g}s; "
+                                        f"`handoff show {chain_id}` tells how it goes on")
+            done, _ = await asyncio.wait({ended}, timeout=min(WAIT_NOTICE_S, left or WAIT_NOTICE_S))
+            if done:
+                return ended.result()
+            if not noticed:
+                info = (await client.get_workflow_handle(str(chain_id)).describe()).raw_description
+                if info.workflow_execution_info.history_length <= 3:  # started, no task done yet
+                    err_console.print(f"waiting: no chain worker has taken chain {chain_id} up yet "
+                                      "(is `handoff worker --chains` running on this server?)",
+                                      markup=False, highlight=False, soft_wrap=True)
+                    noticed = True
+    finally:
+        ended.cancel()
+
+
+class ChainStillRunning(HandoffError):
+    """`--wait-timeout` passed with the chain still running."""
+
+    exit_code = EXIT_FAILED
 
 
 @app.command()
@@ -238,6 +286,22 @@ def agents(as_json: bool = typer.Option(False, "--json")) -> None:
         out.print(agents_table(statuses))
 
 
+async def _connect_patiently(timeout_s: float, **options: Any) -> Client:
+    """`connect`, retried with backoff while the server cannot be reached (a worker may start
+    before its server), saying so; `ServerUnreachable` (exit 1) after `timeout_s`."""
+    log = structlog.get_logger("handoff.worker")
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return await connect(**options)
+        except ServerUnreachable as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("server_unreachable", error=str(err), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -270,6 +334,8 @@ def worker(
         False, "--versioned", help="serve as a Worker Deployment version (see `handoff rollout`)"),
     build_id: str | None = typer.Option(
         None, "--build-id", help="with --versioned: the version (default: the agent's `version`)"),
+    connect_timeout: float = typer.Option(
+        60.0, "--connect-timeout", min=0, help="keep trying to reach the server this many seconds (then exit 1)"),
 ) -> None:
     """Run one agent's worker (or the chain worker) until SIGTERM/SIGINT."""
     from handoff.workers.main import run_workers, stop_on_signals
@@ -286,7 +352,7 @@ def worker(
 
     async def go() -> None:
         telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
-        client = await connect(runtime=telemetry.runtime, tracing=telemetry.tracing)
+        client = await _connect_patiently(connect_timeout, runtime=telemetry.runtime, tracing=telemetry.tracing)
         if telemetry.metrics_url:
             structlog.get_logger("handoff.worker").info("metrics_serving", url=telemetry.metrics_url)
         stop = asyncio.Event()
@@ -376,18 +442,28 @@ def dev(
 @app.command("codec-server")
 def codec_server(
     port: int = typer.Option(8081, "--port", min=1, max=65535),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (beyond loopback: authentication required)"),
     ui_origin: list[str] = typer.Option(
-        ["http://localhost:8233"], "--ui-origin", help="Web UI origin allowed by CORS; repeatable"),
+        list(DEFAULT_UI_ORIGINS), "--ui-origin", help="Web UI origin allowed to call it; repeatable"),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="another Host header to answer (e.g. codec.example.com:443); repeatable"),
+    jwks_url: str | None = typer.Option(None, "--jwks-url", help="accept JWTs signed by a key of this JWKS"),
+    jwt_issuer: str | None = typer.Option(None, "--jwt-issuer", help="with --jwks-url: the issuer (iss) required"),
+    jwt_audience: str | None = typer.Option(None, "--jwt-audience", help="with --jwks-url: the audience (aud) required"),
+    allow_encode: bool = typer.Option(False, "--allow-encode", help="also serve POST /encode (ciphertext under the deployment's key)"),
 ) -> None:
-    """Decode (and encode) payloads for the Web UI and `temporal --codec-endpoint`, with the
-    codec the HANDOFF_* variables configure (compression, encryption keys)."""
+    """Decode payloads for the Web UI and `temporal --codec-endpoint`, with the codec the HANDOFF_*
+    variables configure. Bearer tokens it accepts: HANDOFF_CODEC_TOKENS (comma separated)."""
     from handoff.codec import codec_from_env
-    from handoff.codec_server import start_codec_server
+    from handoff.codec_server import ENV_TOKENS, CodecAuth, start_codec_server
 
     async def go() -> None:
-        runner = await start_codec_server(codec_from_env(), host=host, port=port, ui_origins=ui_origin)
-        out.print(f"codec server on http://{host}:{port} (CORS for {', '.join(ui_origin)})")
+        tokens = tuple(t.strip() for t in os.environ.get(ENV_TOKENS, "").split(",") if t.strip())
+        auth = CodecAuth(tokens=tokens, jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
+        runner = await start_codec_server(codec_from_env(), host=host, port=port, ui_origins=ui_origin,
+                                          allowed_hosts=allowed_host, auth=auth, allow_encode=allow_encode)
+        checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
+        out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {checks}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

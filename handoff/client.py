@@ -8,13 +8,14 @@ from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.converter import PayloadCodec
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -68,13 +69,10 @@ async def connect(
     `CodecConfigError`), None for none.
     """
     converter = data_converter(codec)
-    storage = await storage_from_env()
+    config = _connect_config(profile, address)
+    storage = await storage_from_env(config["target_host"])
     if storage is not None:
         converter = dataclasses.replace(converter, external_storage=storage)
-    config = ClientConfig.load_client_connect_config(profile=profile)
-    config.setdefault("target_host", DEFAULT_ADDRESS)
-    if address:
-        config["target_host"] = address
     if namespace:
         config["namespace"] = namespace
     interceptors = [tracing_interceptor()] if tracing else []
@@ -84,6 +82,15 @@ async def connect(
         )
     except RuntimeError as err:  # the core reports a failed connection as a plain runtime error
         raise ServerUnreachable(f"cannot reach the Temporal server at {config['target_host']}: {err}") from None
+
+
+def _connect_config(profile: str | None = None, address: str | None = None) -> dict[str, Any]:
+    """Temporal's environment configuration, defaulting to localhost:7233."""
+    config = ClientConfig.load_client_connect_config(profile=profile)
+    config.setdefault("target_host", DEFAULT_ADDRESS)
+    if address:
+        config["target_host"] = address
+    return config
 
 
 def _one_line(err: ValidationError) -> str:
@@ -139,7 +146,10 @@ def checked(request: ChainRequest) -> ChainRequest:
     problem = request.problem()
     if problem:
         raise InvalidRequest(problem)
-    size = len(request.model_dump_json())
+    try:
+        size = len(request.model_dump_json())
+    except PydanticSerializationError as err:  # e.g. text that is not valid UTF-8
+        raise InvalidRequest(f"the request cannot be stored as JSON: {err}") from None
     if size > request.policy.max_context_bytes:
         raise ContextTooLarge(size, request.policy.max_context_bytes)
     return request
@@ -147,7 +157,8 @@ def checked(request: ChainRequest) -> ChainRequest:
 
 def env_context_limit() -> int:
     """The context limit for clients that `connect()` builds from this environment."""
-    return MAX_EXTERNAL_CONTEXT_BYTES if storage_configured() else MAX_CONTEXT_BYTES
+    external = storage_configured(_connect_config()["target_host"])
+    return MAX_EXTERNAL_CONTEXT_BYTES if external else MAX_CONTEXT_BYTES
 
 
 def context_limit(client: Client) -> int:
@@ -174,8 +185,12 @@ def _uuid(value: UUID | str) -> UUID:
         raise InvalidRequest(f"chain id must be a UUID, got {value!r}") from None
 
 
-async def start_request(client: Client, request: ChainRequest, *, search_attributes: bool = True) -> WorkflowHandle:
-    """Start the chain workflow for a validated request."""
+async def start_request(
+    client: Client, request: ChainRequest, *, search_attributes: bool = True, reuse_id: bool = False,
+) -> WorkflowHandle:
+    """Start the chain workflow for a validated request. A chain id already used, by a running
+    chain or one that ended, is refused (its audit trail stays the one `get_chain` reads) unless
+    `reuse_id` starts a new run under the id of a chain that has ended."""
     first = request.to_agent or (request.capability.value if request.capability else "")
     attributes = (
         TypedSearchAttributes([
@@ -195,6 +210,8 @@ async def start_request(client: Client, request: ChainRequest, *, search_attribu
             task_queue=CHAIN_TASK_QUEUE,
             result_type=ChainRecord,
             search_attributes=attributes,
+            id_reuse_policy=(WorkflowIDReusePolicy.ALLOW_DUPLICATE if reuse_id
+                             else WorkflowIDReusePolicy.REJECT_DUPLICATE),
             static_summary=f"{request.task_description[:200]}",
             static_details=f"first hop: **{first}**, started by {request.started_by}",
         )
@@ -223,14 +240,16 @@ async def start_chain(
     max_depth: int | None = None,
     policy: ChainPolicy | Mapping[str, Any] | None = None,
     search_attributes: bool = True,
+    reuse_id: bool = False,
 ) -> UUID:
     """Start a chain and return its id (also its workflow id); `build_request` says what the
-    arguments mean. `search_attributes`: False on a server without handoff's registered."""
+    arguments mean. `search_attributes`: False on a server without handoff's registered;
+    `reuse_id`: see `start_request`."""
     handle = await start_request(client, build_request(
         task_description=task_description, to_agent=to_agent, capability=capability,
         context_data=context_data, chain_id=chain_id, hop_timeout=hop_timeout, max_depth=max_depth,
         policy=policy, max_context_bytes=context_limit(client),
-    ), search_attributes=search_attributes)
+    ), search_attributes=search_attributes, reuse_id=reuse_id)
     return UUID(handle.id)
 
 
@@ -246,13 +265,14 @@ async def run_chain(
     max_depth: int | None = None,
     policy: ChainPolicy | Mapping[str, Any] | None = None,
     search_attributes: bool = True,
+    reuse_id: bool = False,
 ) -> ChainRecord:
     """Start a chain as `start_chain` does, wait for it to end, and return its record."""
     handle = await start_request(client, build_request(
         task_description=task_description, to_agent=to_agent, capability=capability,
         context_data=context_data, chain_id=chain_id, hop_timeout=hop_timeout, max_depth=max_depth,
         policy=policy, max_context_bytes=context_limit(client),
-    ), search_attributes=search_attributes)
+    ), search_attributes=search_attributes, reuse_id=reuse_id)
     return await _ended(client, handle)
 
 

@@ -32,14 +32,21 @@ from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import (
     PydanticPayloadConverter,
     pydantic_data_converter,
 )
-from temporalio.converter import DataConverter, PayloadCodec
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    PayloadCodec,
+)
 
+from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
 from handoff.errors import HandoffError
 
 ENV_KEYS = "HANDOFF_ENCRYPTION_KEYS"
@@ -47,6 +54,8 @@ ENV_KEY_ID = "HANDOFF_ENCRYPTION_KEY_ID"
 ENV_THRESHOLD = "HANDOFF_COMPRESSION_THRESHOLD"
 
 DEFAULT_COMPRESSION_THRESHOLD = 256 * 1024
+MAX_DECOMPRESSED_BYTES = MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024
+"""No payload a chain carries inflates past this; a compressed payload that would is refused."""
 KEY_BYTES = 32
 NONCE_BYTES = 12
 
@@ -133,9 +142,17 @@ def _parse_keys(value: str) -> dict[str, bytes]:
 
 
 def _redacted(entry: str) -> str:
-    """An entry for an error message, without the secret part."""
+    """An entry for an error message, without anything that may be the secret."""
     head, sep, _ = entry.partition(":")
-    return f"{head}:..." if sep else (entry[:4] + "..." if len(entry) > 4 else entry)
+    return f"{head}:..." if sep else f"<{len(entry)} characters with no ':'>"
+
+
+def _parsed(raw: bytes, kind: str) -> Payload:
+    """The payload a codec wrapped; PayloadDecodeError when the bytes are not one."""
+    try:
+        return Payload.FromString(raw)
+    except DecodeError:
+        raise PayloadDecodeError(f"a {kind} payload does not hold a payload (corrupt data)") from None
 
 
 class CompressionCodec(PayloadCodec):
@@ -164,10 +181,17 @@ class CompressionCodec(PayloadCodec):
     def _decode(payload: Payload) -> Payload:
         if payload.metadata.get(ENCODING) != ENCODING_ZLIB:
             return payload
+        inflate = zlib.decompressobj()
         try:
-            return Payload.FromString(zlib.decompress(payload.data))
+            raw = inflate.decompress(payload.data, MAX_DECOMPRESSED_BYTES)
         except zlib.error as err:
             raise PayloadDecodeError(f"a zlib payload is corrupt: {err}") from None
+        if inflate.unconsumed_tail:  # a decompression bomb, or a payload no chain could carry
+            raise PayloadDecodeError(
+                f"a zlib payload inflates past {MAX_DECOMPRESSED_BYTES:,} bytes; refused")
+        if not inflate.eof:
+            raise PayloadDecodeError("a zlib payload is truncated")
+        return _parsed(raw, "zlib")
 
 
 class EncryptionCodec(PayloadCodec):
@@ -203,11 +227,11 @@ class EncryptionCodec(PayloadCodec):
                 f"(known: {', '.join(self._ciphers)}); add it to {ENV_KEYS}")
         try:
             plain = cipher.decrypt(payload.data[:NONCE_BYTES], payload.data[NONCE_BYTES:], key_id.encode())
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise PayloadDecodeError(
                 f"payload encrypted with key id {key_id!r} does not decrypt with the configured "
-                f"key of that id (wrong key, or corrupt data)") from None
-        return Payload.FromString(plain)
+                f"key of that id (wrong key, or corrupt or truncated data)") from None
+        return _parsed(plain, "encrypted")
 
 
 class DecryptionUnavailableCodec(PayloadCodec):
@@ -282,10 +306,20 @@ class SharedPydanticPayloadConverter(PydanticPayloadConverter):
         pass
 
 
+def encrypts(codec: PayloadCodec | None) -> bool:
+    """Whether `codec` encrypts what it encodes."""
+    if isinstance(codec, CodecChain):
+        return any(encrypts(c) for c in codec.codecs)
+    return isinstance(codec, EncryptionCodec)
+
+
 def data_converter(codec: PayloadCodec | None | Literal["env"] = "env") -> DataConverter:
     """The pydantic data converter (as `pydantic_data_converter`, built once) with `codec` (by
-    default the one from the environment)."""
+    default the one from the environment). When the codec encrypts, failures are encoded too:
+    their message and stack trace travel as an encoded payload, so no exception text (a
+    handler's, or pydantic's excerpt of bad input) reaches history in the clear."""
     if isinstance(codec, str):
         codec = codec_from_env()
+    failures = DefaultFailureConverterWithEncodedAttributes if encrypts(codec) else DefaultFailureConverter
     return dataclasses.replace(pydantic_data_converter, payload_converter_class=SharedPydanticPayloadConverter,
-                               payload_codec=codec)
+                               payload_codec=codec, failure_converter_class=failures)

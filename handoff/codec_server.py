@@ -1,15 +1,28 @@
 """The codec server (`handoff codec-server`): lets the Temporal Web UI and
 `temporal workflow show --codec-endpoint` show compressed and encrypted payloads in the clear.
 
-POST /encode and POST /decode take and return JSON `Payloads` (protobuf JSON, as the UI and the
-CLI send it) and run them through the same codec chain as `handoff.client.connect`. The Web UI
-calls it from the browser, so it answers CORS for the UI's origin. It holds the decryption keys:
-serve it only where the people who may read chain contexts can reach it.
+POST /decode (and, when enabled, POST /encode) take and return JSON `Payloads` (protobuf JSON, as
+the UI and the CLI send it) and run them through the same codec chain as `handoff.client.connect`.
+It holds the decryption keys, so every request is checked before anything is decoded, as
+Temporal's guidance for codec servers asks:
+
+- its `Host` must be one this server answers to (no DNS rebinding), else 403;
+- its `Origin`, when it has one (a browser's request), must be an allowed Web UI origin, else 403;
+- with authentication configured, its `Authorization: Bearer` credential must be one of the
+  configured tokens or a JWT signed by a key of the configured JWKS, with the configured issuer
+  and audience (the Web UI can pass its signed-in user's access token), else 401.
+
+Without authentication it serves loopback only: `start_codec_server` refuses any other address.
+`/encode` produces ciphertext under the deployment's key and is off unless asked for.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -17,17 +30,107 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
 from handoff.codec import PayloadDecodeError
+from handoff.errors import InvalidRequest
 
 DEFAULT_PORT = 8081
-DEFAULT_UI_ORIGIN = "http://localhost:8233"
+DEFAULT_UI_ORIGINS = ("http://localhost:8233", "http://127.0.0.1:8233")
 ALLOWED_HEADERS = "content-type, x-namespace, authorization"
+ENV_TOKENS = "HANDOFF_CODEC_TOKENS"
+"""Bearer tokens the codec server accepts, comma separated (kept out of the command line)."""
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""Temporal's largest inline payload is 2 MB; as base64 in JSON it is about 2.7 MB."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 Transform = Callable[[Sequence[Payload]], Awaitable[list[Payload]]]
 
 
-def codec_app(codec: PayloadCodec | None, ui_origins: Sequence[str] = (DEFAULT_UI_ORIGIN,)) -> web.Application:
-    """The aiohttp application; `codec` None passes payloads through unchanged."""
+class CodecServerRefused(InvalidRequest):
+    """The codec server cannot be started as asked (e.g. beyond loopback without authentication)."""
+
+
+@dataclass(frozen=True)
+class CodecAuth:
+    """Who may use the codec server: bearer tokens and/or JWTs checked against a JWKS URL."""
+
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.tokens or self.jwks_url)
+
+    def __post_init__(self) -> None:
+        if self.jwks_url and not (self.issuer and self.audience):
+            raise CodecServerRefused("a JWKS URL needs the JWT issuer and audience it must check")
+
+
+class _Verifier:
+    """Checks a request's bearer credential against `CodecAuth`."""
+
+    def __init__(self, auth: CodecAuth) -> None:
+        self._auth = auth
+        self._jwks = None
+        if auth.jwks_url:
+            import jwt  # PyJWT: only a deployment that checks JWTs needs it loaded
+
+            self._jwt = jwt
+            self._jwks = jwt.PyJWKClient(auth.jwks_url, cache_keys=True, lifespan=300, timeout=5)
+
+    async def allows(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            return False
+        credential = credential.strip()
+        if any(hmac.compare_digest(credential.encode(), t.encode()) for t in self._auth.tokens):
+            return True
+        if self._jwks is None:
+            return False
+        return await asyncio.to_thread(self._valid_jwt, credential)
+
+    def _valid_jwt(self, token: str) -> bool:
+        try:
+            key = self._jwks.get_signing_key_from_jwt(token)
+            self._jwt.decode(token, key.key, algorithms=["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"],
+                             issuer=self._auth.issuer, audience=self._auth.audience,
+                             options={"require": ["exp", "iss", "aud"]})
+        except (self._jwt.PyJWTError, ValueError, KeyError):
+            return False
+        return True
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hosts_for(host: str, port: int, extra: Sequence[str]) -> set[str]:
+    """The `Host` header values this server answers to."""
+    names = {*LOOPBACK_NAMES, *([] if host in ("0.0.0.0", "::", "") else [host])}
+    hosts = {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
+    hosts |= {h.lower() for h in extra}
+    return {h.lower() for h in hosts}
+
+
+def codec_app(
+    codec: PayloadCodec | None,
+    ui_origins: Sequence[str] = DEFAULT_UI_ORIGINS,
+    *,
+    allowed_hosts: Sequence[str] | None = None,
+    auth: CodecAuth = CodecAuth(),
+    allow_encode: bool = False,
+) -> web.Application:
+    """The aiohttp application; `codec` None passes payloads through unchanged. `allowed_hosts`:
+    the `Host` values to answer (None: any, for an application mounted elsewhere)."""
     origins = {o.rstrip("/") for o in ui_origins}
+    hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+    verifier = _Verifier(auth) if auth.configured else None
 
     def cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
@@ -40,16 +143,35 @@ def codec_app(codec: PayloadCodec | None, ui_origins: Sequence[str] = (DEFAULT_U
             response.headers["Vary"] = "Origin"
         return response
 
+    def refusal(request: web.Request, status: int, reason: str) -> web.StreamResponse:
+        return cors(request, web.json_response({"error": reason}, status=status))
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if hosts is not None and request.headers.get("Host", "").lower() not in hosts:
+            return web.json_response({"error": "this codec server does not answer to that host"}, status=403)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.rstrip("/") not in origins:
+            return web.json_response({"error": f"origin {origin} is not an allowed Web UI origin"}, status=403)
+        if request.method == "OPTIONS":  # a preflight carries no credential
+            return await handler(request)
+        if verifier is not None and not await verifier.allows(request):
+            return refusal(request, 401, "a valid bearer credential is required")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return refusal(request, 413, f"the request is over {MAX_REQUEST_BYTES:,} bytes")
+
     def handler(transform: Transform | None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 payloads = json_format.Parse(await request.read(), Payloads())
-            except json_format.ParseError as err:
-                return cors(request, web.json_response({"error": f"not JSON Payloads: {err}"}, status=400))
+            except (json_format.ParseError, UnicodeDecodeError, ValueError) as err:
+                return refusal(request, 400, f"not JSON Payloads: {err}")
             try:
                 result = list(payloads.payloads) if transform is None else await transform(payloads.payloads)
             except PayloadDecodeError as err:
-                return cors(request, web.json_response({"error": str(err)}, status=400))
+                return refusal(request, 400, str(err))
             body = json_format.MessageToJson(Payloads(payloads=result))
             return cors(request, web.Response(text=body, content_type="application/json"))
 
@@ -58,20 +180,29 @@ def codec_app(codec: PayloadCodec | None, ui_origins: Sequence[str] = (DEFAULT_U
     async def preflight(request: web.Request) -> web.StreamResponse:
         return cors(request, web.Response(status=204))
 
-    app = web.Application()
-    app.router.add_post("/encode", handler(codec.encode if codec else None))
+    app = web.Application(middlewares=[guard], client_max_size=MAX_REQUEST_BYTES)
     app.router.add_post("/decode", handler(codec.decode if codec else None))
-    app.router.add_route("OPTIONS", "/encode", preflight)
     app.router.add_route("OPTIONS", "/decode", preflight)
+    if allow_encode:
+        app.router.add_post("/encode", handler(codec.encode if codec else None))
+        app.router.add_route("OPTIONS", "/encode", preflight)
     return app
 
 
 async def start_codec_server(
     codec: PayloadCodec | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-    ui_origins: Sequence[str] = (DEFAULT_UI_ORIGIN,),
+    ui_origins: Sequence[str] = DEFAULT_UI_ORIGINS, allowed_hosts: Sequence[str] = (),
+    auth: CodecAuth = CodecAuth(), allow_encode: bool = False,
 ) -> web.AppRunner:
-    """Serve `codec_app` on host:port until the returned runner's `cleanup()`."""
-    runner = web.AppRunner(codec_app(codec, ui_origins), access_log=None)
+    """Serve `codec_app` on host:port until the returned runner's `cleanup()`. Beyond loopback
+    only with authentication; `allowed_hosts` adds `Host` values (e.g. a DNS name and port)."""
+    if not is_loopback(host) and not auth.configured:
+        raise CodecServerRefused(
+            f"the codec server holds the decryption keys: to listen on {host} beyond loopback, "
+            f"configure authentication ({ENV_TOKENS}, or --jwks-url with --jwt-issuer and --jwt-audience)")
+    app = codec_app(codec, ui_origins, allowed_hosts=sorted(_hosts_for(host, port, allowed_hosts)),
+                    auth=auth, allow_encode=allow_encode)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

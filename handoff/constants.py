@@ -43,6 +43,9 @@ MAX_CONTEXT_BYTES = 1_900_000
 MAX_EXTERNAL_CONTEXT_BYTES = 32 * 1024 * 1024
 """With external payload storage, the largest hop input or result a chain accepts."""
 
+MAX_NESTING = 64
+"""How deep a context or result may nest lists and objects (pydantic's decoder stops near 250)."""
+
 LIVE_POLLER_WINDOW_S = 70.0
 """An agent is live when one of its pollers was seen within this many seconds."""
 

@@ -28,6 +28,7 @@ from handoff.constants import (
     MAX_CHAIN_DEPTH,
     MAX_CONTEXT_BYTES,
     MAX_EXTERNAL_CONTEXT_BYTES,
+    MAX_NESTING,
 )
 from handoff.errors import InvalidRequest
 
@@ -60,8 +61,34 @@ def address_problem(to_agent: str | None, capability: object | None) -> str | No
 
 
 def task_problem(task: str) -> str | None:
-    """What is wrong with a task description: it says something. None when nothing is."""
-    return None if task.strip() else "the task description is empty"
+    """What is wrong with a task description: it says something, in text that can be stored
+    (valid UTF-8). None when nothing is."""
+    if not task.strip():
+        return "the task description is empty"
+    try:
+        task.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the task description is not valid UTF-8 text"
+    return None
+
+
+def nesting_problem(value: Any, what: str, limit: int = MAX_NESTING) -> str | None:
+    """What is wrong with a JSON-like value: it nests lists and objects at most `limit` deep
+    (deeper input would exhaust a decoder's recursion on the way through Temporal). None when
+    nothing is. Walks iteratively, so any depth is measured without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth >= limit:
+            return f"{what} nests more than {limit} levels deep"
+        stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _aware_utc(value: datetime) -> datetime:
@@ -197,7 +224,8 @@ class HandoffDirective(BaseModel):
 
     def problem(self) -> str | None:
         """Why the chain must refuse this directive; None when it may follow it."""
-        return address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
+        return (address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
+                or nesting_problem(self.context_data, "the handoff's context_data"))
 
 
 class HandoffResult(BaseModel):
@@ -223,7 +251,7 @@ class HandoffResult(BaseModel):
 class ChainPolicy(BaseModel):
     """The bounds of one chain: timeouts, retries, depth, loops, fallback. Validated at the edge."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     hop_timeout_s: float = Field(default=DEFAULT_HOP_TIMEOUT_S, gt=0, le=24 * 3600)
     schedule_to_start_s: float = Field(default=DEFAULT_SCHEDULE_TO_START_S, gt=0, le=3600)
@@ -292,7 +320,9 @@ class ChainRequest(BaseModel):
         """Why the chain must be refused before its first hop; None when it may start. Checked
         by the client before it starts anything, and by the workflow for requests that did not
         come through the client."""
-        return address_problem(self.to_agent, self.capability) or task_problem(self.task_description)
+        return (address_problem(self.to_agent, self.capability) or task_problem(self.task_description)
+                or nesting_problem(self.context_data, "context_data")
+                or nesting_problem(self.previous_results, "previous_results"))
 
 
 class HopInput(BaseModel):

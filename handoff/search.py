@@ -6,12 +6,20 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from handoff.constants import CHAIN_WORKFLOW, SA_AGENTS, SA_DEPTH, SA_STATUS
 from handoff.errors import InvalidRequest
 from handoff.models import ChainStatus, check_agent_id
 
+# How a chain ended when its workflow execution ended without writing its status: failed (a
+# bug, bad input), terminated or timed out count as failed, as `handoff show` reads them.
+_ENDED_AS = {
+    WorkflowExecutionStatus.FAILED: ChainStatus.FAILED,
+    WorkflowExecutionStatus.TERMINATED: ChainStatus.FAILED,
+    WorkflowExecutionStatus.TIMED_OUT: ChainStatus.FAILED,
+    WorkflowExecutionStatus.CANCELED: ChainStatus.CANCELLED,
+}
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -21,7 +29,10 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc)
     match = _DURATION.match(value.strip())
     if match:
-        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        try:
+            return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        except OverflowError:
+            raise InvalidRequest(f"--since {value} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -53,7 +64,10 @@ async def find_chains(client: Client, query: str, *, limit: int = 20) -> list[di
     async for execution in client.list_workflows(query, limit=limit):
         attrs = execution.typed_search_attributes
         status = attrs.get(SA_STATUS)
-        if status is None and execution.status is not None:
+        ended = _ENDED_AS.get(execution.status) if execution.status is not None else None
+        if ended is not None and status in (None, ChainStatus.RUNNING.value):
+            status = ended.value  # the execution ended without the workflow saying so (terminated, ...)
+        elif status is None and execution.status is not None:
             status = execution.status.name.lower()
         rows.append({
             "chain_id": execution.id,

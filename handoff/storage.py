@@ -2,9 +2,14 @@
 
 Temporal refuses payloads over 2 MB. With external storage on, the SDK replaces every payload
 over `threshold` with a small reference and keeps the bytes in a driver: the filesystem driver
-below (the embedded default: every process of a laptop or one host shares the directory), or
-the SDK's S3 driver for a real deployment. Stored blobs are content-addressed, so a context
-that every hop carries unchanged is written once.
+below, or the SDK's S3 driver for a deployment across hosts. Stored blobs are content-addressed,
+so a context that every hop carries unchanged is written once.
+
+Which one, from the environment (`storage_from_env`): S3 when `HANDOFF_S3_BUCKET` is set; files in
+`HANDOFF_PAYLOAD_DIR` when that is set (`off`: none); otherwise, when the Temporal server is on
+this host (a loopback address), files in a per-user directory every process of this host's
+deployment shares (`default_payload_dir()`), swept of blobs unused for
+`HANDOFF_PAYLOAD_RETENTION_DAYS` (7). A server elsewhere and no setting: payloads stay inline.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,10 +37,16 @@ from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
 from handoff.errors import HandoffError
 
 PAYLOAD_DIR_ENV = "HANDOFF_PAYLOAD_DIR"
+RETENTION_ENV = "HANDOFF_PAYLOAD_RETENTION_DAYS"
 S3_BUCKET_ENV = "HANDOFF_S3_BUCKET"
 S3_ENDPOINT_ENV = "HANDOFF_S3_ENDPOINT_URL"
 THRESHOLD = 256 * 1024
 """Payloads above this many bytes are stored externally (the SDK's default)."""
+MAX_STORED_BYTES = MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024
+"""No stored payload is larger (a context at its limit, plus its envelope)."""
+DEFAULT_RETENTION_DAYS = 7.0
+SWEEP_EVERY_S = 3600.0
+CHUNK = 1024 * 1024
 
 
 class StorageError(HandoffError):
@@ -40,11 +54,19 @@ class StorageError(HandoffError):
 
 
 class FileStorageDriver(StorageDriver):
-    """Stores payloads as files named by their SHA-256 in one directory."""
+    """Stores payloads as files named by their SHA-256 in one directory, readable by this user
+    only. A blob unused (neither stored nor read) for `retention_days` is swept away."""
 
-    def __init__(self, directory: str | os.PathLike[str], name: str = "handoff-files") -> None:
+    def __init__(self, directory: str | os.PathLike[str], name: str = "handoff-files",
+                 retention_days: float = DEFAULT_RETENTION_DAYS) -> None:
         self._directory = Path(directory)
         self._name = name
+        self._retention_s = retention_days * 86400
+        self._swept = -SWEEP_EVERY_S
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
 
     def name(self) -> str:
         return self._name
@@ -63,45 +85,116 @@ class FileStorageDriver(StorageDriver):
         return await asyncio.to_thread(self._retrieve_all, claims)
 
     def _store_all(self, payloads: Sequence[Payload]) -> list[StorageDriverClaim]:
-        self._directory.mkdir(parents=True, exist_ok=True)
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         claims = []
         for payload in payloads:
             data = payload.SerializeToString()
             digest = hashlib.sha256(data).hexdigest()
             path = self._directory / digest
-            if not path.exists():  # content-addressed: an unchanged context is written once
-                partial = path.with_suffix(f".{os.getpid()}.tmp")
-                partial.write_bytes(data)
-                partial.replace(path)
+            if path.exists():  # content-addressed: an unchanged context is written once
+                os.utime(path)
+            else:
+                # a name of its own per writer (threads of one process included), 0600 from birth
+                fd, partial = tempfile.mkstemp(dir=self._directory, prefix=f".{digest}.", suffix=".tmp")
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(partial, path)
             claims.append(StorageDriverClaim({"sha256": digest}))
+        self._sweep()
         return claims
 
     def _retrieve_all(self, claims: Sequence[StorageDriverClaim]) -> list[Payload]:
-        payloads = []
-        for claim in claims:
-            digest = claim.claim_data.get("sha256", "")
-            if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-                raise StorageError(f"malformed storage claim {dict(claim.claim_data)!r}")
-            path = self._directory / digest
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise StorageError(f"stored payload {digest} is missing from {self._directory}") from None
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise StorageError(f"stored payload {digest} is corrupt")
-            payload = Payload()
-            payload.ParseFromString(data)
-            payloads.append(payload)
-        return payloads
+        return [self._retrieve(claim) for claim in claims]
+
+    def _retrieve(self, claim: StorageDriverClaim) -> Payload:
+        digest = claim.claim_data.get("sha256", "")
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise StorageError(f"malformed storage claim {dict(claim.claim_data)!r}")
+        path = self._directory / digest  # the claim names a digest, never a path
+        try:
+            with path.open("rb") as blob:
+                if os.fstat(blob.fileno()).st_size > MAX_STORED_BYTES:
+                    raise StorageError(f"stored payload {digest} is larger than any payload a chain carries")
+                hasher, parts = hashlib.sha256(), []
+                while chunk := blob.read(CHUNK):
+                    hasher.update(chunk)
+                    parts.append(chunk)
+        except FileNotFoundError:
+            raise StorageError(
+                f"stored payload {digest} is not in {self._directory}: the processes of this deployment "
+                "do not share one payload store (across hosts, set HANDOFF_S3_BUCKET, or "
+                "HANDOFF_PAYLOAD_DIR to a shared volume, for every process)") from None
+        if hasher.hexdigest() != digest:
+            raise StorageError(f"stored payload {digest} is corrupt")
+        with contextlib.suppress(OSError):
+            os.utime(path)  # in use: not swept
+        payload = Payload()
+        payload.ParseFromString(b"".join(parts))
+        return payload
+
+    def _sweep(self) -> None:
+        """Remove blobs unused for the retention period (at most once an hour per process)."""
+        now = time.monotonic()
+        if now - self._swept < SWEEP_EVERY_S:
+            return
+        self._swept = now
+        cutoff = time.time() - self._retention_s
+        for path in self._directory.iterdir():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
 
-def file_storage(directory: str | os.PathLike[str], threshold: int = THRESHOLD) -> ExternalStorage:
-    return ExternalStorage(drivers=[FileStorageDriver(directory)], payload_size_threshold=threshold)
+def file_storage(directory: str | os.PathLike[str], threshold: int = THRESHOLD,
+                 retention_days: float = DEFAULT_RETENTION_DAYS) -> ExternalStorage:
+    return ExternalStorage(drivers=[FileStorageDriver(directory, retention_days=retention_days)],
+                           payload_size_threshold=threshold)
 
 
-def storage_configured() -> bool:
-    """Whether this environment stores large payloads externally (S3 or a directory)."""
-    return bool(os.environ.get(S3_BUCKET_ENV) or os.environ.get(PAYLOAD_DIR_ENV))
+def default_payload_dir() -> Path:
+    """Where a host's processes store large payloads when nothing says otherwise: per user,
+    under $XDG_STATE_HOME (default ~/.local/state)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "handoff" / "payloads"
+
+
+def is_local(address: str) -> bool:
+    """Whether a Temporal address (host:port) is on this host."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def payload_dir(address: str) -> Path | None:
+    """The directory large payloads go to for a client of `address`, or None (S3, or inline)."""
+    if os.environ.get(S3_BUCKET_ENV):
+        return None
+    setting = os.environ.get(PAYLOAD_DIR_ENV, "").strip()
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting)
+    return default_payload_dir() if is_local(address) else None
+
+
+def storage_configured(address: str) -> bool:
+    """Whether clients of `address` built from this environment store large payloads externally."""
+    return bool(os.environ.get(S3_BUCKET_ENV)) or payload_dir(address) is not None
+
+
+def _retention_days() -> float:
+    value = os.environ.get(RETENTION_ENV, "").strip()
+    try:
+        days = float(value) if value else DEFAULT_RETENTION_DAYS
+    except ValueError:
+        raise StorageError(f"{RETENTION_ENV} must be a number of days, got {value!r}") from None
+    if not days > 0:
+        raise StorageError(f"{RETENTION_ENV} must be more than 0 days, got {value!r}")
+    return days
 
 
 # S3 clients live as long as the process: every client and worker it builds may store and
@@ -118,17 +211,28 @@ async def s3_storage(bucket: str, endpoint_url: str | None = None, threshold: in
         from temporalio.contrib.aws.s3driver.aioboto3 import new_aioboto3_client
     except ImportError:
         raise StorageError(f"{S3_BUCKET_ENV} is set but aioboto3 is missing: pip install 'handoff[s3]'") from None
+
+    class PinnedS3StorageDriver(S3StorageDriver):
+        """The SDK's S3 driver, reading only from the configured bucket: a claim read from
+        history that names another bucket is refused, not followed."""
+
+        async def retrieve(self, context: StorageDriverRetrieveContext,
+                           claims: Sequence[StorageDriverClaim]) -> list[Payload]:
+            for claim in claims:
+                if claim.claim_data.get("bucket") != bucket:
+                    raise StorageError(f"a payload claim names bucket {claim.claim_data.get('bucket')!r}, "
+                                       f"not the configured {bucket!r}; refused")
+            return await super().retrieve(context, claims)
+
     s3 = await _s3_clients.enter_async_context(aioboto3.Session().client("s3", endpoint_url=endpoint_url))
-    driver = S3StorageDriver(client=new_aioboto3_client(s3), bucket=bucket,
-                             max_payload_size=MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024)
+    driver = PinnedS3StorageDriver(client=new_aioboto3_client(s3), bucket=bucket, max_payload_size=MAX_STORED_BYTES)
     return ExternalStorage(drivers=[driver], payload_size_threshold=threshold)
 
 
-async def storage_from_env() -> ExternalStorage | None:
-    """S3 when $HANDOFF_S3_BUCKET is set (endpoint: $HANDOFF_S3_ENDPOINT_URL), else files in
-    $HANDOFF_PAYLOAD_DIR when that is set; else none (payloads stay inline)."""
+async def storage_from_env(address: str) -> ExternalStorage | None:
+    """The external storage for a client of the Temporal server at `address` (see the module)."""
     bucket = os.environ.get(S3_BUCKET_ENV)
     if bucket:
         return await s3_storage(bucket, os.environ.get(S3_ENDPOINT_ENV) or None)
-    directory = os.environ.get(PAYLOAD_DIR_ENV)
-    return file_storage(directory) if directory else None
+    directory = payload_dir(address)
+    return file_storage(directory, retention_days=_retention_days()) if directory else None

@@ -16,6 +16,13 @@ from handoff.testing import chain_worker, start_dev_env
 from tests.support import ROOT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Large payloads of clients on loopback go to a per-user directory by default: the suite's
+    (its subprocesses' too) is its own."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 @pytest.fixture(scope="session")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
     environment = await start_dev_env()

@@ -6,6 +6,7 @@ Their ids carry HANDOFF_TEST_SUFFIX so every test run uses fresh task queues.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,3 +33,20 @@ sec_b = Agent(id=f"sec-b-{SUFFIX}", name="Auditor B", capabilities=[AgentCapabil
               handler=audit)
 builder = Agent(id=f"builder-{SUFFIX}", name="Builder", capabilities=[AgentCapability.DEPLOYMENT],
                 handler=slow_build, max_concurrent=1)
+
+
+async def check_blob(ctx: HandoffContext) -> HandoffResult:
+    """Checks the context's blob against its SHA-256; the first checker hands on to the second."""
+    blob = ctx.context_data["blob"]
+    intact = hashlib.sha256(blob.encode()).hexdigest() == ctx.context_data["sha256"]
+    seen = {"by": ctx.to_agent, "intact": intact, "size": len(blob)}
+    if ctx.to_agent == checker_a.id:
+        return ctx.handoff(to_agent=checker_b.id, task_description="check it again", result_data=seen)
+    return ctx.complete(seen)
+
+
+checker_a = Agent(id=f"blob-a-{SUFFIX}", name="Blob checker A", capabilities=[AgentCapability.TESTING],
+                  handler=check_blob)
+checker_b = Agent(id=f"blob-b-{SUFFIX}", name="Blob checker B", capabilities=[AgentCapability.TESTING],
+                  handler=check_blob)
+checkers = [checker_a, checker_b]

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 from textwrap import dedent
 
-import handoff.examples as examples
 import pytest
-from handoff.examples import ALL_AGENTS, analyzer, auditor, dba, deployer, tester
 
+import handoff.examples as examples
 from handoff.constants import MAX_CHAIN_DEPTH
 from handoff.errors import PermanentError
+from handoff.examples import ALL_AGENTS, analyzer, auditor, dba, deployer, tester
 from handoff.models import AGENT_ID_RE, AgentCapability, HandoffContext, HandoffResult
 
 SAMPLE_PATH = Path(examples.__file__).parent / "samples" / "inventory_service.py"

@@ -25,7 +25,7 @@ from handoff import (
     run_chain,
     start_chain,
 )
-from handoff.constants import MAX_CONTEXT_BYTES
+from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
 from tests.support import HANDOFF, assert_usage_error, cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
@@ -188,7 +188,7 @@ async def test_bad_input_is_one_line_exit_2_and_starts_nothing(client, cli_env, 
     chain_id = str(uuid4())
     big = tmp_path / "big.json"
     if any("{big}" in arg for arg in template):
-        big.write_text(json.dumps({"blob": "x" * (MAX_CONTEXT_BYTES + 1000)}))
+        big.write_text(json.dumps({"blob": "x" * (MAX_EXTERNAL_CONTEXT_BYTES + 1000)}))  # on loopback: stored
     args = [arg.replace("{id}", chain_id).replace("{tmp}", str(tmp_path)).replace("{big}", str(big))
             for arg in template]
     proc = await cli(cli_env, *args)

@@ -15,7 +15,6 @@ import uuid
 
 import aiohttp
 import pytest
-from handoff.workers.chain_worker import chain_worker
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -40,6 +39,7 @@ from handoff.constants import CHAIN_WORKFLOW
 from handoff.errors import HandoffError
 from handoff.models import ChainRecord
 from handoff.server import EmbeddedServer, free_port, port_open, temporal_binary
+from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, make_agent, running
 
 UI_ORIGIN = "http://localhost:8233"
@@ -248,7 +248,7 @@ async def test_encrypted_chain_is_unreadable_in_history_but_readable_through_the
 
 async def test_codec_server_answers_cors_for_the_ui_origin_only():
     port = free_port()
-    runner = await start_codec_server(codec_from_env({}), port=port, ui_origins=[UI_ORIGIN])
+    runner = await start_codec_server(codec_from_env({}), port=port, ui_origins=[UI_ORIGIN], allow_encode=True)
     base = f"http://127.0.0.1:{port}"
     preflight = {"Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "content-type,x-namespace"}
@@ -261,7 +261,7 @@ async def test_codec_server_answers_cors_for_the_ui_origin_only():
                 assert {"content-type", "x-namespace"} <= allowed
                 assert "POST" in resp.headers["Access-Control-Allow-Methods"]
             async with http.options(f"{base}/decode", headers={"Origin": "http://evil.example", **preflight}) as resp:
-                assert "Access-Control-Allow-Origin" not in resp.headers
+                assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
 
             body = {"payloads": [{"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
                                   "data": base64.b64encode(json.dumps({"x": "y" * 300_000}).encode()).decode()}]}

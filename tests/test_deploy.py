@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 import yaml
-from handoff.examples import ALL_AGENTS
 
 from handoff.cli import load_agents
 from handoff.constants import SEARCH_ATTRIBUTES
+from handoff.examples import ALL_AGENTS
 from handoff.server import search_attribute_args
 from tests.support import ROOT
 
@@ -63,7 +63,14 @@ def test_every_example_agent_has_a_worker_service_on_temporal(services):
 def test_ui_points_at_the_server(services):
     ui = services["temporal-ui"]
     assert ui["environment"]["TEMPORAL_ADDRESS"] == "temporal:7233"
-    assert "8080:8080" in ui["ports"]
+    assert "${TEMPORAL_UI_PUBLISH_ADDRESS:-127.0.0.1}:8080:8080" in ui["ports"]
+
+
+def test_the_server_and_the_ui_publish_on_loopback_only(services):
+    """Neither has authentication in this stack: nothing listens beyond this host by default."""
+    for name in ("temporal", "temporal-ui"):
+        for port in services[name]["ports"]:
+            assert port.startswith("${") and ":-127.0.0.1}:" in port, (name, port)
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None,

@@ -12,9 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from handoff.workers.chain_worker import sandboxed_runner
-from handoff.workflows.chain import HandoffChainWorkflow
-from handoff.workflows.registry import AgentRegistryWorkflow
 from temporalio import workflow
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -24,6 +21,9 @@ from temporalio.workflow import NondeterminismError
 from handoff.audit import record_from_history
 from handoff.constants import CHAIN_WORKFLOW, REGISTRY_WORKFLOW_ID
 from handoff.models import ChainRecord, ChainRequest, ChainStatus, HopStatus
+from handoff.workers.chain_worker import sandboxed_runner
+from handoff.workflows.chain import HandoffChainWorkflow
+from handoff.workflows.registry import AgentRegistryWorkflow
 from tests.golden.regenerate import CHAIN_IDS, REGISTRY_FILE
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

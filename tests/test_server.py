@@ -7,13 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from handoff.workers.chain_worker import chain_worker
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
 from handoff import ChainStatus, run_chain
 from handoff.client import connect, get_chain
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.server import EmbeddedServer, ServerError, free_port
+from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, make_agent, running
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import os
+import stat
+import subprocess
 import time
 from uuid import uuid4
 
 import pytest
-from handoff.workers.chain_worker import chain_worker
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import (
     StorageDriverClaim,
@@ -22,15 +26,17 @@ from handoff.constants import (
     MAX_CONTEXT_BYTES,
     MAX_EXTERNAL_CONTEXT_BYTES,
 )
-from handoff.server import free_port
+from handoff.server import free_port, port_open
 from handoff.storage import (
     PAYLOAD_DIR_ENV,
     S3_BUCKET_ENV,
     S3_ENDPOINT_ENV,
     FileStorageDriver,
     StorageError,
+    payload_dir,
 )
-from tests.support import make_agent, running
+from handoff.workers.chain_worker import chain_worker
+from tests.support import HANDOFF, ROOT, make_agent, running
 
 
 async def test_file_driver_is_content_addressed_and_checks_what_it_reads(tmp_path):
@@ -43,7 +49,7 @@ async def test_file_driver_is_content_addressed_and_checks_what_it_reads(tmp_pat
     stored.write_bytes(b"tampered")
     with pytest.raises(StorageError, match="corrupt"):
         await driver.retrieve(StorageDriverRetrieveContext(), claims[:1])
-    with pytest.raises(StorageError, match="missing"):
+    with pytest.raises(StorageError, match="do not share one payload store"):
         await driver.retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": "0" * 64})])
     with pytest.raises(StorageError, match="malformed"):
         await driver.retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": "../x"})])
@@ -98,9 +104,42 @@ async def test_context_over_the_external_limit_is_refused_before_starting(stored
 
 
 def test_without_storage_the_limit_stays_under_temporals(monkeypatch):
-    monkeypatch.delenv(PAYLOAD_DIR_ENV, raising=False)
+    monkeypatch.setenv(PAYLOAD_DIR_ENV, "off")
     with pytest.raises(ContextTooLarge):
         build_request(task_description="t", to_agent="a", context_data={"blob": "x" * MAX_CONTEXT_BYTES})
+
+
+def test_a_server_on_this_host_gets_file_storage_by_default(monkeypatch, tmp_path):
+    monkeypatch.delenv(PAYLOAD_DIR_ENV, raising=False)
+    monkeypatch.delenv(S3_BUCKET_ENV, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    for local in ("localhost:7233", "127.0.0.1:7233", "127.0.0.5:9", "[::1]:7233"):
+        assert payload_dir(local) == tmp_path / "handoff" / "payloads", local
+    for remote in ("temporal.example.com:7233", "10.1.2.3:7233", "my-ns.a1b2c.tmprl.cloud:7233"):
+        assert payload_dir(remote) is None, remote
+    monkeypatch.setenv(PAYLOAD_DIR_ENV, str(tmp_path / "mine"))
+    assert payload_dir("temporal.example.com:7233") == tmp_path / "mine"
+
+
+async def test_stored_blobs_are_private_unique_per_writer_and_swept_when_unused(tmp_path):
+    directory = tmp_path / "blobs"
+    driver = FileStorageDriver(directory, retention_days=1)
+    payloads = [Payload(metadata={"encoding": b"json/plain"}, data=f'"{i % 3}"'.encode()) for i in range(60)]
+    # many threads of one process store the same three blobs at once: no write clobbers another
+    claims = await asyncio.gather(*(driver.store(StorageDriverStoreContext(), [p]) for p in payloads))
+    assert {c[0].claim_data["sha256"] for c in claims} == {c.claim_data["sha256"] for c in (await driver.store(
+        StorageDriverStoreContext(), payloads[:3]))}
+    blobs = sorted(directory.iterdir())
+    assert len(blobs) == 3, "no temporary file left behind"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(b.stat().st_mode) for b in blobs} == {0o600}
+    assert await driver.retrieve(StorageDriverRetrieveContext(), claims[0]) == [payloads[0]]
+    old = time.time() - 2 * 86400
+    for blob in blobs[1:]:
+        os.utime(blob, (old, old))
+    fresh = FileStorageDriver(directory, retention_days=1)
+    await fresh.store(StorageDriverStoreContext(), payloads[:1])
+    assert len(list(directory.iterdir())) == 1, "blobs unused past the retention are gone"
 
 
 @pytest.fixture
@@ -153,3 +192,51 @@ async def test_large_context_travels_through_an_s3_compatible_server(s3_server, 
     assert stored and all(o["Size"] > 256 * 1024 for o in stored), "large payloads went to S3"
     history = await handle.fetch_history()
     assert len(history.to_json()) < MAX_CONTEXT_BYTES
+
+
+async def test_an_s3_claim_naming_another_bucket_is_refused(s3_server, address):
+    s3, bucket = s3_server
+    s3.create_bucket(Bucket=f"{bucket}-other")
+    s3.put_object(Bucket=f"{bucket}-other", Key="planted", Body=b"\n\x00")
+    client = await connect(address=address)
+    [driver] = client.data_converter.external_storage.drivers
+    claim = StorageDriverClaim({"bucket": f"{bucket}-other", "key": "planted",
+                                "hash_algorithm": "sha256", "hash_value": "0" * 64})
+    with pytest.raises(StorageError, match="not the configured"):
+        await driver.retrieve(StorageDriverRetrieveContext(), [claim])
+
+
+def test_cli_chains_carry_8_and_20_mib_contexts_with_no_storage_settings(tmp_path, uid):
+    """`handoff server`, the chain worker, the agents' worker and `handoff start` as separate
+    processes on one host, no storage variables: large contexts go through the default store."""
+    env = {k: v for k, v in os.environ.items() if k not in (PAYLOAD_DIR_ENV, S3_BUCKET_ENV, S3_ENDPOINT_ENV)}
+    port = free_port()
+    env.update({"TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "HANDOFF_TEST_SUFFIX": uid, "PYTHONPATH": str(ROOT)})
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    processes = [subprocess.Popen([HANDOFF, "server", "--port", str(port), "--ui-port", str(free_port()),
+                                   "--db", ""], **quiet)]
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open(port):
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        processes.append(subprocess.Popen([HANDOFF, "worker", "--chains"], **quiet))
+        processes.append(subprocess.Popen([HANDOFF, "worker", "--agent", "tests.procagents:checkers"], **quiet))
+        for mib in (8, 20):
+            blob = "".join(f"{i}:{uuid4().hex}\n" for i in range(mib * 1024 * 1024 // 40))[:mib * 1024 * 1024]
+            context = tmp_path / f"context-{mib}.json"
+            context.write_text(json.dumps({"blob": blob, "sha256": hashlib.sha256(blob.encode()).hexdigest()}))
+            done = subprocess.run([HANDOFF, "start", "--to", f"blob-a-{uid}", "--task", f"check {mib} MiB",
+                                   "--context", f"@{context}", "--wait", "--json"],
+                                  env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+            record = ChainRecord.model_validate_json(done.stdout)
+            assert record.status is ChainStatus.COMPLETED, record.error
+            assert [h.result_data for h in record.hops] == [
+                {"by": f"blob-a-{uid}", "intact": True, "size": len(blob)},
+                {"by": f"blob-b-{uid}", "intact": True, "size": len(blob)}]
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=20)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from handoff.workers.chain_worker import chain_worker
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
@@ -36,6 +35,7 @@ from handoff.client import build_request, connect
 from handoff.constants import CHAIN_WORKFLOW
 from handoff.server import free_port
 from handoff.telemetry import Telemetry, TelemetryUnavailable, span_exporter
+from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
 Sample = tuple[dict[str, str], float]

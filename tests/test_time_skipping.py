@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from handoff.workers.chain_worker import chain_worker
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from handoff import ChainStatus, HopStatus, run_chain
+from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running
 
 

@@ -8,10 +8,10 @@ import dataclasses
 import subprocess
 
 import pytest
-from handoff.workers.agent_worker import run_agent
 
 from handoff import ChainStatus, run_chain
 from handoff.versioning import current_build_id
+from handoff.workers.agent_worker import run_agent
 from tests.support import HANDOFF, make_agent
 
 pytestmark = pytest.mark.usefixtures("chains")

@@ -23,11 +23,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from handoff.workers.chain_worker import chain_worker
 
 from handoff import ChainStatus, run_chain
 from handoff.client import connect
 from handoff.server import EmbeddedServer, free_port
+from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running
 
 BROWSER = next(

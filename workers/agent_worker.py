@@ -11,10 +11,10 @@ from datetime import timedelta
 from typing import AsyncIterator
 
 import structlog
-from handoff.activities.hop import hop_activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from handoff.activities.hop import hop_activity
 from handoff.agent import Agent
 from handoff.registry import deregister_agent, register_agent
 from handoff.versioning import current_build_id, deployment_config, set_current_build_id

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from handoff.activities.registry import RegistryActivities
-from handoff.workflows.chain import HandoffChainWorkflow
-from handoff.workflows.registry import AgentRegistryWorkflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import (
@@ -14,7 +11,10 @@ from temporalio.worker.workflow_sandbox import (
     SandboxRestrictions,
 )
 
+from handoff.activities.registry import RegistryActivities
 from handoff.constants import CHAIN_TASK_QUEUE
+from handoff.workflows.chain import HandoffChainWorkflow
+from handoff.workflows.registry import AgentRegistryWorkflow
 
 # When a chain worker stops, tasks of the workflows it cached wait this long on its sticky queue
 # before any other worker gets them (registry updates included); the SDK default is 10 s.

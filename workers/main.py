@@ -7,11 +7,11 @@ import signal
 from collections.abc import Sequence
 
 import structlog
-from handoff.workers.agent_worker import run_agent
-from handoff.workers.chain_worker import chain_worker
 from temporalio.client import Client
 
 from handoff.agent import Agent
+from handoff.workers.agent_worker import run_agent
+from handoff.workers.chain_worker import chain_worker
 
 log = structlog.get_logger("handoff.worker")
 

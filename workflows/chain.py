@@ -28,6 +28,7 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
+    from pydantic_core import to_json
 
     from handoff.constants import (
         CHAIN_WORKFLOW,
@@ -467,12 +468,33 @@ class HandoffChainWorkflow:
     def _finish(self, status: ChainStatus, error: str | None = None) -> ChainRecord:
         record = self._record
         record.end(status, error, workflow.now())
+        oversize = self._fit_record()
+        if oversize:
+            status = record.status = ChainStatus.FAILED
+            error = record.error = oversize
         self._chains_metric.add(1, {"status": status.value})
         self._upsert_search_attributes(status)
         workflow.set_current_details(f"**{status.value}**" + (f": {error}" if error else ""))
         workflow.logger.info("chain_finished", extra={"chain_id": str(record.chain_id),
                                                       "status": status.value, "reason": error})
         return record
+
+    def _fit_record(self) -> str | None:
+        """Keep the record (the workflow's result and query answer) within the chain's payload
+        limit, or the chain could never complete: the largest hop results leave the record first
+        (each stays in the hop's activity result in history). Why it had to, or None."""
+        limit = self._policy.max_context_bytes
+        size = len(to_json(self._record))
+        if size <= limit:
+            return None
+        self._record.final_result = {}  # a copy of the last result: the first to go
+        for hop in sorted(self._record.hops, key=lambda h: len(to_json(h.result_data)), reverse=True):
+            if len(to_json(self._record)) <= limit:
+                break
+            hop.result_data = {"elided": f"{len(to_json(hop.result_data)):,} bytes; in the hop's "
+                                         "activity result in the chain's history"}
+        return (f"the chain's record is {size:,} bytes, over the {limit:,}-byte limit: its largest hop "
+                "results are left out of it (each is in its hop's activity result in history)")
 
     async def _progress_after(self, delay_s: float) -> None:
         """From `delay_s` into the chain on, every hop upserts its progress; a chain that ends

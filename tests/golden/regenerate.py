@@ -23,7 +23,6 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from handoff.workers.chain_worker import chain_worker
 from temporalio import activity
 from temporalio.client import Client
 
@@ -36,6 +35,7 @@ from handoff import (
 )
 from handoff.client import cancel_chain, get_chain, run_chain, start_chain, wait_chain
 from handoff.constants import REGISTRY_WORKFLOW_ID
+from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running, start_dev_env
 
 GOLDEN = Path(__file__).resolve().parent
