@@ -460,7 +460,7 @@ def codec_server(
     async def go() -> None:
         tokens = tuple(t.strip() for t in os.environ.get(ENV_TOKENS, "").split(",") if t.strip())
         auth = CodecAuth(tokens=tokens, jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
-        runner = await start_codec_server(codec_from_env(), host=host, port=port, ui_origins=ui_origin,
+        runner = await start_codec_server(codec_from_env(strict=False), host=host, port=port, ui_origins=ui_origin,
                                           allowed_hosts=allowed_host, auth=auth, allow_encode=allow_encode)
         checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
         out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {checks}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict
 from uuid import UUID, uuid4
 
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
+from typing_extensions import Unpack
 
 from handoff.audit import record_from_history
 from handoff.codec import data_converter
@@ -228,52 +229,39 @@ async def start_request(
         raise
 
 
-async def start_chain(
-    client: Client,
-    *,
-    task_description: str,
-    to_agent: str | None = None,
-    capability: AgentCapability | str | None = None,
-    context_data: dict[str, Any] | None = None,
-    chain_id: UUID | str | None = None,
-    hop_timeout: float | None = None,
-    max_depth: int | None = None,
-    policy: ChainPolicy | Mapping[str, Any] | None = None,
-    search_attributes: bool = True,
-    reuse_id: bool = False,
-) -> UUID:
-    """Start a chain and return its id (also its workflow id); `build_request` says what the
-    arguments mean. `search_attributes`: False on a server without handoff's registered;
-    `reuse_id`: see `start_request`."""
-    handle = await start_request(client, build_request(
-        task_description=task_description, to_agent=to_agent, capability=capability,
-        context_data=context_data, chain_id=chain_id, hop_timeout=hop_timeout, max_depth=max_depth,
-        policy=policy, max_context_bytes=context_limit(client),
-    ), search_attributes=search_attributes, reuse_id=reuse_id)
-    return UUID(handle.id)
+class ChainArguments(TypedDict, total=False):
+    """What `start_chain` and `run_chain` take besides the client (see `build_request`)."""
+
+    task_description: Required[str]
+    to_agent: str | None
+    capability: AgentCapability | str | None
+    context_data: dict[str, Any] | None
+    chain_id: UUID | str | None
+    hop_timeout: float | None
+    max_depth: int | None
+    policy: ChainPolicy | Mapping[str, Any] | None
+    search_attributes: bool
+    """False on a server without handoff's search attributes registered."""
+    reuse_id: bool
+    """Start a new run under the id of a chain that has ended (see `start_request`)."""
 
 
-async def run_chain(
-    client: Client,
-    *,
-    task_description: str,
-    to_agent: str | None = None,
-    capability: AgentCapability | str | None = None,
-    context_data: dict[str, Any] | None = None,
-    chain_id: UUID | str | None = None,
-    hop_timeout: float | None = None,
-    max_depth: int | None = None,
-    policy: ChainPolicy | Mapping[str, Any] | None = None,
-    search_attributes: bool = True,
-    reuse_id: bool = False,
-) -> ChainRecord:
+async def _start(client: Client, arguments: ChainArguments) -> WorkflowHandle:
+    options = dict(arguments)
+    search_attributes = options.pop("search_attributes", True)
+    reuse_id = options.pop("reuse_id", False)
+    request = build_request(**options, max_context_bytes=context_limit(client))
+    return await start_request(client, request, search_attributes=search_attributes, reuse_id=reuse_id)
+
+
+async def start_chain(client: Client, **arguments: Unpack[ChainArguments]) -> UUID:
+    """Start a chain and return its id (also its workflow id)."""
+    return UUID((await _start(client, arguments)).id)
+
+
+async def run_chain(client: Client, **arguments: Unpack[ChainArguments]) -> ChainRecord:
     """Start a chain as `start_chain` does, wait for it to end, and return its record."""
-    handle = await start_request(client, build_request(
-        task_description=task_description, to_agent=to_agent, capability=capability,
-        context_data=context_data, chain_id=chain_id, hop_timeout=hop_timeout, max_depth=max_depth,
-        policy=policy, max_context_bytes=context_limit(client),
-    ), search_attributes=search_attributes, reuse_id=reuse_id)
-    return await _ended(client, handle)
+    return await _ended(client, await _start(client, arguments))
 
 
 async def wait_chain(client: Client, chain_id: UUID | str) -> ChainRecord:

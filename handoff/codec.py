@@ -28,7 +28,7 @@ import os
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -43,6 +43,7 @@ from temporalio.converter import (
     DataConverter,
     DefaultFailureConverter,
     DefaultFailureConverterWithEncodedAttributes,
+    EncodingPayloadConverter,
     PayloadCodec,
 )
 
@@ -52,6 +53,7 @@ from handoff.errors import HandoffError
 ENV_KEYS = "HANDOFF_ENCRYPTION_KEYS"
 ENV_KEY_ID = "HANDOFF_ENCRYPTION_KEY_ID"
 ENV_THRESHOLD = "HANDOFF_COMPRESSION_THRESHOLD"
+ENV_STRICT = "HANDOFF_ENCRYPTION_STRICT"
 
 DEFAULT_COMPRESSION_THRESHOLD = 256 * 1024
 MAX_DECOMPRESSED_BYTES = MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024
@@ -62,6 +64,10 @@ NONCE_BYTES = 12
 ENCODING = "encoding"
 ENCODING_ZLIB = b"binary/zlib"
 ENCODING_ENCRYPTED = b"binary/encrypted"
+ENCODING_REFUSED = b"binary/handoff-refused-unencrypted"
+"""What strict decryption makes of a payload that was not encrypted: no value can be read from
+it, so code that needs its value (a workflow's input, an activity's result) fails, and a workflow
+that fails this way ends (its failure types include ValueError) instead of retrying its task."""
 KEY_ID = "encryption-key-id"
 
 _KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -83,6 +89,9 @@ class CodecSettings(BaseModel):
     compression_threshold: int | None = DEFAULT_COMPRESSION_THRESHOLD
     keys: dict[str, bytes] = Field(default_factory=dict, repr=False)  # secrets: never printed
     key_id: str | None = None
+    strict: bool = True
+    """With keys: refuse payloads that are not encrypted (`HANDOFF_ENCRYPTION_STRICT=off` accepts
+    them, e.g. while histories from before encryption are still read)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CodecSettings:
@@ -100,7 +109,9 @@ class CodecSettings(BaseModel):
             key_id = next(iter(keys))
         if key_id is not None and key_id not in keys:
             raise CodecConfigError(f"{ENV_KEY_ID}={key_id} is not among the keys in {ENV_KEYS} ({', '.join(keys)})")
-        return cls(compression_threshold=_parse_threshold(env.get(ENV_THRESHOLD)), keys=keys, key_id=key_id)
+        strict = env.get(ENV_STRICT, "on").strip().lower() not in ("off", "0", "false", "no")
+        return cls(compression_threshold=_parse_threshold(env.get(ENV_THRESHOLD)), keys=keys, key_id=key_id,
+                   strict=strict)
 
 
 def _parse_threshold(value: str | None) -> int | None:
@@ -198,10 +209,11 @@ class EncryptionCodec(PayloadCodec):
     """AES-256-GCM with a named key; the key id travels in the payload's metadata (and is bound
     to the ciphertext), so any configured key decrypts what it encrypted."""
 
-    def __init__(self, keys: Mapping[str, bytes], key_id: str) -> None:
+    def __init__(self, keys: Mapping[str, bytes], key_id: str, *, strict: bool = False) -> None:
         if key_id not in keys:
             raise CodecConfigError(f"encryption key id {key_id!r} is not among the keys ({', '.join(keys)})")
         self.key_id = key_id
+        self.strict = strict
         self._ciphers = {kid: AESGCM(key) for kid, key in keys.items()}
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
@@ -218,6 +230,11 @@ class EncryptionCodec(PayloadCodec):
 
     def _decode(self, payload: Payload) -> Payload:
         if payload.metadata.get(ENCODING) != ENCODING_ENCRYPTED:
+            if self.strict:
+                return Payload(metadata={ENCODING: ENCODING_REFUSED}, data=(
+                    f"a payload ({payload.metadata.get(ENCODING, b'?').decode(errors='replace')}) "
+                    f"was not encrypted, and with {ENV_KEYS} set unencrypted payloads are refused "
+                    f"({ENV_STRICT}=off accepts them)").encode())
             return payload
         key_id = payload.metadata.get(KEY_ID, b"").decode(errors="replace")
         cipher = self._ciphers.get(key_id)
@@ -269,13 +286,15 @@ class CodecChain(PayloadCodec):
         return result
 
 
-def codec_from_settings(settings: CodecSettings) -> PayloadCodec | None:
-    """Compression first (ciphertext does not compress), then encryption; None when neither applies."""
+def codec_from_settings(settings: CodecSettings, *, strict: bool | None = None) -> PayloadCodec | None:
+    """Compression first (ciphertext does not compress), then encryption; None when neither
+    applies. `strict`: override the settings' (the codec server shows any payload as it is)."""
     codecs: list[PayloadCodec] = []
     if settings.compression_threshold is not None:
         codecs.append(CompressionCodec(settings.compression_threshold))
     if settings.keys and settings.key_id:
-        codecs.append(EncryptionCodec(settings.keys, settings.key_id))
+        codecs.append(EncryptionCodec(settings.keys, settings.key_id,
+                                      strict=settings.strict if strict is None else strict))
     elif codecs:
         codecs.append(DecryptionUnavailableCodec())
     if not codecs:
@@ -283,9 +302,27 @@ def codec_from_settings(settings: CodecSettings) -> PayloadCodec | None:
     return codecs[0] if len(codecs) == 1 else CodecChain(codecs)
 
 
-def codec_from_env(environ: Mapping[str, str] | None = None) -> PayloadCodec | None:
+def codec_from_env(environ: Mapping[str, str] | None = None, *, strict: bool | None = None) -> PayloadCodec | None:
     """The codec chain the `HANDOFF_*` variables describe; raises `CodecConfigError`."""
-    return codec_from_settings(CodecSettings.from_env(environ))
+    return codec_from_settings(CodecSettings.from_env(environ), strict=strict)
+
+
+class UnencryptedPayload(PayloadDecodeError, ValueError):
+    """A payload that should have been encrypted was not (strict decryption)."""
+
+
+class RefusedPayloadConverter(EncodingPayloadConverter):
+    """Reads what strict decryption refused: raises `UnencryptedPayload`, saying why."""
+
+    @property
+    def encoding(self) -> str:
+        return ENCODING_REFUSED.decode()
+
+    def to_payload(self, value: Any) -> Payload | None:
+        return None  # never chosen to encode a value
+
+    def from_payload(self, payload: Payload, type_hint: type | None = None) -> Any:
+        raise UnencryptedPayload(payload.data.decode(errors="replace"))
 
 
 class SharedPydanticPayloadConverter(PydanticPayloadConverter):
@@ -300,6 +337,7 @@ class SharedPydanticPayloadConverter(PydanticPayloadConverter):
         if cls._instance is None:
             cls._instance = super().__new__(cls)
             PydanticPayloadConverter.__init__(cls._instance)
+            cls._instance._set_converters(*cls._instance.converters.values(), RefusedPayloadConverter())
         return cls._instance
 
     def __init__(self) -> None:  # initialised once, in __new__

@@ -53,7 +53,7 @@ def plain(text: str) -> Payload:
 
 async def serve(**options) -> tuple[web.AppRunner, str]:
     port = free_port()
-    runner = await start_codec_server(codec_from_env(keys_env()), port=port, ui_origins=[UI], **options)
+    runner = await start_codec_server(codec_from_env(keys_env(), strict=False), port=port, ui_origins=[UI], **options)
     return runner, f"http://127.0.0.1:{port}"
 
 

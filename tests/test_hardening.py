@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import subprocess
 from uuid import uuid4
 
 import pytest
 import structlog
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
 from handoff import (
     AgentCapability,
@@ -123,6 +125,8 @@ async def test_task_text_can_be_kept_out_of_the_logs(monkeypatch, capsys):
     from temporalio.testing import ActivityEnvironment
 
     lines = {}
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     for setting in ("on", "off"):
         monkeypatch.setenv(ENV_LOG_TASK_TEXT, setting)
         configure_logging("json")
@@ -130,6 +134,7 @@ async def test_task_text_can_be_kept_out_of_the_logs(monkeypatch, capsys):
         lines[setting] = [json.loads(line) for line in capsys.readouterr().out.splitlines()
                           if '"hop_started"' in line]
     structlog.reset_defaults()
+    root.handlers[:], root.level = handlers, level  # configure_logging pointed them at capsys
     assert lines["on"][0]["task"].startswith("the merger")
     assert "task" not in lines["off"][0] and "ORCHID" not in json.dumps(lines["off"])
     assert lines["off"][0]["to_agent"] == "quiet"
@@ -276,3 +281,40 @@ async def test_a_worker_keeps_trying_to_reach_the_server_then_exits_1(cli_env):
     assert proc.returncode == 1
     assert proc.stdout.count("server_unreachable") >= 2, proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Temporal server")
+
+
+async def test_with_keys_a_chain_started_without_them_is_refused_not_run(client, address, uid, monkeypatch):
+    """A keyless client (the session's) starts a chain on encrypting workers: strict decryption
+    (on by default with keys) refuses its plaintext input, and the chain ends failed at once."""
+    monkeypatch.setenv(ENV_KEYS, f"k1:{base64.b64encode(os.urandom(32)).decode()}")
+    monkeypatch.setenv(ENV_KEY_ID, "k1")
+    sealed = await connect(address=address)
+    ran = []
+
+    async def work(ctx):
+        ran.append(ctx.task_description)
+        return ctx.complete()
+
+    from handoff.client import build_request
+    from handoff.constants import CHAIN_WORKFLOW
+
+    queue = f"strict-chains-{uid}"
+    agent = make_agent(f"strict-{uid}", work)
+    request = build_request(to_agent=agent.id, task_description="injected")
+    async with chain_worker(sealed, task_queue=queue), running(sealed, agent):
+        await client.start_workflow(CHAIN_WORKFLOW, request, id=str(request.chain_id), task_queue=queue)
+        handle = sealed.get_workflow_handle(str(request.chain_id))  # its failure is encrypted
+        with pytest.raises(WorkflowFailureError) as caught:
+            await asyncio.wait_for(handle.result(), 30)
+    assert "was not encrypted" in str(caught.value.cause), caught.value.cause
+    assert ran == []
+    assert (await handle.describe()).status is WorkflowExecutionStatus.FAILED
+
+    monkeypatch.setenv("HANDOFF_ENCRYPTION_STRICT", "off")  # accepting them is a choice
+    lenient = await connect(address=address)
+    queue = f"lenient-chains-{uid}"
+    request = build_request(to_agent=agent.id, task_description="accepted")
+    async with chain_worker(lenient, task_queue=queue), running(lenient, agent):
+        await client.start_workflow(CHAIN_WORKFLOW, request, id=str(request.chain_id), task_queue=queue)
+        await asyncio.wait_for(lenient.get_workflow_handle(str(request.chain_id)).result(), 30)
+    assert ran == ["accepted"]
