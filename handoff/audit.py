@@ -1,7 +1,8 @@
 """A chain's record, read back from its workflow history: the audit trail Temporal keeps.
 
 There is one source of truth for what a record says, the chain workflow itself. A chain that
-completed carries its record as the workflow's result. For any other state (running, cancelled,
+ended carries its record: a completed one as the workflow's result, an unsuccessful one in the
+details of its workflow failure. For any other state (running, cancelled,
 failed, terminated) the history is replayed through the chain workflow's own code with the
 SDK's `Replayer`, in this process and with no worker, and the record is read from the replayed
 workflow. Only what the workflow cannot see is applied afterwards, here: a termination, a
@@ -17,6 +18,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.client import WorkflowHistory
 from temporalio.converter import DataConverter
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import (
     ExecuteWorkflowInput,
     Interceptor,
@@ -26,7 +28,7 @@ from temporalio.worker import (
     WorkflowInterceptorClassInput,
 )
 
-from handoff.constants import HOP_ACTIVITY
+from handoff.constants import HOP_ACTIVITY, UNSUCCESSFUL_CHAIN_ERROR
 from handoff.errors import HandoffError
 from handoff.models import ChainRecord, ChainStatus, HandoffContext, HopInput, HopStatus
 from handoff.workflows.chain import HandoffChainWorkflow
@@ -79,6 +81,13 @@ _UNSEEN_ENDS: dict[str, Callable[[Any], tuple[ChainStatus, HopStatus, str]]] = {
 }
 
 
+def record_in_failure(error: BaseException | None) -> ChainRecord | None:
+    """The record a chain that ended unsuccessfully carries in its workflow failure, or None."""
+    if isinstance(error, ApplicationError) and error.type == UNSUCCESSFUL_CHAIN_ERROR and error.details:
+        return ChainRecord.model_validate(error.details[0])
+    return None
+
+
 async def record_from_history(
     history: WorkflowHistory, converter: DataConverter, *, replay: bool = False
 ) -> ChainRecord:
@@ -89,6 +98,10 @@ async def record_from_history(
     last = history.events[-1]
     if not replay and last.HasField("workflow_execution_completed_event_attributes"):
         return await _decode_one(converter, last.workflow_execution_completed_event_attributes.result, ChainRecord)
+    if not replay and last.HasField("workflow_execution_failed_event_attributes"):
+        carried = record_in_failure(await converter.decode_failure(last.workflow_execution_failed_event_attributes.failure))
+        if carried is not None:
+            return carried
     record = await _replayed_record(history, converter)
     kind = last.WhichOneof("attributes")
     if kind in _UNSEEN_ENDS and record.status is ChainStatus.RUNNING:

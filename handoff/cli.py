@@ -35,7 +35,7 @@ from handoff.codec_server import DEFAULT_UI_ORIGINS
 from handoff.errors import HandoffError, ServerUnreachable
 from handoff.log import configure_logging
 from handoff.models import ChainRecord, ChainStatus
-from handoff.render import agents_table, chain_table, ui_url
+from handoff.render import agents_table, chain_table, chains_table, ui_url
 from handoff.telemetry import DEFAULT_METRICS_HOST, Telemetry
 
 T = TypeVar("T")
@@ -259,15 +259,7 @@ def list_chains(
     if as_json:
         print(json.dumps(rows, default=str, indent=2))
         return
-    from rich.table import Table
-
-    table = Table(title="chains", title_justify="left")
-    for column in ("chain id", "status", "agents", "depth", "started"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row["chain_id"], row["status"], ", ".join(row["agents"]), str(row["depth"]),
-                      str(row["started_at"])[:19])
-    out.print(table)
+    out.print(chains_table(rows))
 
 
 @app.command()
@@ -306,11 +298,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def load_agents(spec: str) -> list[Agent]:
-    """Import `module:object`, an Agent or a list of Agents."""
+def load_agents(spec: str, app_dir: str = ".") -> list[Agent]:
+    """Import `module:object`, an Agent or a list of Agents, with `app_dir` (by default the
+    current directory) first on the import path, as uvicorn, gunicorn and celery do."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise Usage(f"--agent takes MODULE:OBJECT, got {spec!r}")
+    directory = str(Path(app_dir).resolve())
+    if not Path(directory).is_dir():
+        raise Usage(f"--app-dir {app_dir} is not a directory")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any error while importing the user's module is bad input here
@@ -324,7 +322,10 @@ def load_agents(spec: str) -> list[Agent]:
 
 @app.command()
 def worker(
-    agent: list[str] = typer.Option([], "--agent", help="MODULE:OBJECT of an Agent; repeatable"),
+    agent: list[str] = typer.Option(
+        [], "--agent", help="MODULE:OBJECT of an Agent (or a list of them), imported with --app-dir "
+                            "first on the import path; repeatable"),
+    app_dir: str = typer.Option(".", "--app-dir", help="directory to import --agent modules from (default: the current one)"),
     chains: bool = typer.Option(False, "--chains", help="run the chain and registry worker"),
     log_format: str = LogFormatOption,
     metrics_port: int | None = MetricsPortOption,
@@ -346,7 +347,7 @@ def worker(
         _fail("--build-id goes with --versioned")
     configure_logging("console" if log_format == "console" else "json")
     with _one_line_errors():
-        loaded = [a for spec in agent for a in load_agents(spec)]
+        loaded = [a for spec in agent for a in load_agents(spec, app_dir)]
     if build_id is not None:
         loaded = [dataclasses.replace(a, version=build_id) for a in loaded]
 

@@ -23,9 +23,10 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 from typing_extensions import Unpack
 
-from handoff.audit import record_from_history
+from handoff.audit import record_from_history, record_in_failure
 from handoff.codec import data_converter
 from handoff.constants import (
+    CHAIN_PROTOCOL,
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
     MAX_CONTEXT_BYTES,
@@ -130,6 +131,7 @@ def build_request(
     fields.setdefault("max_context_bytes", max_context_bytes or env_context_limit())
     try:
         request = ChainRequest(
+            protocol=CHAIN_PROTOCOL,
             chain_id=uuid4() if chain_id is None else _uuid(chain_id),
             to_agent=to_agent or "",
             capability=capability,
@@ -272,8 +274,11 @@ async def wait_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
 async def _ended(client: Client, handle: WorkflowHandle) -> ChainRecord:
     try:
         return await handle.result()
-    except WorkflowFailureError:  # cancelled, terminated, failed: the record is in its history
-        return await get_chain(client, handle.id)
+    except WorkflowFailureError as err:
+        record = record_in_failure(err.cause)
+        if record is not None:  # the chain ended unsuccessfully
+            return record
+        return await get_chain(client, handle.id)  # cancelled, terminated, ...: read back
 
 
 async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:

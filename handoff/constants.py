@@ -61,6 +61,13 @@ def agent_task_queue(agent_id: str) -> str:
     """The task queue an agent's worker polls: `agent.<agent_id>`."""
     return f"{AGENT_TASK_QUEUE_PREFIX}{agent_id}"
 
+CHAIN_PROTOCOL = 2
+"""The chain behaviour new requests ask for (`ChainRequest.protocol`). 1: every chain completes
+its workflow, whatever its status. 2: a chain that ends unsuccessfully fails its workflow, with
+its record in the failure's details, so the Web UI lists it as Failed (or Canceled)."""
+UNSUCCESSFUL_CHAIN_ERROR = "UnsuccessfulChain"
+"""The failure type of a chain workflow that ended unsuccessfully (its details: the record)."""
+
 # Error types of the hop activity that retrying cannot fix (raised in activities/hop.py).
 PERMANENT_ERROR = "PermanentError"
 INVALID_RESULT_ERROR = "InvalidHandlerResult"

@@ -14,6 +14,9 @@ from typing import Literal, TextIO
 
 import structlog
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+from handoff.constants import INVALID_RESULT_ERROR, PERMANENT_ERROR, RESULT_TOO_LARGE_ERROR
 
 LogFormat = Literal["json", "console"]
 
@@ -41,6 +44,23 @@ class _NamedWriteLogger(structlog.WriteLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
+
+
+class ExpectedHopFailures(logging.Filter):
+    """The SDK logs every failed activity attempt with its traceback ("Completing activity as
+    failed"). A hop that failed on purpose (the handler raised `PermanentError`, or returned what
+    cannot be a result) is no bug: handoff's own `hop_failed` line says it in one line, and the
+    SDK's record, traceback included, is kept for DEBUG only."""
+
+    EXPECTED = frozenset({PERMANENT_ERROR, INVALID_RESULT_ERROR, RESULT_TOO_LARGE_ERROR})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ApplicationError) and error.type in self.EXPECTED:
+            if not logging.getLogger().isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 def configure_logging(fmt: LogFormat = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
@@ -75,6 +95,7 @@ def configure_logging(fmt: LogFormat = "json", level: str = "INFO", stream: Text
     workflow.logger.workflow_info_on_message = False
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(ExpectedHopFailures())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -315,6 +315,9 @@ class ChainRequest(BaseModel):
     """Results from before this chain started, passed on to every hop before this chain's own."""
     first_handoff_id: UUID | None = None
     """Use this id for the first hop (the facade keeps the caller's handoff id)."""
+    protocol: int = 1
+    """Which chain behaviour the starter asked for (`handoff.constants.CHAIN_PROTOCOL`); requests
+    recorded before the field existed decode as 1, so their histories replay as they ran."""
 
     def problem(self) -> str | None:
         """Why the chain must be refused before its first hop; None when it may start. Checked

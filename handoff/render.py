@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timezone
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -72,14 +74,43 @@ def chain_table(record: ChainRecord) -> Group:
 
 
 def agents_table(statuses: list[AgentStatus]) -> Table:
-    table = Table(title="registered agents", title_justify="left")
-    for column in ("agent", "name", "capabilities", "state", "pollers", "backlog", "load", "max", "version"):
-        table.add_column(column)
+    """Agents, laid out so ids and capabilities stay whole in 80 columns: name and version under
+    the id, one capability a line, the queue (live, queued/max, pollers) in one short column."""
+    table = Table(title="registered agents", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("agent / name, version", no_wrap=True)
+    table.add_column("capabilities", no_wrap=True)
+    table.add_column("queue", no_wrap=True)
     for s in statuses:
-        table.add_row(
-            s.card.agent_id, s.card.name, ", ".join(c.value for c in s.card.capabilities),
-            Text("live", style="green") if s.stats.live else Text("down", style="red"),
-            str(s.stats.pollers), str(s.stats.backlog), f"{s.load:.2f}",
-            str(s.card.max_concurrent), s.card.version,
-        )
+        agent = Text(s.card.agent_id)
+        agent.append(f"\n{s.card.name}, v{s.card.version}", style="dim")
+        queue = Text("live" if s.stats.live else "down", style="green" if s.stats.live else "red")
+        queue.append(f" {s.stats.backlog}/{s.card.max_concurrent}")
+        queue.append(f"\n{s.stats.pollers} poller{'s' if s.stats.pollers != 1 else ''}", style="dim")
+        table.add_row(agent, "\n".join(c.value for c in s.card.capabilities), queue)
     return table
+
+
+def chains_table(rows: list[dict[str, Any]]) -> Table:
+    """Chains found in visibility, laid out so chain ids and agent ids stay whole in 80 columns:
+    the agents visited under the chain's id."""
+    table = Table(title="chains", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("chain id / agents", no_wrap=True, min_width=36)
+    table.add_column("status", no_wrap=True)
+    table.add_column("depth", no_wrap=True, justify="right")
+    table.add_column("started (UTC)", no_wrap=True)
+    for row in rows:
+        chain = Text(row["chain_id"])
+        for agent in row["agents"]:
+            chain.append(f"\n  {agent}", style="dim")
+        started = row["started_at"]
+        when = started.astimezone(timezone.utc).strftime("%m-%d %H:%M:%S") if started else ""
+        status = Text(row["status"], style=STATUS_STYLE.get(_status(row["status"]), "red"))
+        table.add_row(chain, status, "" if row["depth"] is None else str(row["depth"]), when)
+    return table
+
+
+def _status(value: str) -> ChainStatus | None:
+    try:
+        return ChainStatus(value)
+    except ValueError:
+        return None

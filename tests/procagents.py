@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from handoff import Agent, AgentCapability, HandoffContext, HandoffResult
+from handoff import Agent, AgentCapability, HandoffContext, HandoffResult, PermanentError
 
 SUFFIX = os.environ.get("HANDOFF_TEST_SUFFIX", "local")
 MARKS = Path(os.environ.get("HANDOFF_TEST_MARKS", "/tmp"))
@@ -50,3 +50,16 @@ checker_a = Agent(id=f"blob-a-{SUFFIX}", name="Blob checker A", capabilities=[Ag
 checker_b = Agent(id=f"blob-b-{SUFFIX}", name="Blob checker B", capabilities=[AgentCapability.TESTING],
                   handler=check_blob)
 checkers = [checker_a, checker_b]
+
+
+async def refuse(ctx: HandoffContext) -> HandoffResult:
+    raise PermanentError(f"{ctx.to_agent} will not do {ctx.task_description!r}")
+
+
+async def divide(ctx: HandoffContext) -> HandoffResult:
+    return ctx.complete({"ratio": 1 / len(ctx.context_data)})  # a bug: an empty context
+
+
+refuser = Agent(id=f"refuser-{SUFFIX}", name="Refuser", capabilities=[AgentCapability.TESTING], handler=refuse)
+buggy = Agent(id=f"buggy-{SUFFIX}", name="Buggy", capabilities=[AgentCapability.TESTING], handler=divide)
+failing = [refuser, buggy]

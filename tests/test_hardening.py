@@ -30,7 +30,7 @@ from handoff import (
     start_chain,
 )
 from handoff.activities.hop import ENV_LOG_TASK_TEXT, hop_activity
-from handoff.client import connect
+from handoff.client import connect, wait_chain
 from handoff.codec import ENV_KEY_ID, ENV_KEYS, CodecConfigError, CodecSettings
 from handoff.constants import MAX_NESTING
 from handoff.log import configure_logging
@@ -106,7 +106,7 @@ async def test_with_keys_failure_messages_reach_history_encrypted(address, uid, 
         request = build_request(to_agent=agent.id, task_description="charge the card")
         handle = await sealed.start_workflow(CHAIN_WORKFLOW, request, id=str(request.chain_id),
                                              task_queue=queue, result_type=ChainRecord)
-        record = await handle.result()
+        record = await wait_chain(sealed, request.chain_id)  # the chain fails its workflow
         history = (await handle.fetch_history()).to_json()
     assert record.status is ChainStatus.FAILED
     assert secret in record.hops[0].error, "a client with the keys reads the failure"

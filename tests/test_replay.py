@@ -64,8 +64,9 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
 
 # Every scenario's history as today's code records it (`linear`), and as earlier, still
 # replayable versions of the workflow recorded it (`linear.v1`: before `progress_after_s`, when
-# every hop upserted the search attributes).
-OLD_VERSIONS = (".v1",)
+# every hop upserted the search attributes; `linear.v2`: request protocol 1, when an unsuccessful
+# chain still completed its workflow).
+OLD_VERSIONS = (".v1", ".v2")
 CHAIN_FILES = [f"{name}{version}" for name in CHAIN_IDS for version in ("", *OLD_VERSIONS)]
 
 
@@ -104,13 +105,19 @@ async def test_golden_history_replays_without_nondeterminism(name):
 async def test_golden_history_is_the_scenario_its_name_says(file):
     name = file.split(".")[0]
     status, hops, final_result = EXPECTED[name]
-    record = await record_from_history(golden_history(file), pydantic_data_converter, replay=True)
+    history = golden_history(file)
+    record = await record_from_history(history, pydantic_data_converter, replay=True)
+    assert record == await record_from_history(history, pydantic_data_converter), "replayed == carried"
     assert record.chain_id == CHAIN_IDS[name]
     assert record.status is status
     assert [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in record.hops] == hops
     assert [h.hop for h in record.hops] == sorted(h.hop for h in record.hops)
     assert record.final_result == final_result
     assert (record.error is None) == (status is ChainStatus.COMPLETED)
+    closed = history.events[-1].WhichOneof("attributes")
+    if file == name and status is not ChainStatus.COMPLETED:  # today's code: the workflow says so
+        assert closed == ("workflow_execution_canceled_event_attributes" if status is ChainStatus.CANCELLED
+                          else "workflow_execution_failed_event_attributes"), closed
 
 
 async def test_capability_hops_were_resolved_through_the_registry():

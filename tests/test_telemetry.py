@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from temporalio.client import Client
 
 from handoff import ChainRecord, ChainStatus, PermanentError
-from handoff.client import build_request, connect
+from handoff.client import build_request, connect, wait_chain
 from handoff.constants import CHAIN_WORKFLOW
 from handoff.server import free_port
 from handoff.telemetry import Telemetry, TelemetryUnavailable, span_exporter
@@ -54,10 +54,10 @@ async def own_chain_worker(client: Client, uid: str) -> AsyncIterator[str]:
 async def run_on(client: Client, queue: str, **request: Any) -> ChainRecord:
     """`run_chain`, but on `queue` instead of `handoff.chains`."""
     built = build_request(**request)
-    handle = await client.start_workflow(
+    await client.start_workflow(
         CHAIN_WORKFLOW, built, id=str(built.chain_id), task_queue=queue, result_type=ChainRecord
     )
-    return await handle.result()
+    return await wait_chain(client, built.chain_id)  # an unsuccessful chain fails its workflow
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -148,7 +148,9 @@ async def test_worker_metrics_count_hops_fallbacks_and_refusals(address, uid):
     # and the SDK's own
     assert value(m, "temporal_activity_execution_latency_count", task_queue=f"agent.{spare}",
                  activity_type="handoff.hop", workflow_type="HandoffChain") == 1
-    assert value(m, "temporal_workflow_completed", task_queue=queue, workflow_type="HandoffChain") == 1
+    # a chain that ended unsuccessfully is a failed workflow for the SDK's metrics too
+    assert value(m, "temporal_workflow_failed", task_queue=queue, workflow_type="HandoffChain") == 1
+    assert not value(m, "temporal_workflow_completed", task_queue=queue, workflow_type="HandoffChain")
 
 
 # -- tracing -----------------------------------------------------------------------------

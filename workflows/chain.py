@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         SA_CURRENT_AGENT,
         SA_DEPTH,
         SA_STATUS,
+        UNSUCCESSFUL_CHAIN_ERROR,
         agent_task_queue,
     )
     from handoff.models import (
@@ -186,16 +187,26 @@ class HandoffChainWorkflow:
                 self._results.append(result.result_data)
                 directive = result.next_handoff
                 if directive is None:
-                    return self._finish(ChainStatus.COMPLETED)
+                    return self._ended(request, ChainStatus.COMPLETED)
                 target = self._next_target(depth + 1, directive, agent)
         except ChainEnd as end:
-            return self._finish(end.status, end.error)
+            return self._ended(request, end.status, end.error)
         except (asyncio.CancelledError, CancelledError):
             for hop in self._record.close_running(HopStatus.CANCELLED, "chain cancelled", workflow.now()):
                 self._count_hop(hop)
             self._finish(ChainStatus.CANCELLED, "chain cancelled")
             raise
         raise AssertionError("unreachable: the depth check ends every chain")
+
+    def _ended(self, request: ChainRequest, status: ChainStatus, error: str | None = None) -> ChainRecord:
+        """The chain's end: its record, the workflow's result. A chain that ended unsuccessfully
+        fails its workflow instead (protocol 2), the record in the failure's details, so the Web
+        UI lists it as Failed and its Failures filter finds it."""
+        record = self._finish(status, error)
+        if record.status is not ChainStatus.COMPLETED and request.protocol >= 2:
+            raise ApplicationError(f"chain {record.status.value}: {record.error}", record,
+                                   type=UNSUCCESSFUL_CHAIN_ERROR, non_retryable=True)
+        return record
 
     # -- rules -------------------------------------------------------------------------
 
