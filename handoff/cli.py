@@ -31,7 +31,7 @@ from handoff.client import (
     start_request,
     wait_chain,
 )
-from handoff.codec_server import DEFAULT_UI_ORIGINS
+from handoff.constants import DEFAULT_UI_ORIGINS
 from handoff.errors import HandoffError, ServerUnreachable
 from handoff.log import configure_logging
 from handoff.models import ChainRecord, ChainStatus

@@ -30,10 +30,10 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
 from handoff.codec import PayloadDecodeError
+from handoff.constants import DEFAULT_UI_ORIGINS
 from handoff.errors import InvalidRequest
 
 DEFAULT_PORT = 8081
-DEFAULT_UI_ORIGINS = ("http://localhost:8233", "http://127.0.0.1:8233")
 ALLOWED_HEADERS = "content-type, x-namespace, authorization"
 ENV_TOKENS = "HANDOFF_CODEC_TOKENS"
 """Bearer tokens the codec server accepts, comma separated (kept out of the command line)."""

@@ -46,6 +46,9 @@ MAX_EXTERNAL_CONTEXT_BYTES = 32 * 1024 * 1024
 MAX_NESTING = 64
 """How deep a context or result may nest lists and objects (pydantic's decoder stops near 250)."""
 
+DEFAULT_UI_ORIGINS = ("http://localhost:8233", "http://127.0.0.1:8233")
+"""The embedded Web UI's origins, both spellings: the codec server answers them by default."""
+
 LIVE_POLLER_WINDOW_S = 70.0
 """An agent is live when one of its pollers was seen within this many seconds."""
 

@@ -21,12 +21,14 @@ pytestmark = pytest.mark.usefixtures("chains")
 async def test_rollout_moves_later_hops_of_a_running_chain_to_the_new_version(client, cli_env, uid):
     agent_id = f"rollout-{uid}"
     first_hop_running = asyncio.Event()
+    proceed = asyncio.Event()  # the first hop of the chain under test ends only after the rollout
+    proceed.set()
 
     def build(version: str):
         async def handle(ctx):
             if ctx.chain_depth == 0:
                 first_hop_running.set()
-                await asyncio.sleep(2)
+                await asyncio.wait_for(proceed.wait(), 30)
                 return ctx.handoff(to_agent=agent_id, task_description="second look",
                                    result_data={"version": version})
             return ctx.complete({"version": version})
@@ -45,12 +47,15 @@ async def test_rollout_moves_later_hops_of_a_running_chain_to_the_new_version(cl
 
     v2 = asyncio.create_task(run_agent(client, build("v2"), stop, register=False, versioned=True))
     first_hop_running.clear()
+    proceed.clear()
     chain = asyncio.create_task(run_chain(client, to_agent=agent_id, task_description="look"))
     await asyncio.wait_for(first_hop_running.wait(), 10)
     rollout = await asyncio.to_thread(
         subprocess.run, [HANDOFF, "rollout", agent_id, "v2"], env=cli_env,
         capture_output=True, text=True, timeout=30)
     assert rollout.returncode == 0, rollout.stderr
+    await asyncio.sleep(1)  # the new routing reaches the agent's task queue asynchronously
+    proceed.set()
     record = await asyncio.wait_for(chain, 30)
     stop.set()
     await asyncio.gather(v1, v2)
