@@ -140,7 +140,7 @@ Signature = tuple[ChainStatus, list[tuple[str, HopStatus, int, str | None]]]
 
 
 def expected_signature(plan: Plan) -> Signature:
-    """(chain status, [(to_agent, status, attempts, fallback_for)]) per DESIGN section 5.
+    """(chain status, [(to_agent, status, attempts, fallback_for)]) per the chain rules (docs/design.md, section 4).
 
     The pool agents are not registered, so a failed hop can only fall back to the configured
     fallback agent."""

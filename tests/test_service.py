@@ -1,6 +1,6 @@
 """`PeerHandoffService`, the original design's API, against the real server.
 
-The first three tests are the original design's own tests, with `await` where DESIGN section 8
+The first three tests are the original design's own tests, with `await` where the facade
 makes the call async and the service entered with `async with` so its workers run.
 """
 
