@@ -22,6 +22,7 @@ from handoff.constants import (
     INVALID_RESULT_ERROR,
     PERMANENT_ERROR,
     RESULT_TOO_LARGE_ERROR,
+    switched_on,
 )
 from handoff.errors import PermanentError
 from handoff.models import HandoffResult, HopInput, HopOutput, nesting_problem, sized_payload
@@ -62,7 +63,7 @@ def _outcome(result: object) -> str:
 
 def hop_activity(agent: Agent):
     """The `handoff.hop` activity implementation for `agent`."""
-    task_text = os.environ.get(ENV_LOG_TASK_TEXT, "on").strip().lower() not in ("off", "0", "false", "no")
+    task_text = switched_on(os.environ.get(ENV_LOG_TASK_TEXT))
     handler_ms = None  # created on the first hop: the activity metric meter exists only inside one
 
     def record_handler_duration(outcome: str, elapsed_s: float) -> None:

@@ -47,7 +47,7 @@ from temporalio.converter import (
     PayloadCodec,
 )
 
-from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
+from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES, switched_on
 from handoff.errors import HandoffError
 
 ENV_KEYS = "HANDOFF_ENCRYPTION_KEYS"
@@ -109,7 +109,7 @@ class CodecSettings(BaseModel):
             key_id = next(iter(keys))
         if key_id is not None and key_id not in keys:
             raise CodecConfigError(f"{ENV_KEY_ID}={key_id} is not among the keys in {ENV_KEYS} ({', '.join(keys)})")
-        strict = env.get(ENV_STRICT, "on").strip().lower() not in ("off", "0", "false", "no")
+        strict = switched_on(env.get(ENV_STRICT))
         return cls(compression_threshold=_parse_threshold(env.get(ENV_THRESHOLD)), keys=keys, key_id=key_id,
                    strict=strict)
 

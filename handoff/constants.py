@@ -60,6 +60,11 @@ SA_DEPTH = SearchAttributeKey.for_int("HandoffDepth")
 SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH)
 
 
+def switched_on(value: str | None) -> bool:
+    """An on/off environment setting: on unless it says off (`off`, `0`, `false`, `no`)."""
+    return (value or "on").strip().lower() not in ("off", "0", "false", "no")
+
+
 def agent_task_queue(agent_id: str) -> str:
     """The task queue an agent's worker polls: `agent.<agent_id>`."""
     return f"{AGENT_TASK_QUEUE_PREFIX}{agent_id}"
