@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from handoff.agent import Agent
 from handoff.constants import (
     HOP_ACTIVITY,
+    MAX_NESTING,
     INVALID_RESULT_ERROR,
     PERMANENT_ERROR,
     RESULT_TOO_LARGE_ERROR,
@@ -58,6 +59,8 @@ def _failure(message: str, attempt: int, *, kind: str, permanent: bool) -> Appli
 def _outcome(result: object) -> str:
     if not isinstance(result, HandoffResult) or not result.success:
         return "failed"
+    if result.fan_out is not None:
+        return "fanned_out"
     return "handed_off" if result.next_handoff is not None else "completed"
 
 
@@ -123,6 +126,7 @@ def hop_activity(agent: Agent):
                 if output.result.next_handoff and output.result.next_handoff.to_capability
                 else None
             ),
+            **({"branches": len(output.result.fan_out.branches)} if output.result.fan_out else {}),
         )
         return payload
 
@@ -141,7 +145,10 @@ def _checked_output(
             permanent=True,
         )
     problem = nesting_problem(result.result_data, "result_data") or (
-        result.next_handoff and nesting_problem(result.next_handoff.context_data, "the handoff's context_data"))
+        result.next_handoff and nesting_problem(result.next_handoff.context_data, "the handoff's context_data")
+    ) or (result.fan_out and nesting_problem(
+        [result.fan_out.context_data, *(b.context_data for b in result.fan_out.branches)],
+        "the fan-out's context_data", MAX_NESTING + 1))
     if problem:
         raise _failure(f"handler of {agent_id!r} returned a result whose {problem}", attempt,
                        kind=INVALID_RESULT_ERROR, permanent=True)

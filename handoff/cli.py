@@ -26,12 +26,13 @@ from handoff.agent import Agent
 from handoff.client import (
     build_request,
     cancel_chain,
+    decide_approval,
     connect,
     get_chain,
     start_request,
     wait_chain,
 )
-from handoff.constants import DEFAULT_UI_ORIGINS
+from handoff.constants import DEFAULT_UI_ORIGINS, SA_STATUS
 from handoff.errors import HandoffError, ServerUnreachable
 from handoff.log import configure_logging
 from handoff.models import ChainRecord, ChainStatus
@@ -126,7 +127,7 @@ def _print_record(record: ChainRecord, as_json: bool) -> None:
 
 
 def _exit_for(record: ChainRecord) -> None:
-    if record.status not in (ChainStatus.COMPLETED, ChainStatus.RUNNING):
+    if record.status.ended and record.status is not ChainStatus.COMPLETED:
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -182,11 +183,11 @@ WAIT_NOTICE_S = 10.0
 
 
 async def _wait_telling_why(client: Client, chain_id: UUID, timeout_s: float | None) -> ChainRecord:
-    """Wait for the chain's end; say on stderr when no chain worker has taken it up, and give up
-    (`ChainStillRunning`, exit 1) after `timeout_s`."""
+    """Wait for the chain's end; say on stderr when no chain worker has taken it up or when it
+    waits for a person's approval, and give up (`ChainStillRunning`, exit 1) after `timeout_s`."""
     ended = asyncio.ensure_future(wait_chain(client, chain_id))
     started = time.monotonic()
-    noticed = False
+    told: set[str] = set()
     try:
         while True:
             left = None if timeout_s is None else timeout_s - (time.monotonic() - started)
@@ -196,15 +197,26 @@ async def _wait_telling_why(client: Client, chain_id: UUID, timeout_s: float | N
             done, _ = await asyncio.wait({ended}, timeout=min(WAIT_NOTICE_S, left or WAIT_NOTICE_S))
             if done:
                 return ended.result()
-            if not noticed:
-                info = (await client.get_workflow_handle(str(chain_id)).describe()).raw_description
-                if info.workflow_execution_info.history_length <= 3:  # started, no task done yet
-                    err_console.print(f"waiting: no chain worker has taken chain {chain_id} up yet "
-                                      "(is `handoff worker --chains` running on this server?)",
-                                      markup=False, highlight=False, soft_wrap=True)
-                    noticed = True
+            description = await client.get_workflow_handle(str(chain_id)).describe()
+            notice = None
+            if description.raw_description.workflow_execution_info.history_length <= 3:  # no task done
+                notice = "no_worker"
+            elif description.typed_search_attributes.get(SA_STATUS) == ChainStatus.AWAITING_APPROVAL.value:
+                notice = "approval"
+            if notice and notice not in told:
+                told.add(notice)
+                err_console.print(WAIT_NOTICES[notice].format(chain_id=chain_id),
+                                  markup=False, highlight=False, soft_wrap=True)
     finally:
         ended.cancel()
+
+
+WAIT_NOTICES = {
+    "no_worker": "waiting: no chain worker has taken chain {chain_id} up yet "
+                 "(is `handoff worker --chains` running on this server?)",
+    "approval": "waiting: chain {chain_id} awaits approval: `handoff approve {chain_id}` "
+                "or `handoff reject {chain_id} --reason ...`",
+}
 
 
 class ChainStillRunning(HandoffError):
@@ -237,6 +249,56 @@ def cancel(chain_id: str = typer.Argument(..., help="the chain id")) -> None:
 
     _run(go)
     out.print(f"chain {chain_id}: cancellation requested")
+
+
+ENV_IDENTITY = "HANDOFF_IDENTITY"
+"""Who `handoff approve` / `handoff reject` say decided, unless `--by` does (default: user@host)."""
+
+ByOption = typer.Option(
+    None, "--by", help=f"who decides (recorded in the hop entry); default ${ENV_IDENTITY}, else user@host")
+HopOption = typer.Option(None, "--hop", help="the handoff id of the waiting hop, when several wait")
+
+
+def _identity(by: str | None) -> str:
+    if by is not None:
+        return by
+    import getpass
+    import socket
+
+    return os.environ.get(ENV_IDENTITY) or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _decide(chain_id: str, approved: bool, by: str | None, comment: str, hop: str | None) -> None:
+    async def go():
+        return await decide_approval(await connect(), chain_id, approved=approved, by=_identity(by),
+                                     comment=comment, handoff_id=hop)
+
+    entry = _run(go)
+    verb = "approved" if approved else "rejected"
+    out.print(f"chain {chain_id}: hop {entry.hop} {entry.from_agent} -> {entry.to_agent} {verb} "
+              f"by {entry.approval.by if entry.approval else ''}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def approve(
+    chain_id: str = typer.Argument(..., help="the chain id"),
+    comment: str = typer.Option("", "--comment", help="why (recorded in the hop entry)"),
+    by: str | None = ByOption,
+    hop: str | None = HopOption,
+) -> None:
+    """Approve the hop a chain waits on: it starts at once."""
+    _decide(chain_id, True, by, comment, hop)
+
+
+@app.command()
+def reject(
+    chain_id: str = typer.Argument(..., help="the chain id"),
+    reason: str = typer.Option(..., "--reason", help="why (recorded; the chain ends rejected with it)"),
+    by: str | None = ByOption,
+    hop: str | None = HopOption,
+) -> None:
+    """Reject the hop a chain waits on: the chain (or its branch) ends rejected."""
+    _decide(chain_id, False, by, reason, hop)
 
 
 @app.command("list")

@@ -14,6 +14,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.converter import PayloadCodec
@@ -26,6 +27,7 @@ from typing_extensions import Unpack
 from handoff.audit import record_from_history, record_in_failure
 from handoff.codec import data_converter
 from handoff.constants import (
+    APPROVAL_UPDATE,
     CHAIN_PROTOCOL,
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
@@ -43,7 +45,14 @@ from handoff.errors import (
     ServerUnreachable,
     unless_missing,
 )
-from handoff.models import AgentCapability, ChainPolicy, ChainRecord, ChainRequest
+from handoff.models import (
+    AgentCapability,
+    ApprovalDecision,
+    ChainPolicy,
+    ChainRecord,
+    ChainRequest,
+    HopRecord,
+)
 from handoff.storage import storage_configured, storage_from_env
 from handoff.telemetry import tracing_interceptor
 
@@ -299,3 +308,44 @@ async def cancel_chain(client: Client, chain_id: UUID | str) -> None:
     if description.status != WorkflowExecutionStatus.RUNNING:
         raise InvalidRequest(f"chain {chain_id} is not running ({description.status.name.lower()})")
     await handle.cancel()
+
+
+async def approve_chain(client: Client, chain_id: UUID | str, *, by: str, comment: str = "",
+                        handoff_id: UUID | str | None = None) -> HopRecord:
+    """Approve the hop a chain waits on (`handoff approve`); `by` is who decides. Returns the hop's
+    entry as decided; the hop starts at once. `handoff_id` names the hop when several branches
+    wait. Raises `InvalidRequest` when the chain is not waiting (or was already decided)."""
+    return await decide_approval(client, chain_id, approved=True, by=by, comment=comment, handoff_id=handoff_id)
+
+
+async def reject_chain(client: Client, chain_id: UUID | str, *, by: str, reason: str,
+                       handoff_id: UUID | str | None = None) -> HopRecord:
+    """Reject the hop a chain waits on (`handoff reject`): the hop is refused and the chain (or
+    the branch it waits in) ends `rejected` with `reason`."""
+    return await decide_approval(client, chain_id, approved=False, by=by, comment=reason, handoff_id=handoff_id)
+
+
+async def decide_approval(client: Client, chain_id: UUID | str, *, approved: bool, by: str, comment: str = "",
+                          handoff_id: UUID | str | None = None) -> HopRecord:
+    """Send a person's decision to a chain waiting for approval (its `decide_approval` Update,
+    whose validator accepts only a hop that waits, once)."""
+    try:
+        decision = ApprovalDecision(approved=approved, by=by, comment=comment,
+                                    handoff_id=None if handoff_id is None else _uuid(handoff_id))
+    except ValidationError as err:
+        raise InvalidRequest(_one_line(err)) from None
+    problem = decision.problem()
+    if problem:
+        raise InvalidRequest(problem)
+    handle = client.get_workflow_handle(str(_uuid(chain_id)))
+    try:
+        return await handle.execute_update(APPROVAL_UPDATE, decision, result_type=HopRecord)
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        raise InvalidRequest(getattr(cause, "message", None) or str(cause or err)) from None
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            if await unless_missing(handle.describe()) is None:
+                raise ChainNotFound(str(chain_id)) from None
+            raise InvalidRequest(f"chain {chain_id} is not running: nothing awaits approval") from None
+        raise

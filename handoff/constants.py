@@ -17,6 +17,8 @@ REGISTRY_WORKFLOW_ID = "handoff-agent-registry"
 REGISTRY_MEMO_KEY = "agents"
 """Memo key under which the registry workflow publishes its agent cards."""
 HOP_ACTIVITY = "handoff.hop"
+APPROVAL_UPDATE = "decide_approval"
+"""The chain workflow's Update that approves or rejects a hop waiting for a person."""
 RESOLVE_ACTIVITY = "handoff.resolve_candidates"
 
 STARTER_AGENT = "starter"
@@ -37,6 +39,19 @@ DEFAULT_MAX_VISITS_PER_AGENT = 2
 # for a chain of slow agents, not for one that ends within seconds. Visibility itself lags about
 # a second on a cluster, and the Web UI shows the running hop live either way.
 DEFAULT_PROGRESS_AFTER_S = 2.0
+
+DEFAULT_MAX_BRANCHES = 8
+MAX_BRANCHES = 32
+"""Branches per fan-out: 8 unless a chain's policy says otherwise, never more than 32."""
+DEFAULT_MAX_TOTAL_HOPS = 20
+MAX_TOTAL_HOPS = 200
+"""A chain's hop budget over all its branches (fallbacks included): 20 unless its policy says."""
+DEFAULT_APPROVAL_TIMEOUT_S = 24 * 3600.0
+MAX_APPROVAL_TIMEOUT_S = 30 * 24 * 3600.0
+"""How long a hop waits for a person's decision: a day unless the policy says, at most 30 days."""
+MAX_IDENTITY_CHARS = 200
+MAX_COMMENT_CHARS = 2000
+"""Bounds of an approval decision's identity and comment."""
 
 MAX_CONTEXT_BYTES = 1_900_000
 """Largest hop input we schedule: a little under the payload limit, leaving room for the envelope."""

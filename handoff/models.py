@@ -9,24 +9,33 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
 from temporalio.api.common.v1 import Payload
 from temporalio.common import RawValue
 
 from handoff.constants import (
+    DEFAULT_APPROVAL_TIMEOUT_S,
     DEFAULT_HEARTBEAT_TIMEOUT_S,
+    DEFAULT_MAX_BRANCHES,
+    DEFAULT_MAX_TOTAL_HOPS,
     DEFAULT_HOP_TIMEOUT_S,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_VISITS_PER_AGENT,
     DEFAULT_PROGRESS_AFTER_S,
     DEFAULT_RETRY_INITIAL_S,
     DEFAULT_SCHEDULE_TO_START_S,
+    MAX_APPROVAL_TIMEOUT_S,
+    MAX_BRANCHES,
     MAX_CHAIN_DEPTH,
+    MAX_COMMENT_CHARS,
     MAX_CONTEXT_BYTES,
+    MAX_IDENTITY_CHARS,
+    MAX_TOTAL_HOPS,
     MAX_EXTERNAL_CONTEXT_BYTES,
     MAX_NESTING,
 )
@@ -111,15 +120,24 @@ class AgentCapability(str, Enum):
 
 class ChainStatus(str, Enum):
     RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    """Running, and a hop waits for a person's decision (`handoff approve` / `handoff reject`)."""
     COMPLETED = "completed"
     FAILED = "failed"
     DEPTH_EXCEEDED = "depth_exceeded"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    """The chain's hop budget (`ChainPolicy.max_total_hops`, over every branch) was used up."""
     LOOP_DETECTED = "loop_detected"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
 
+    @property
+    def ended(self) -> bool:
+        return self not in (ChainStatus.RUNNING, ChainStatus.AWAITING_APPROVAL)
+
 
 class HopStatus(str, Enum):
+    AWAITING_APPROVAL = "awaiting_approval"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -127,6 +145,119 @@ class HopStatus(str, Enum):
     UNREACHABLE = "unreachable"
     REFUSED = "refused"
     CANCELLED = "cancelled"
+
+    @property
+    def open(self) -> bool:
+        """Not ended yet: running, or waiting for approval."""
+        return self in (HopStatus.RUNNING, HopStatus.AWAITING_APPROVAL)
+
+
+class HopKind(str, Enum):
+    """Why a hop runs: a handoff, the join of a fan-out, or the chain coming back to the agent
+    that delegated (or fanned out and joins its own branches)."""
+
+    HANDOFF = "handoff"
+    JOIN = "join"
+    RETURN = "return"
+
+
+_CAPABILITY = {"validation_alias": AliasChoices("to_capability", "capability")}
+"""`capability=` is accepted for `to_capability`, as `ctx.handoff(capability=...)` spells it."""
+
+
+class Branch(BaseModel):
+    """One branch of a fan-out: where it goes first and what it is asked. It may hand off further
+    (a sub-chain) under the chain's rules; its context additions stay in the branch."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    to_agent: str = ""
+    to_capability: AgentCapability | None = Field(default=None, **_CAPABILITY)
+    task_description: str
+    context_data: dict[str, Any] = Field(default_factory=dict)
+    """Merged into this branch's own context (the chain's context, as filtered, plus this)."""
+    visible_context_keys: list[str] | None = None
+    visible_previous_results: int | None = Field(default=None, ge=0)
+    require_approval: bool = False
+    """A person approves the branch's first hop before it runs."""
+
+    def problem(self) -> str | None:
+        return (address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
+                or nesting_problem(self.context_data, "a branch's context_data"))
+
+
+class Join(BaseModel):
+    """Where a fan-out's branches come together: the agent (or capability) that receives every
+    branch's outcome, and when. The chain goes on from the join's hop."""
+
+    model_config = ConfigDict(populate_by_name=True, allow_inf_nan=False)
+
+    to_agent: str = ""
+    to_capability: AgentCapability | None = Field(default=None, **_CAPABILITY)
+    task_description: str
+    wait_for: int | None = Field(default=None, ge=1)
+    """None: wait for every branch to end. k: join as soon as k branches have completed (or every
+    branch has ended); the branches still running are cut (`not_needed`)."""
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_APPROVAL_TIMEOUT_S)
+    """Join after this many seconds at most; the branches still running are cut (`late`)."""
+    visible_context_keys: list[str] | None = None
+    visible_previous_results: int | None = Field(default=None, ge=0)
+    require_approval: bool = False
+
+    def problem(self) -> str | None:
+        return address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
+
+
+class FanOut(BaseModel):
+    """What an agent returns to hand the chain to several agents at once, and where their work
+    joins. Best built by `ctx.fan_out(...)` or `ctx.delegate(...)`."""
+
+    branches: list[Branch]
+    join: Join
+    context_data: dict[str, Any] = Field(default_factory=dict)
+    """Merged into the chain's context: every branch and the join see it."""
+
+    def problem(self) -> str | None:
+        """Why the chain must refuse this fan-out whatever its policy; None when it may follow it."""
+        if not self.branches:
+            return "a fan-out needs at least one branch"
+        for index, branch in enumerate(self.branches):
+            problem = branch.problem()
+            if problem:
+                return f"branch {index}: {problem}"
+        problem = self.join.problem()
+        if problem:
+            return f"the join: {problem}"
+        if self.join.wait_for is not None and self.join.wait_for > len(self.branches):
+            return f"the join waits for {self.join.wait_for} of only {len(self.branches)} branches"
+        return nesting_problem(self.context_data, "the fan-out's context_data")
+
+
+class BranchPosition(BaseModel):
+    """Where a hop stands when it runs inside a branch of a fan-out."""
+
+    hop: int
+    """The depth of the hop that fanned out."""
+    index: int
+    of: int
+
+
+class BranchOutcome(BaseModel):
+    """How one branch of a fan-out ended, as its join (or its delegating agent) sees it."""
+
+    index: int
+    to_agent: str = ""
+    """The agent the branch was addressed to (empty when it was addressed by capability)."""
+    capability: AgentCapability | None = None
+    task_description: str
+    status: ChainStatus = ChainStatus.RUNNING
+    final_result: dict[str, Any] = Field(default_factory=dict)
+    """The result of the branch's last completed hop ({} when none completed)."""
+    error: str | None = None
+    cut: Literal["late", "not_needed"] | None = None
+    """Why the join stopped it while it ran: past the join's deadline, or the join had its first k."""
+    agents: list[str] = Field(default_factory=list)
+    """The agents that ran its hops, in order (fallbacks included)."""
 
 
 class HandoffContext(BaseModel):
@@ -147,6 +278,14 @@ class HandoffContext(BaseModel):
     previous_results: list[dict[str, Any]] = Field(default_factory=list)
     chain_depth: int = Field(default=0, ge=0, le=MAX_CHAIN_DEPTH)
     created_at: datetime = Field(default_factory=utc_now)
+    branch: BranchPosition | None = None
+    """Set when this hop runs inside a branch of a fan-out: a branch's last agent completes it
+    (`ctx.complete(...)`) to give the join its result."""
+    branches: list[BranchOutcome] = Field(default_factory=list)
+    """For a join (or a return): how every branch ended, in branch order."""
+    returning: bool = False
+    """The chain came back to this agent after its delegation (or its own fan-out) ended; the
+    outcome is in `branches` and the delegate's results in `previous_results`."""
 
     _aware = field_validator("created_at")(_aware_utc)
 
@@ -174,6 +313,7 @@ class HandoffContext(BaseModel):
         result_data: dict[str, Any] | None = None,
         visible_context_keys: list[str] | None = None,
         visible_previous_results: int | None = None,
+        require_approval: bool = False,
     ) -> HandoffResult:
         """This hop's successful result, handing the chain on to an agent or a capability.
 
@@ -181,6 +321,7 @@ class HandoffContext(BaseModel):
         is this hop's own result, which later hops see in `previous_results`. The next agent
         alone may be shown less: only `visible_context_keys` of the context and only the latest
         `visible_previous_results` results; what it was not shown is recorded in its hop entry.
+        `require_approval`: a person approves the next hop before it runs.
         Raises `InvalidRequest` unless exactly one of `to_agent` and `capability` is given.
         """
         problem = address_problem(to_agent, capability)
@@ -193,6 +334,7 @@ class HandoffContext(BaseModel):
             context_data=context_data or {},
             visible_context_keys=visible_context_keys,
             visible_previous_results=visible_previous_results,
+            require_approval=require_approval,
         )
         return HandoffResult(
             handoff_id=self.handoff_id,
@@ -200,6 +342,61 @@ class HandoffContext(BaseModel):
             result_data=result_data or {},
             next_handoff=directive,
         )
+
+    def fan_out(
+        self,
+        branches: Sequence[Branch | dict[str, Any]],
+        *,
+        join: Join | dict[str, Any],
+        result_data: dict[str, Any] | None = None,
+        context_data: dict[str, Any] | None = None,
+    ) -> HandoffResult:
+        """This hop's successful result, handing the chain to several agents at once.
+
+        Each branch runs concurrently on its own agent's queue, under the chain's rules, and
+        may hand off further; when they have ended (or the join's `wait_for` / `deadline_s`
+        says), the join agent receives every branch's outcome in `ctx.branches` and their
+        results in `previous_results`, and the chain goes on from it. `context_data` is merged
+        into the chain's context. Raises `InvalidRequest` for a branch or join that names no
+        target, or both an agent and a capability.
+        """
+        try:
+            fan = FanOut(branches=[b if isinstance(b, Branch) else Branch.model_validate(b) for b in branches],
+                         join=join if isinstance(join, Join) else Join.model_validate(join),
+                         context_data=context_data or {})
+        except ValueError as err:
+            raise InvalidRequest(f"fan_out(): {err}") from None
+        problem = fan.problem()
+        if problem:
+            raise InvalidRequest(f"fan_out(): {problem}")
+        return HandoffResult(handoff_id=self.handoff_id, success=True, result_data=result_data or {}, fan_out=fan)
+
+    def delegate(
+        self,
+        *,
+        task_description: str,
+        to_agent: str | None = None,
+        capability: AgentCapability | str | None = None,
+        then: str | None = None,
+        context_data: dict[str, Any] | None = None,
+        result_data: dict[str, Any] | None = None,
+        visible_context_keys: list[str] | None = None,
+        visible_previous_results: int | None = None,
+        require_approval: bool = False,
+    ) -> HandoffResult:
+        """Hand work to an agent (or a capability) and have the chain come back to this agent
+        when that work, with any handoffs it makes, has ended: a new hop of this agent, with
+        `ctx.returning` set, the outcome in `ctx.branches[0]` and the delegate's results in
+        `previous_results`. `then`: the task of that hop (default: this hop's task)."""
+        problem = address_problem(to_agent, capability)
+        if problem:
+            raise InvalidRequest(f"delegate(): {problem}")
+        branch = Branch(to_agent=to_agent or "",
+                        to_capability=AgentCapability(capability) if capability is not None else None,
+                        task_description=task_description, visible_context_keys=visible_context_keys,
+                        visible_previous_results=visible_previous_results, require_approval=require_approval)
+        join = Join(to_agent=self.to_agent, task_description=then or self.task_description)
+        return self.fan_out([branch], join=join, result_data=result_data, context_data=context_data)
 
 
 class HandoffDirective(BaseModel):
@@ -221,6 +418,8 @@ class HandoffDirective(BaseModel):
     """The keys of the chain's context the receiving agent sees (None: all)."""
     visible_previous_results: int | None = Field(default=None, ge=0)
     """How many of the latest earlier results the receiving agent sees (None: all)."""
+    require_approval: bool = False
+    """A person approves the next hop before it runs (see `ChainPolicy.approval_required`)."""
 
     def problem(self) -> str | None:
         """Why the chain must refuse this directive; None when it may follow it."""
@@ -236,6 +435,9 @@ class HandoffResult(BaseModel):
     result_data: dict[str, Any] = Field(default_factory=dict)
     execution_time_seconds: float = 0.0
     next_handoff: HandoffDirective | None = None
+    fan_out: FanOut | None = None
+    """Hand the chain to several agents at once (`ctx.fan_out`, `ctx.delegate`); a result carries
+    a `next_handoff` or a `fan_out`, never both."""
     completed_at: datetime = Field(default_factory=utc_now)
 
     _aware = field_validator("completed_at")(_aware_utc)
@@ -271,6 +473,25 @@ class ChainPolicy(BaseModel):
     allowed_handoffs: dict[str, list[str]] | None = None
     """Handoff policy: who may hand off to whom. Keys are agent ids (the starter included) or
     "*"; values list agent ids, capability names or "*". None allows every handoff."""
+    max_branches: int = Field(default=DEFAULT_MAX_BRANCHES, ge=1, le=MAX_BRANCHES)
+    """Most branches one fan-out may have; a fan-out with more is refused."""
+    max_total_hops: int = Field(default=DEFAULT_MAX_TOTAL_HOPS, ge=1, le=MAX_TOTAL_HOPS)
+    """The chain's hop budget: hops scheduled in all, every branch and fallback included."""
+    approval_required: list[str] | None = None
+    """Hops a person must approve before they run: to these agent ids, to agents reached through
+    these capability names, or "*" for every hop."""
+    approval_timeout_s: float = Field(default=DEFAULT_APPROVAL_TIMEOUT_S, gt=0, le=MAX_APPROVAL_TIMEOUT_S)
+    """How long a hop waits for a decision; then the chain (or its branch) ends `rejected`."""
+
+    @field_validator("approval_required")
+    @classmethod
+    def _valid_approvals(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            capabilities = {c.value for c in AgentCapability}
+            for target in value:
+                if target != "*" and target not in capabilities:
+                    check_agent_id(target)
+        return value
 
     @field_validator("fallback_agent")
     @classmethod
@@ -297,6 +518,11 @@ class ChainPolicy(BaseModel):
             return True
         rules = self.allowed_handoffs.get(from_agent, self.allowed_handoffs.get("*", []))
         return "*" in rules or to_agent in rules or (capability is not None and capability.value in rules)
+
+    def requires_approval(self, to_agent: str, capability: AgentCapability | None) -> bool:
+        """Whether a hop to `to_agent` (reached through `capability`) waits for a person."""
+        listed = self.approval_required or []
+        return "*" in listed or to_agent in listed or (capability is not None and capability.value in listed)
 
 
 class ChainRequest(BaseModel):
@@ -413,6 +639,46 @@ class ResolveRequest(BaseModel):
     exclude: list[str] = Field(default_factory=list)
 
 
+class ApprovalDecision(BaseModel):
+    """A person's decision on a hop that waits for approval (the chain's `decide_approval` Update)."""
+
+    model_config = ConfigDict(str_strip_whitespace=True)
+
+    approved: bool
+    by: str = Field(min_length=1, max_length=MAX_IDENTITY_CHARS)
+    """Who decided: an identity the caller passes (a user name, an email, a service account)."""
+    comment: str = Field(default="", max_length=MAX_COMMENT_CHARS)
+    """Why; required when rejecting."""
+    handoff_id: UUID | None = None
+    """Which waiting hop, when several branches wait at once (None: the only one waiting)."""
+
+    def problem(self) -> str | None:
+        """Why the decision cannot be taken; None when it can."""
+        if not self.approved and not self.comment:
+            return "a rejection needs a reason"
+        if task_problem(self.by) or task_problem(self.comment or "-"):
+            return "the identity and the comment must be valid UTF-8 text"
+        return None
+
+
+class ApprovalRecord(BaseModel):
+    """A hop's approval: who asked for it, and the decision."""
+
+    asked_by: str
+    """"policy" (the chain's `approval_required`), or the agent whose handoff asked for it."""
+    requested_at: datetime
+    decided_at: datetime | None = None
+    decision: Literal["approved", "rejected", "timed_out"] | None = None
+    by: str | None = None
+    comment: str | None = None
+
+    def decide(self, decision: ApprovalDecision, when: datetime) -> None:
+        self.decision = "approved" if decision.approved else "rejected"
+        self.by = decision.by
+        self.comment = decision.comment or None
+        self.decided_at = when
+
+
 class HopRecord(BaseModel):
     """One hop in the audit trail."""
 
@@ -439,6 +705,11 @@ class HopRecord(BaseModel):
     context_added: list[str] = Field(default_factory=list)
     """Keys this hop's agent added to (or changed in) the chain's context for the hops after it:
     the `context_data` of its handoff, merged by the workflow (the values are in the history)."""
+    kind: HopKind = HopKind.HANDOFF
+    approval: ApprovalRecord | None = None
+    """Set when the hop waited for a person: who asked, who decided what, and when."""
+    fan_out: FanOutRecord | None = None
+    """Set when this hop's agent fanned out (or delegated): its branches, each with its own hops."""
 
     def close(self, status: HopStatus, error: str | None, when: datetime, *,
               attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:
@@ -454,8 +725,62 @@ class HopRecord(BaseModel):
             self.duration_ms = (when - self.started_at).total_seconds() * 1000
 
 
+class BranchRecord(BranchOutcome):
+    """One branch of a fan-out in the audit trail: its outcome and its own hops."""
+
+    hops: list[HopRecord] = Field(default_factory=list)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: float | None = None
+
+    def outcome(self) -> BranchOutcome:
+        """What the join sees of this branch."""
+        return BranchOutcome.model_validate(self.model_dump(exclude={"hops", "started_at", "completed_at",
+                                                                     "duration_ms"}))
+
+    def end(self, status: ChainStatus, error: str | None, when: datetime) -> None:
+        self.status = status
+        self.error = error
+        self.completed_at = when
+        if self.started_at is not None:
+            self.duration_ms = (when - self.started_at).total_seconds() * 1000
+        self.final_result = _last_completed(self.hops)
+        self.agents = [h.to_agent for h in self.hops if h.to_agent and h.status is not HopStatus.REFUSED]
+
+
+class FanOutRecord(BaseModel):
+    """A fan-out in the audit trail: how its join waited, and every branch."""
+
+    wait_for: int | None = None
+    deadline_s: float | None = None
+    branches: list[BranchRecord] = Field(default_factory=list)
+
+
+def _last_completed(hops: list[HopRecord]) -> dict[str, Any]:
+    return next((h.result_data for h in reversed(hops) if h.status is HopStatus.COMPLETED), {})
+
+
+def walk_hops(hops: list[HopRecord]) -> Iterator[HopRecord]:
+    """Every hop entry of a tree of hops, branches included, each before its branches' hops."""
+    stack = list(reversed(hops))
+    while stack:
+        hop = stack.pop()
+        yield hop
+        if hop.fan_out is not None:
+            for branch in reversed(hop.fan_out.branches):
+                stack.extend(reversed(branch.hops))
+
+
+def walk_branches(hops: list[HopRecord]) -> Iterator[BranchRecord]:
+    """Every branch record of a tree of hops, nested ones included."""
+    for hop in walk_hops(hops):
+        if hop.fan_out is not None:
+            yield from hop.fan_out.branches
+
+
 class ChainRecord(BaseModel):
-    """The audit record of one chain: the chain workflow's result and its `chain_state` query."""
+    """The audit record of one chain: the chain workflow's result and its `chain_state` query.
+    `hops` is a tree: a hop that fanned out holds its branches, each with its own hops."""
 
     chain_id: UUID
     status: ChainStatus
@@ -473,12 +798,24 @@ class ChainRecord(BaseModel):
         self.error = error
         self.completed_at = when
         self.duration_ms = (when - self.started_at).total_seconds() * 1000
-        self.final_result = next((h.result_data for h in reversed(self.hops) if h.status is HopStatus.COMPLETED), {})
+        self.final_result = _last_completed(self.hops)
+
+    def all_hops(self) -> Iterator[HopRecord]:
+        """Every hop entry, branches included (`walk_hops`)."""
+        return walk_hops(self.hops)
 
     def close_running(self, status: HopStatus, error: str, when: datetime) -> list[HopRecord]:
-        """Close every hop still running (the chain was cancelled, terminated, ...); the hops closed."""
-        running = [hop for hop in self.hops if hop.status is HopStatus.RUNNING]
+        """Close every hop still open, and every branch still running, in the whole tree (the
+        chain was cancelled, terminated, ...); the hops closed."""
+        running = [hop for hop in self.all_hops() if hop.status.open]
         for hop in running:
             hop.close(status, error, when)
+        branch_status = ChainStatus.CANCELLED if status is HopStatus.CANCELLED else ChainStatus.FAILED
+        for branch in walk_branches(self.hops):
+            if not branch.status.ended:
+                branch.end(branch_status, error, when)
         return running
 
+
+HopRecord.model_rebuild()
+BranchRecord.model_rebuild()

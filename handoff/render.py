@@ -12,12 +12,14 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from handoff.models import ChainRecord, ChainStatus, HopStatus
+from handoff.models import BranchRecord, ChainRecord, ChainStatus, HopKind, HopRecord, HopStatus
 from handoff.registry import AgentStatus
 
 STATUS_STYLE = {
     ChainStatus.COMPLETED: "green", HopStatus.COMPLETED: "green",
     ChainStatus.RUNNING: "cyan", HopStatus.RUNNING: "cyan",
+    ChainStatus.AWAITING_APPROVAL: "bold cyan", HopStatus.AWAITING_APPROVAL: "bold cyan",
+    ChainStatus.BUDGET_EXCEEDED: "magenta",
     ChainStatus.CANCELLED: "yellow", HopStatus.CANCELLED: "yellow",
     HopStatus.REFUSED: "magenta", ChainStatus.DEPTH_EXCEEDED: "magenta",
     ChainStatus.LOOP_DETECTED: "magenta", ChainStatus.REJECTED: "magenta",
@@ -40,6 +42,8 @@ def _brief(data: dict[str, Any], limit: int = 60) -> str:
 
 
 def chain_table(record: ChainRecord) -> Group:
+    """The chain's record as a table; a fan-out's branches follow the hop that fanned out,
+    indented as a tree (a branch's own row, then its hops)."""
     style = STATUS_STYLE.get(record.status, "red")
     title = Text.assemble(
         ("chain ", "bold"), (str(record.chain_id), "bold"), "  ",
@@ -52,18 +56,7 @@ def chain_table(record: ChainRecord) -> Group:
     table.add_column("status", no_wrap=True)
     table.add_column("ms", no_wrap=True, justify="right")
     table.add_column("task / result", overflow="fold", min_width=24)
-    for hop in record.hops:
-        outcome = hop.error or hop.result_data.get("summary") or _brief(hop.result_data)
-        if hop.fallback_for:
-            outcome = f"(fallback for {hop.fallback_for}) {outcome}"
-        route = Text(f"{hop.from_agent} -> {hop.to_agent or '?'}")
-        if hop.capability:
-            route.append(f"\n{hop.capability.value}", style="dim")
-        status = Text(hop.status.value, style=STATUS_STYLE.get(hop.status, "red"))
-        status.append(f"\n{hop.attempts} attempt{'s' if hop.attempts != 1 else ''}", style="dim")
-        detail = Text(hop.task_description)
-        detail.append(f"\n{outcome or ''}", style="dim")
-        table.add_row(str(hop.hop), route, status, _ms(hop.duration_ms), detail)
+    _hop_rows(table, record.hops, "")
     parts: list[Any] = [title, table]
     if record.final_result:
         final = record.final_result.get("summary") or _brief(record.final_result, 400)
@@ -71,6 +64,59 @@ def chain_table(record: ChainRecord) -> Group:
     if record.error:
         parts.append(Text(f"error: {record.error}", style=style))
     return Group(*parts)
+
+
+def _hop_rows(table: Table, hops: list[HopRecord], indent: str) -> None:
+    """Each hop's row, then (for a hop that fanned out) each branch's row and its hops' rows,
+    the tree's lines carried down the hop column."""
+    for hop in hops:
+        below = indent + ("│ " if hop.fan_out else "")
+        table.add_row(Text(f"{indent}{hop.hop}\n{below}"), *_hop_cells(hop))
+        if hop.fan_out is None:
+            continue
+        branches = hop.fan_out.branches
+        for i, branch in enumerate(branches):
+            last = i == len(branches) - 1
+            inner = indent + ("  " if last else "│ ")
+            head = Text(f"{indent}{'└' if last else '├'} b{hop.hop}.{branch.index}", style="bold")
+            if branch.error or branch.cut:  # the branch's row has a second line
+                head.append(f"\n{inner}")
+            table.add_row(head, *_branch_cells(branch))
+            _hop_rows(table, branch.hops, inner)
+
+
+def _hop_cells(hop: HopRecord) -> tuple[Text, Text, str, Text]:
+    outcome = hop.error or hop.result_data.get("summary") or _brief(hop.result_data)
+    if hop.fallback_for:
+        outcome = f"(fallback for {hop.fallback_for}) {outcome}"
+    route = Text(f"{hop.from_agent} -> {hop.to_agent or '?'}")
+    if hop.capability:
+        route.append(f"\n{hop.capability.value}", style="dim")
+    status = Text(hop.status.value, style=STATUS_STYLE.get(hop.status, "red"))
+    status.append(f"\n{hop.attempts} attempt{'s' if hop.attempts != 1 else ''}", style="dim")
+    detail = Text(hop.task_description)
+    if hop.kind is HopKind.JOIN:
+        detail = Text.assemble(("join: ", "bold"), detail)
+    elif hop.kind is HopKind.RETURN:
+        detail = Text.assemble(("return: ", "bold"), detail)
+    if hop.approval is not None:
+        approval = hop.approval
+        said = (f"{approval.decision.replace('_', ' ')}" + (f" by {approval.by}" if approval.by else "")
+                + (f": {approval.comment}" if approval.comment else "")) if approval.decision else "awaiting approval"
+        detail.append(f"\n{said}", style="bold cyan")
+    detail.append(f"\n{outcome or ''}", style="dim")
+    return route, status, _ms(hop.duration_ms), detail
+
+
+def _branch_cells(branch: BranchRecord) -> tuple[Text, Text, str, Text]:
+    route = Text(branch.to_agent or (branch.capability.value if branch.capability else "?"), style="bold")
+    status = Text(branch.status.value, style=STATUS_STYLE.get(branch.status, "red"))
+    if branch.cut:
+        status.append(f"\ncut: {branch.cut.replace('_', ' ')}", style="dim")
+    detail = Text(branch.task_description, style="bold")
+    if branch.error:
+        detail.append(f"\n{branch.error}", style="dim")
+    return route, status, _ms(branch.duration_ms), detail
 
 
 def agents_table(statuses: list[AgentStatus]) -> Table:

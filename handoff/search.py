@@ -20,6 +20,8 @@ _ENDED_AS = {
     WorkflowExecutionStatus.TIMED_OUT: ChainStatus.FAILED,
     WorkflowExecutionStatus.CANCELED: ChainStatus.CANCELLED,
 }
+_FINAL = {s.value for s in ChainStatus if s.ended}
+"""Statuses a chain's workflow writes when it ends; any other one is stale once the execution ended."""
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -65,7 +67,7 @@ async def find_chains(client: Client, query: str, *, limit: int = 20) -> list[di
         attrs = execution.typed_search_attributes
         status = attrs.get(SA_STATUS)
         ended = _ENDED_AS.get(execution.status) if execution.status is not None else None
-        if ended is not None and status in (None, ChainStatus.RUNNING.value):
+        if ended is not None and status not in _FINAL:
             status = ended.value  # the execution ended without the workflow saying so (terminated, ...)
         elif status is None and execution.status is not None:
             status = execution.status.name.lower()

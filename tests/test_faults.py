@@ -1,5 +1,6 @@
 """Crashes mid-chain: the chain worker killed with SIGKILL, the embedded server restarted on its
-database. Every chain completes, and no hop appears twice in its record."""
+database, also while a chain waits for a person's approval. Every chain completes, and no hop
+appears twice in its record."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from handoff import ChainStatus, HopStatus, start_chain, wait_chain
+from handoff import ChainStatus, HopStatus, approve_chain, get_chain, start_chain, wait_chain
 from handoff.client import connect
 from handoff.server import EmbeddedServer, free_port
 from tests.support import HANDOFF, ROOT, make_agent, running
@@ -97,3 +98,41 @@ async def test_server_restarted_on_its_database_mid_chain_keeps_the_chain(server
         chains.terminate()
         chains.wait(timeout=15)
     assert_each_hop_once(record, ids, runs)
+
+
+async def test_approval_survives_the_chain_worker_killed_and_the_server_restarted(server, uid):
+    gate = f"gate-{uid}"
+    runs: Counter = Counter()
+
+    async def ship(ctx):
+        runs[str(ctx.handoff_id)] += 1
+        return ctx.complete({"shipped": True})
+
+    client = await connect(address=server.address)
+    first = chain_worker_process(server)
+    second = None
+    try:
+        async with running(client, make_agent(gate, ship)):
+            chain_id = await start_chain(client, to_agent=gate, task_description="release",
+                                         policy={"approval_required": [gate]}, search_attributes=False)
+            for _ in range(300):  # read back from history: no worker needed to see it wait
+                if (await get_chain(client, chain_id)).status is ChainStatus.AWAITING_APPROVAL:
+                    break
+                await asyncio.sleep(0.1)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            assert (await get_chain(client, chain_id)).status is ChainStatus.AWAITING_APPROVAL
+            second = chain_worker_process(server)
+            entry = await asyncio.wait_for(approve_chain(client, chain_id, by="on-call", comment="go"), 60)
+            record = await asyncio.wait_for(wait_chain(client, chain_id), 60)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=15)
+    assert entry.approval.decision == "approved"
+    assert record.status is ChainStatus.COMPLETED
+    assert record.hops[0].approval.by == "on-call" and record.hops[0].attempts == 1
+    assert list(runs.values()) == [1]

@@ -68,3 +68,27 @@ async def test_retry_backoff_is_skipped_and_bounded(skipping_env, uid):
     assert failed.hops[0].status is HopStatus.FAILED and failed.hops[0].attempts == 4
     assert "still down" in failed.hops[0].error
 
+
+
+async def test_approval_deadline_ends_the_chain_rejected(skipping_env, uid):
+    """Nobody answers for six hours (server time): the hop is refused, the chain ends rejected."""
+    client = skipping_env.client
+    gate = f"gate-{uid}"
+    ran: list[str] = []
+
+    async def ship(ctx):
+        ran.append(ctx.to_agent)
+        return ctx.complete({})
+
+    async with chain_worker(client), running(client, make_agent(gate, ship)):
+        record = await asyncio.wait_for(
+            run_chain(client, to_agent=gate, task_description="ship",
+                      policy={"approval_required": [gate], "approval_timeout_s": 6 * 3600},
+                      search_attributes=False),
+            timeout=60,
+        )
+    assert record.status is ChainStatus.REJECTED and not ran
+    hop = record.hops[0]
+    assert hop.status is HopStatus.REFUSED and hop.approval.decision == "timed_out"
+    assert "no approval decision within 21600s" in record.error
+    assert record.duration_ms >= 6 * 3600 * 1000

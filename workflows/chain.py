@@ -1,17 +1,21 @@
 """The chain workflow: one durable execution per delegation chain (`workflow_id == chain_id`).
 
 Per hop: resolve the target (by id, or by capability through the registry), check the
-depth and loop rules, run the hop activity on the target agent's own task queue, record
-the hop, then follow the agent's `next_handoff`. A hop that cannot start or fails after its
+depth, budget, policy and loop rules, wait for a person's approval where the policy or the
+handoff asks for it, run the hop activity on the target agent's own task queue, record the hop,
+then follow the agent's `next_handoff` or `fan_out`. A hop that cannot start or fails after its
 retries falls back to another live agent with the same capability, then to the configured
-fallback agent. Whatever happens, the chain ends with a status and every earlier result kept.
+fallback agent. A fan-out runs its branches concurrently in this workflow, each a path of hops
+under the same rules, and the chain goes on from their join. Whatever happens, the chain ends
+with a status and every earlier result kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -31,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic_core import to_json
 
     from handoff.constants import (
+        APPROVAL_UPDATE,
         CHAIN_WORKFLOW,
         HOP_ACTIVITY,
         MAX_CHAIN_DEPTH,
@@ -45,19 +50,28 @@ with workflow.unsafe.imports_passed_through():
     )
     from handoff.models import (
         AgentCapability,
+        ApprovalDecision,
+        ApprovalRecord,
+        BranchOutcome,
+        BranchPosition,
+        BranchRecord,
         Candidate,
         ChainRecord,
         ChainRequest,
         ChainStatus,
+        FanOut,
+        FanOutRecord,
         HandoffContext,
         HandoffDirective,
         HandoffResult,
         HopInput,
+        HopKind,
         HopOutput,
         HopRecord,
         HopStatus,
         ResolveRequest,
         sized_payload,
+        walk_hops,
     )
 
 
@@ -71,11 +85,55 @@ class Target:
     from_agent: str
     visible_keys: tuple[str, ...] | None = None
     visible_previous: int | None = None
+    kind: HopKind = HopKind.HANDOFF
+    require_approval: bool = False
+    """The sending agent asked for a person's approval of this hop."""
+    branches: tuple[BranchOutcome, ...] = ()
+    """For a join or a return: how each branch ended."""
 
     @property
     def addressed(self) -> str:
         """What the handoff names, for messages: the agent, else the capability."""
         return self.to_agent or (self.capability.value if self.capability else "")
+
+    def returns_to(self, agent: str) -> bool:
+        """Whether a hop to `agent` brings the chain back to the agent that delegated (or fanned
+        out): not a loop, so the loop and visit rules leave it alone."""
+        return self.kind is HopKind.RETURN and agent == self.to_agent
+
+
+@dataclass
+class Path:
+    """One line of handoffs: the chain itself, or one branch of a fan-out. It holds what the
+    rules judge along it (visits, tasks asked, agents that failed) and what its next hop sees.
+    A branch starts as a copy of the path it forks from and is merged back into it at the join."""
+
+    hops: list[HopRecord]
+    """Where this path's hop entries go: the record's hops, or its branch's."""
+    context: dict[str, Any]
+    results: list[dict[str, Any]]
+    visits: Counter[str] = field(default_factory=Counter)
+    asked: set[tuple[str, str]] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    label: str = ""
+    """"" for the chain; "b1.0" for branch 0 of the fan-out at hop 1 ("b1.0/b2.1" nested)."""
+    position: BranchPosition | None = None
+
+    def fork(self, hops: list[HopRecord], position: BranchPosition, context_data: dict[str, Any]) -> Path:
+        label = f"b{position.hop}.{position.index}"
+        return Path(hops=hops, context={**self.context, **context_data}, results=list(self.results),
+                    visits=Counter(self.visits), asked=set(self.asked), failed=set(self.failed),
+                    label=f"{self.label}/{label}" if self.label else label, position=position)
+
+    def merge(self, branches: list[Path]) -> None:
+        """What the branches forked from this path did joins it, in branch order: their
+        results, their visits, the tasks they asked and the agents that failed in them."""
+        forked, base = len(self.results), Counter(self.visits)
+        for branch in branches:
+            self.results.extend(branch.results[forked:])
+            self.visits.update(branch.visits - base)
+            self.asked |= branch.asked
+            self.failed |= branch.failed
 
 
 class ChainEnd(Exception):
@@ -106,6 +164,11 @@ PROGRESS_TIMER_SUMMARY = ("still running: from here on, the chain's search attri
                           "(HandoffCurrentAgent, HandoffDepth, HandoffAgents) follow every hop")
 """The progress timer as the Web UI's timeline names it."""
 
+CUT_REASONS = {
+    "late": "cut: still running at the join's deadline",
+    "not_needed": "cut: the join already had the branches it waits for",
+}
+
 
 @workflow.defn(name=CHAIN_WORKFLOW, failure_exception_types=FAILURE_EXCEPTION_TYPES)
 class HandoffChainWorkflow:
@@ -118,14 +181,17 @@ class HandoffChainWorkflow:
             started_at=workflow.now(),
         )
         policy = self._policy = request.policy
-        self._context_data: dict[str, Any] = dict(request.context_data)
-        self._prior_results = list(request.previous_results)
-        self._results: list[dict[str, Any]] = []
+        self._root = Path(hops=self._record.hops, context=dict(request.context_data),
+                          results=list(request.previous_results))
+        self._completed = 0  # hops completed in this chain, every branch included
         self._first_handoff_id = request.first_handoff_id
-        self._visits: Counter[str] = Counter()
-        self._asked: set[tuple[str, str]] = set()
-        self._failed: set[str] = set()
         self._agents: list[str] = []
+        # The hop budget, versioned by the input: requests recorded before it existed lack the field.
+        self._budgeted = "max_total_hops" in policy.model_fields_set
+        self._hops_used = 0
+        self._hops_reserved = 0  # one per fan-out waiting for its branches, for its join
+        self._fan_outs = 0  # fan-outs whose branches are running
+        self._awaiting: dict[Any, HopRecord] = {}  # hops waiting for a person, by handoff id
         self._search_attributes = workflow.info().typed_search_attributes.get(SA_STATUS) is not None
         self._live_progress = True  # whether each hop upserts the progress search attributes
         self._progress: tuple[list[str], str, int] | None = None  # (agents, current agent, depth)
@@ -147,6 +213,8 @@ class HandoffChainWorkflow:
         self._refusals_metric = meter.create_counter(
             "handoff_refusals", "handoffs refused by the chain's rules")
         self._chains_metric = meter.create_counter("handoff_chains", "chains by final status")
+        self._branches_metric = meter.create_counter("handoff_branches", "fan-out branches by final status")
+        self._approvals_metric = meter.create_counter("handoff_approvals", "approval waits by decision")
 
     @workflow.query(name="chain_state")
     def chain_state(self) -> ChainRecord:
@@ -178,17 +246,8 @@ class HandoffChainWorkflow:
             problem = request.problem()
             if problem:
                 raise ChainEnd(ChainStatus.REJECTED, problem)
-            for depth in range(request.start_depth, MAX_CHAIN_DEPTH + 1):
-                if depth >= self._policy.max_depth:
-                    self._refuse(depth, target, ChainStatus.DEPTH_EXCEEDED,
-                                 f"a handoff to depth {depth} exceeds the limit of "
-                                 f"{self._policy.max_depth} hops")
-                result, agent = await self._handoff(depth, target)
-                self._results.append(result.result_data)
-                directive = result.next_handoff
-                if directive is None:
-                    return self._ended(request, ChainStatus.COMPLETED)
-                target = self._next_target(depth + 1, directive, agent)
+            await self._walk(self._root, request.start_depth, target)
+            return self._ended(request, ChainStatus.COMPLETED)
         except ChainEnd as end:
             return self._ended(request, end.status, end.error)
         except (asyncio.CancelledError, CancelledError):
@@ -196,7 +255,6 @@ class HandoffChainWorkflow:
                 self._count_hop(hop)
             self._finish(ChainStatus.CANCELLED, "chain cancelled")
             raise
-        raise AssertionError("unreachable: the depth check ends every chain")
 
     def _ended(self, request: ChainRequest, status: ChainStatus, error: str | None = None) -> ChainRecord:
         """The chain's end: its record, the workflow's result. A chain that ended unsuccessfully
@@ -208,10 +266,30 @@ class HandoffChainWorkflow:
                                    type=UNSUCCESSFUL_CHAIN_ERROR, non_retryable=True)
         return record
 
-    # -- rules -------------------------------------------------------------------------
+    # -- a path of handoffs ------------------------------------------------------------
 
-    def _next_target(self, depth: int, directive: HandoffDirective, agent: str) -> Target:
-        self._record.hops[-1].context_added = sorted(directive.context_data)
+    async def _walk(self, path: Path, depth: int, target: Target) -> None:
+        """Follow the handoffs along `path` from `target` at `depth` until a hop completes
+        without handing on; raises ChainEnd when a rule or a failure ends the path first."""
+        while True:
+            if depth >= self._policy.max_depth:
+                self._refuse(path, depth, target, ChainStatus.DEPTH_EXCEEDED,
+                             f"a handoff to depth {depth} exceeds the limit of "
+                             f"{self._policy.max_depth} hops")
+            result, agent = await self._handoff(path, depth, target)
+            path.results.append(result.result_data)
+            self._completed += 1
+            if result.fan_out is not None and result.next_handoff is None:
+                target, depth = await self._fan_out(path, depth, agent, result.fan_out)
+            elif result.next_handoff is not None:
+                target = self._next_target(path, depth + 1, result, agent)
+                depth += 1
+            else:
+                return
+
+    def _next_target(self, path: Path, depth: int, result: HandoffResult, agent: str) -> Target:
+        directive: HandoffDirective = result.next_handoff  # type: ignore[assignment]
+        path.hops[-1].context_added = sorted(directive.context_data)
         target = Target(
             to_agent=directive.to_agent,
             capability=directive.to_capability,
@@ -220,29 +298,179 @@ class HandoffChainWorkflow:
             visible_keys=(tuple(directive.visible_context_keys)
                           if directive.visible_context_keys is not None else None),
             visible_previous=directive.visible_previous_results,
+            require_approval=directive.require_approval,
         )
         problem = directive.problem()
+        if result.fan_out is not None:
+            problem = "a result either hands off or fans out, not both"
         if problem:  # judged by what it names: one agent or one capability, never both
-            self._refuse(depth, target, ChainStatus.REJECTED, f"{agent!r} handed off badly: {problem}")
-        self._context_data.update(directive.context_data)
+            self._refuse(path, depth, target, ChainStatus.REJECTED, f"{agent!r} handed off badly: {problem}")
+        path.context.update(directive.context_data)
         return target
 
-    def _loop_violation(self, agent: str, task: str) -> str | None:
-        if (agent, task) in self._asked:
+    # -- fan-out and join --------------------------------------------------------------
+
+    async def _fan_out(self, path: Path, depth: int, agent: str, fan: FanOut) -> tuple[Target, int]:
+        """Run the branches of `agent`'s fan-out concurrently, each a path of its own, until the
+        join may run (every branch ended, its first `wait_for` completed, or its deadline);
+        cut the rest. Returns the join's target (its context shows every branch's outcome) and
+        depth: one past the deepest hop of any branch, so the depth limit holds along every path."""
+        join = fan.join
+        join_target = Target(
+            to_agent=join.to_agent, capability=join.to_capability, task=join.task_description,
+            from_agent=agent,
+            visible_keys=tuple(join.visible_context_keys) if join.visible_context_keys is not None else None,
+            visible_previous=join.visible_previous_results,
+            kind=HopKind.RETURN if join.to_agent == agent else HopKind.JOIN,
+            require_approval=join.require_approval,
+        )
+        problem = fan.problem()
+        if not problem and len(fan.branches) > self._policy.max_branches:
+            problem = f"{len(fan.branches)} branches, over the limit of {self._policy.max_branches}"
+        if problem:
+            self._refuse(path, depth + 1, join_target, ChainStatus.REJECTED, f"{agent!r} fanned out badly: {problem}")
+        fanning = path.hops[-1]
+        fanning.context_added = sorted(fan.context_data)
+        path.context.update(fan.context_data)
+        record = fanning.fan_out = FanOutRecord(wait_for=join.wait_for, deadline_s=join.deadline_s, branches=[
+            BranchRecord(index=i, to_agent=b.to_agent, capability=b.to_capability, task_description=b.task_description)
+            for i, b in enumerate(fan.branches)])
+        room = self._budget_room() - 1  # the join's hop is kept free
+        self._hops_reserved += 1
+        self._fan_outs += 1
+        paths: list[Path] = []
+        tasks: list[asyncio.Task[None]] = []
+        for branch, entry in zip(fan.branches, record.branches):
+            sub = path.fork(entry.hops, BranchPosition(hop=depth, index=entry.index, of=len(fan.branches)),
+                            branch.context_data)
+            paths.append(sub)
+            target = Target(
+                to_agent=branch.to_agent, capability=branch.to_capability, task=branch.task_description,
+                from_agent=agent,
+                visible_keys=(tuple(branch.visible_context_keys)
+                              if branch.visible_context_keys is not None else None),
+                visible_previous=branch.visible_previous_results,
+                require_approval=branch.require_approval,
+            )
+            entry.started_at = workflow.now()
+            if entry.index >= room:
+                self._refuse_branch(sub, depth + 1, target, entry)
+                continue
+            tasks.append(asyncio.create_task(self._branch(sub, depth + 1, target, entry)))
+        try:
+            cut = await self._join_wait(record, depth)
+        except (asyncio.CancelledError, CancelledError):
+            await self._settle(record, tasks, None)
+            raise
+        await self._settle(record, tasks, cut)
+        self._hops_reserved -= 1
+        self._fan_outs -= 1
+        path.merge(paths)
+        for entry in record.branches:
+            self._branches_metric.add(1, {"status": entry.status.value})
+        deepest = max((h.hop for b in record.branches for h in walk_hops(b.hops) if h.status is not HopStatus.REFUSED),
+                      default=depth)
+        return (replace(join_target, branches=tuple(b.outcome() for b in record.branches)),
+                max(deepest, depth) + 1)
+
+    async def _join_wait(self, record: FanOutRecord, depth: int) -> str:
+        """Wait until the join may run; why the branches still running are cut."""
+
+        def ready() -> bool:
+            ended = [b for b in record.branches if b.status.ended]
+            if len(ended) == len(record.branches):
+                return True
+            completed = sum(b.status is ChainStatus.COMPLETED for b in ended)
+            return record.wait_for is not None and completed >= record.wait_for
+
+        try:
+            await workflow.wait_condition(ready, timeout=record.deadline_s,
+                                          timeout_summary=f"join deadline of the fan-out at hop {depth}")
+        except asyncio.TimeoutError:
+            return "late"
+        return "not_needed"
+
+    async def _settle(self, record: FanOutRecord, tasks: list[asyncio.Task[None]], cut: str | None) -> None:
+        """Cut the branches still running (`cut`: why; None when the chain is cancelled), wait
+        for every branch task to end, and surface a bug in one of them: it must fail the
+        workflow, not hide in a branch."""
+        reason = CUT_REASONS.get(cut or "", "chain cancelled")
+        for entry in record.branches:
+            if not entry.status.ended:
+                entry.cut = cut  # type: ignore[assignment]
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for entry in record.branches:  # a branch cancelled before it began never ended itself
+            if not entry.status.ended:
+                self._close_open(entry.hops, reason)
+                entry.end(ChainStatus.CANCELLED, reason, workflow.now())
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, (asyncio.CancelledError,
+                                                                                 CancelledError)):
+                raise outcome
+
+    async def _branch(self, path: Path, depth: int, target: Target, entry: BranchRecord) -> None:
+        """One branch of a fan-out, to its end; its record says how it ended."""
+        group = workflow.create_event_group(
+            path.label, label=f"hop {depth - 1}, branch {entry.index}: {target.addressed}")
+        status, error = ChainStatus.FAILED, "the branch did not end normally"
+        try:
+            with group.scope():
+                await self._walk(path, depth, target)
+            status, error = ChainStatus.COMPLETED, None
+        except ChainEnd as end:
+            status, error = end.status, end.error
+        except (asyncio.CancelledError, CancelledError):
+            error = CUT_REASONS.get(entry.cut or "", "chain cancelled")
+            self._close_open(entry.hops, error)
+            status = ChainStatus.CANCELLED
+        finally:
+            entry.end(status, error, workflow.now())
+
+    def _refuse_branch(self, path: Path, depth: int, target: Target, entry: BranchRecord) -> None:
+        """A branch the hop budget leaves no room for: refused before it starts."""
+        try:
+            self._refuse(path, depth, target, ChainStatus.BUDGET_EXCEEDED,
+                         f"the chain's hop budget of {self._policy.max_total_hops} leaves no room for this branch")
+        except ChainEnd as end:
+            entry.end(end.status, end.error, workflow.now())
+
+    def _close_open(self, hops: list[HopRecord], reason: str) -> None:
+        for hop in walk_hops(hops):
+            if hop.status.open:
+                self._close_hop(hop, HopStatus.CANCELLED, error=reason)
+
+    # -- rules -------------------------------------------------------------------------
+
+    def _loop_violation(self, path: Path, agent: str, task: str) -> str | None:
+        if (agent, task) in path.asked:
             return f"{agent!r} was already asked to {task!r} in this chain"
-        if self._visits[agent] >= self._policy.max_visits_per_agent:
-            return (f"{agent!r} was already visited {self._visits[agent]} times "
+        if path.visits[agent] >= self._policy.max_visits_per_agent:
+            return (f"{agent!r} was already visited {path.visits[agent]} times "
                     f"(limit {self._policy.max_visits_per_agent} per chain)")
         return None
 
     def _permits(self, target: Target, agent: str) -> bool:
         return self._policy.permits(target.from_agent, agent, target.capability)
 
-    def _refuse(self, depth: int, target: Target, status: ChainStatus, reason: str) -> NoReturn:
-        self._record.hops.append(HopRecord(
+    def _budget_room(self) -> int:
+        """How many more hops the chain's budget allows (unbounded for requests without one)."""
+        if not self._budgeted:
+            return self._policy.max_total_hops * 1000
+        return self._policy.max_total_hops - self._hops_used - self._hops_reserved
+
+    def _check_budget(self, path: Path, depth: int, target: Target) -> None:
+        if self._budget_room() <= 0:
+            self._refuse(path, depth, target, ChainStatus.BUDGET_EXCEEDED,
+                         f"the chain's hop budget of {self._policy.max_total_hops} hops is used up")
+
+    def _refuse(self, path: Path, depth: int, target: Target, status: ChainStatus, reason: str) -> NoReturn:
+        path.hops.append(HopRecord(
             hop=depth, from_agent=target.from_agent, to_agent=target.to_agent,
             capability=target.capability, task_description=target.task,
-            status=HopStatus.REFUSED, error=reason,
+            status=HopStatus.REFUSED, error=reason, kind=target.kind,
             started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
         ))
         self._refusals_metric.add(1, {"reason": status.value})
@@ -250,85 +478,94 @@ class HandoffChainWorkflow:
 
     # -- one handoff, with fallback ----------------------------------------------------
 
-    async def _handoff(self, depth: int, target: Target) -> tuple[HandoffResult, str]:
+    async def _handoff(self, path: Path, depth: int, target: Target) -> tuple[HandoffResult, str]:
         """Run one handoff: the first choice, then fallbacks. Returns the result and the agent
         that produced it, or raises ChainEnd."""
-        agent, considered = await self._first_choice(depth, target)
+        agent, considered = await self._first_choice(path, depth, target)
         fallback_for: str | None = None
         errors: list[str] = []
+        approved = False
         while agent is not None:
-            record, result = await self._attempt(depth, target, agent, fallback_for, considered)
+            self._check_budget(path, depth, target)
+            entry = None
+            if not approved and (target.require_approval or (
+                    not target.returns_to(agent) and self._policy.requires_approval(agent, target.capability))):
+                entry = await self._await_approval(path, depth, target, agent, fallback_for, considered)
+                approved = True  # for this handoff, its fallbacks included
+            record, result = await self._attempt(path, depth, target, agent, fallback_for, considered, entry)
             if result is not None and result.success:
                 return result, agent
             errors.append(f"{agent}: {record.error}")
-            self._failed.add(agent)
+            path.failed.add(agent)
             fallback_for = fallback_for or agent
-            agent, considered = await self._fallback_choice(target)
+            agent, considered = await self._fallback_choice(path, target)
             if agent is not None:
                 self._fallbacks_metric.add(1, {"failed_agent": record.to_agent, "to_agent": agent})
         raise ChainEnd(ChainStatus.FAILED, f"hop {depth} failed on every agent tried ({'; '.join(errors)})")
 
-    async def _first_choice(self, depth: int, target: Target) -> tuple[str, list[str]]:
+    async def _first_choice(self, path: Path, depth: int, target: Target) -> tuple[str, list[str]]:
         """The agent the handoff goes to first, and the agents considered; or a refusal (the
         policy or the loop rules exclude every candidate) or an unreachable hop (no candidate)."""
         if target.to_agent:
             agent = target.to_agent
+            if target.returns_to(agent):  # the chain comes back: not a new handoff to judge
+                return agent, [agent]
             if not self._permits(target, agent):
-                self._refuse(depth, target, ChainStatus.REJECTED,
+                self._refuse(path, depth, target, ChainStatus.REJECTED,
                              f"the handoff policy does not let {target.from_agent!r} hand off to {agent!r}")
-            violation = self._loop_violation(agent, target.task)
+            violation = self._loop_violation(path, agent, target.task)
             if violation:
-                self._refuse(depth, target, ChainStatus.LOOP_DETECTED, violation)
+                self._refuse(path, depth, target, ChainStatus.LOOP_DETECTED, violation)
             return agent, [agent]
-        candidates = await self._candidates(target)
+        candidates = await self._candidates(path, target)
         considered = [c.agent_id for c in candidates]
         permitted = [c for c in candidates if self._permits(target, c.agent_id)]
         if candidates and not permitted:
-            self._refuse(depth, target, ChainStatus.REJECTED,
+            self._refuse(path, depth, target, ChainStatus.REJECTED,
                          f"the handoff policy does not let {target.from_agent!r} hand off to {target.addressed}")
         live = [c for c in permitted if c.live]
-        allowed = [c for c in live if not self._loop_violation(c.agent_id, target.task)]
+        allowed = [c for c in live if not self._loop_violation(path, c.agent_id, target.task)]
         if allowed:
             return allowed[0].agent_id, considered
         if live:
-            self._refuse(depth, target, ChainStatus.LOOP_DETECTED,
-                         self._loop_violation(live[0].agent_id, target.task) or "loop")
-        fallback = self._usable_fallback(target)
+            self._refuse(path, depth, target, ChainStatus.LOOP_DETECTED,
+                         self._loop_violation(path, live[0].agent_id, target.task) or "loop")
+        fallback = self._usable_fallback(path, target)
         if fallback:
             return fallback, [*considered, fallback]
-        self._record.hops.append(HopRecord(
+        path.hops.append(HopRecord(
             hop=depth, from_agent=target.from_agent, to_agent="", capability=target.capability,
             task_description=target.task, status=HopStatus.UNREACHABLE, candidates=considered,
             error=f"no live agent with capability {target.addressed} (considered: {considered or 'none'})",
-            started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0,
+            started_at=workflow.now(), completed_at=workflow.now(), duration_ms=0.0, kind=target.kind,
         ))
-        raise ChainEnd(ChainStatus.FAILED, self._record.hops[-1].error or "")
+        raise ChainEnd(ChainStatus.FAILED, path.hops[-1].error or "")
 
-    async def _fallback_choice(self, target: Target) -> tuple[str | None, list[str]]:
+    async def _fallback_choice(self, path: Path, target: Target) -> tuple[str | None, list[str]]:
         """After a failed try: the least loaded live agent with the capability (for a hop
         addressed by name, that agent's primary capability) the rules allow, else the configured
         fallback agent; None when there is neither."""
-        candidates = await self._candidates(target)
+        candidates = await self._candidates(path, target)
         considered = [c.agent_id for c in candidates]
         allowed = [c for c in candidates if c.live and self._permits(target, c.agent_id)
-                   and not self._loop_violation(c.agent_id, target.task)]
+                   and not self._loop_violation(path, c.agent_id, target.task)]
         if allowed:
             return allowed[0].agent_id, considered
-        fallback = self._usable_fallback(target)
+        fallback = self._usable_fallback(path, target)
         return (fallback, [*considered, fallback]) if fallback else (None, considered)
 
-    def _usable_fallback(self, target: Target) -> str | None:
+    def _usable_fallback(self, path: Path, target: Target) -> str | None:
         fallback = self._policy.fallback_agent
-        if (fallback and fallback not in self._failed and not self._loop_violation(fallback, target.task)
+        if (fallback and fallback not in path.failed and not self._loop_violation(path, fallback, target.task)
                 and self._permits(target, fallback)):
             return fallback
         return None
 
-    async def _candidates(self, target: Target) -> list[Candidate]:
+    async def _candidates(self, path: Path, target: Target) -> list[Candidate]:
         request = ResolveRequest(
             capability=target.capability,
             like_agent=None if target.capability else target.to_agent,
-            exclude=sorted(self._failed),
+            exclude=sorted(path.failed),
         )
         try:
             return await workflow.execute_local_activity(
@@ -340,21 +577,103 @@ class HandoffChainWorkflow:
                 summary=f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}",
             )
         except ActivityError as err:  # registry unreachable: no candidates, the chain ends with a status
+            if isinstance(err.cause, CancelledError):  # the branch was cut or the chain cancelled
+                raise asyncio.CancelledError("resolve cancelled") from err
             workflow.logger.warning("resolve_failed", extra={"chain_id": str(self._record.chain_id),
                                                              "reason": str(err.cause or err)})
             return []
 
+    # -- approval ----------------------------------------------------------------------
+
+    async def _await_approval(self, path: Path, depth: int, target: Target, agent: str,
+                              fallback_for: str | None, considered: list[str]) -> HopRecord:
+        """Wait, durably and holding no worker slot, for a person to approve the hop to `agent`
+        (the `decide_approval` Update); its entry is the one the hop then runs in. A rejection
+        or no decision within the policy's `approval_timeout_s` refuses it: ChainEnd(rejected)."""
+        now = workflow.now()
+        handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
+        approval = ApprovalRecord(asked_by=target.from_agent if target.require_approval else "policy",
+                                  requested_at=now)
+        entry = HopRecord(
+            hop=depth, handoff_id=handoff_id, from_agent=target.from_agent, to_agent=agent,
+            capability=target.capability, task_description=target.task, status=HopStatus.AWAITING_APPROVAL,
+            fallback_for=fallback_for, candidates=considered if (target.capability or fallback_for) else [],
+            kind=target.kind, started_at=now, approval=approval,
+        )
+        path.hops.append(entry)
+        self._awaiting[handoff_id] = entry
+        self._record.status = ChainStatus.AWAITING_APPROVAL
+        self._progress = (sorted(set(self._agents)), agent, depth)
+        self._upsert_search_attributes(ChainStatus.AWAITING_APPROVAL)
+        self._set_details()
+        timeout = self._policy.approval_timeout_s
+        try:
+            await workflow.wait_condition(lambda: approval.decision is not None, timeout=timeout,
+                                          timeout_summary=f"approval deadline: hop {depth} to {agent}")
+        except asyncio.TimeoutError:
+            approval.decision, approval.decided_at = "timed_out", workflow.now()
+        finally:
+            del self._awaiting[handoff_id]
+        if not self._awaiting:
+            self._record.status = ChainStatus.RUNNING
+            self._upsert_search_attributes(ChainStatus.RUNNING)
+        self._approvals_metric.add(1, {"decision": approval.decision or ""})
+        if approval.decision == "approved":
+            return entry
+        reason = (f"rejected by {approval.by}: {approval.comment}" if approval.decision == "rejected"
+                  else f"no approval decision within {timeout:g}s")
+        self._close_hop(entry, HopStatus.REFUSED, error=reason)
+        raise ChainEnd(ChainStatus.REJECTED, f"hop {depth} to {agent!r} {reason}")
+
+    @workflow.update(name=APPROVAL_UPDATE)
+    async def decide_approval(self, decision: ApprovalDecision) -> HopRecord:
+        """Approve or reject the hop that waits (`handoff approve` / `handoff reject`); the
+        decision, who made it and why go into its entry. Returns the entry as decided."""
+        entry = self._awaiting_entry(decision)
+        assert entry.approval is not None
+        entry.approval.decide(decision, workflow.now())
+        return entry.model_copy(deep=True)
+
+    @decide_approval.validator
+    def _check_decision(self, decision: ApprovalDecision) -> None:
+        """Only a hop that waits can be decided, and only once: anything else is rejected
+        before it reaches the history."""
+        self._awaiting_entry(decision)
+
+    def _awaiting_entry(self, decision: ApprovalDecision) -> HopRecord:
+        problem = decision.problem()
+        if problem:
+            raise ValueError(problem)
+        waiting = [e for e in self._awaiting.values() if e.approval is not None and e.approval.decision is None]
+        chain = self._record.chain_id
+        if decision.handoff_id is not None:
+            for entry in waiting:
+                if entry.handoff_id == decision.handoff_id:
+                    return entry
+            raise ValueError(f"no hop {decision.handoff_id} of chain {chain} awaits approval")
+        if not waiting:
+            raise ValueError(f"chain {chain} is not awaiting approval")
+        if len(waiting) > 1:
+            ids = ", ".join(f"{e.handoff_id} (hop {e.hop} to {e.to_agent})" for e in waiting)
+            raise ValueError(f"{len(waiting)} hops of chain {chain} await approval: name one of {ids}")
+        return waiting[0]
+
     # -- one try of a hop on one agent ---------------------------------------------------
 
     async def _attempt(
-        self, depth: int, target: Target, agent: str, fallback_for: str | None, considered: list[str]
+        self, path: Path, depth: int, target: Target, agent: str, fallback_for: str | None,
+        considered: list[str], entry: HopRecord | None = None,
     ) -> tuple[HopRecord, HandoffResult | None]:
-        """One try of the hop on `agent`: its record, and the agent's result (None if it failed)."""
-        hop_input = self._hop_input(depth, target, agent, fallback_for)
-        record = self._open_hop(hop_input, target, considered)
+        """One try of the hop on `agent` (in `entry`, when it waited for approval): its record,
+        and the agent's result (None if it failed)."""
+        hop_input = self._hop_input(path, depth, target, agent, fallback_for,
+                                    entry.handoff_id if entry is not None else None)
+        record = self._open_hop(path, hop_input, target, considered, entry)
         payload = self._checked_payload(hop_input, record)
-        self._visits[agent] += 1
-        self._asked.add((agent, target.task))
+        if not target.returns_to(agent):
+            path.visits[agent] += 1
+            path.asked.add((agent, target.task))
+        self._hops_used += 1
         self._agents.append(agent)
         self._show_progress(depth, agent, target)
         try:
@@ -367,7 +686,7 @@ class HandoffChainWorkflow:
                 schedule_to_start_timeout=timedelta(seconds=self._policy.schedule_to_start_s),
                 heartbeat_timeout=timedelta(seconds=self._policy.heartbeat_timeout_s),
                 retry_policy=self._retry_policy,
-                summary=_hop_summary(hop_input, target),
+                summary=_hop_summary(hop_input, target, path.label),
             )
         except ActivityError as err:
             if isinstance(err.cause, CancelledError):
@@ -388,19 +707,21 @@ class HandoffChainWorkflow:
         workflow.logger.info("hop_completed", extra=self._log_fields(record))
         return record, result
 
-    def _hop_input(self, depth: int, target: Target, agent: str, fallback_for: str | None) -> HopInput:
-        """The hop activity's input: the chain's context and earlier results, as far as the
+    def _hop_input(self, path: Path, depth: int, target: Target, agent: str, fallback_for: str | None,
+                   handoff_id: Any = None) -> HopInput:
+        """The hop activity's input: the path's context and earlier results, as far as the
         sender's filter lets the agent see them."""
-        shown_context, withheld = self._context_data, []
+        shown_context, withheld = path.context, []
         if target.visible_keys is not None:
-            shown_context = {k: v for k, v in self._context_data.items() if k in target.visible_keys}
-            withheld = sorted(k for k in self._context_data if k not in target.visible_keys)
-        shown_results = [*self._prior_results, *self._results]
+            shown_context = {k: v for k, v in path.context.items() if k in target.visible_keys}
+            withheld = sorted(k for k in path.context if k not in target.visible_keys)
+        shown_results = path.results
         shown_count = None
         if target.visible_previous is not None:
             shown_results = shown_results[-target.visible_previous:] if target.visible_previous else []
             shown_count = len(shown_results)
-        handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
+        if handoff_id is None:
+            handoff_id, self._first_handoff_id = self._first_handoff_id or workflow.uuid4(), None
         context = HandoffContext(
             handoff_id=handoff_id,
             chain_id=self._record.chain_id,
@@ -412,6 +733,9 @@ class HandoffChainWorkflow:
             previous_results=shown_results,
             chain_depth=depth,
             created_at=workflow.now(),
+            branch=path.position,
+            branches=list(target.branches),
+            returning=target.returns_to(agent),
         )
         return HopInput(
             hop=depth, context=context, fallback_for=fallback_for,
@@ -420,18 +744,26 @@ class HandoffChainWorkflow:
             previous_results_shown=shown_count,
         )
 
-    def _open_hop(self, hop_input: HopInput, target: Target, considered: list[str]) -> HopRecord:
-        """The hop's entry in the record, running from now."""
+    def _open_hop(self, path: Path, hop_input: HopInput, target: Target, considered: list[str],
+                  entry: HopRecord | None) -> HopRecord:
+        """The hop's entry in the record, running from now (the entry it waited for approval
+        in, if it did)."""
         context = hop_input.context
-        record = HopRecord(
+        fields = dict(
             hop=hop_input.hop, handoff_id=context.handoff_id, from_agent=context.from_agent,
             to_agent=context.to_agent, capability=target.capability, task_description=target.task,
             status=HopStatus.RUNNING, started_at=context.created_at, fallback_for=hop_input.fallback_for,
             candidates=considered if (target.capability or hop_input.fallback_for) else [],
             withheld_context_keys=hop_input.withheld_context_keys,
             previous_results_shown=hop_input.previous_results_shown,
+            kind=target.kind,
         )
-        self._record.hops.append(record)
+        if entry is not None:
+            for name, value in fields.items():
+                setattr(entry, name, value)
+            return entry
+        record = HopRecord(**fields)
+        path.hops.append(record)
         return record
 
     def _checked_payload(self, hop_input: HopInput, record: HopRecord) -> RawValue:
@@ -442,7 +774,7 @@ class HandoffChainWorkflow:
             self._close_hop(record, HopStatus.REFUSED,
                             error=f"hop input is {size:,} bytes, over the {limit:,}-byte limit")
             self._refusals_metric.add(1, {"reason": "context_too_large"})
-            status = ChainStatus.REJECTED if not self._results else ChainStatus.FAILED
+            status = ChainStatus.REJECTED if not self._completed else ChainStatus.FAILED
             raise ChainEnd(status, f"context too large for hop {hop_input.hop}: {record.error}")
         return payload
 
@@ -499,7 +831,10 @@ class HandoffChainWorkflow:
         if size <= limit:
             return None
         self._record.final_result = {}  # a copy of the last result: the first to go
-        for hop in sorted(self._record.hops, key=lambda h: len(to_json(h.result_data)), reverse=True):
+        branches = [b for h in self._record.all_hops() if h.fan_out for b in h.fan_out.branches]
+        for branch in branches:  # copies of their last hops' results
+            branch.final_result = {}
+        for hop in sorted(self._record.all_hops(), key=lambda h: len(to_json(h.result_data)), reverse=True):
             if len(to_json(self._record)) <= limit:
                 break
             hop.result_data = {"elided": f"{len(to_json(hop.result_data)):,} bytes; in the hop's "
@@ -533,7 +868,23 @@ class HandoffChainWorkflow:
         self._progress = (sorted(set(self._agents)), agent, depth)
         if self._live_progress:
             self._upsert_search_attributes()
-        workflow.set_current_details(f"hop {depth}: {target.from_agent} -> **{agent}**: {target.task[:120]}")
+        if self._fan_outs or self._awaiting:
+            self._set_details()
+        else:
+            workflow.set_current_details(f"hop {depth}: {target.from_agent} -> **{agent}**: {target.task[:120]}")
+
+    def _set_details(self) -> None:
+        """The workflow's current details while branches run or a hop waits for a person: one
+        line per open hop, with where it stands in the tree of branches."""
+        lines = []
+        for label, hop in _open_hops(self._record.hops):
+            where = f"hop {hop.hop}" + (f" [{label}]" if label else "")
+            line = f"- {where}: {hop.from_agent} -> **{hop.to_agent}**: {hop.task_description[:80]}"
+            if hop.status is HopStatus.AWAITING_APPROVAL:
+                line += (f" — **awaiting approval**: `handoff approve {self._record.chain_id}"
+                         + (f" --hop {hop.handoff_id}`" if len(self._awaiting) > 1 else "`"))
+            lines.append(line)
+        workflow.set_current_details("\n".join(lines) or "running")
 
     def _log_fields(self, record: HopRecord) -> dict[str, Any]:
         return {
@@ -547,10 +898,26 @@ class HandoffChainWorkflow:
         }
 
 
-def _hop_summary(hop_input: HopInput, target: Target) -> str:
+def _open_hops(hops: list[HopRecord], label: str = "") -> Iterator[tuple[str, HopRecord]]:
+    """Every hop still running or waiting for approval, with its branch label."""
+    for hop in hops:
+        if hop.status.open:
+            yield label, hop
+        if hop.fan_out is not None:
+            for branch in hop.fan_out.branches:
+                sub = f"b{hop.hop}.{branch.index}"
+                yield from _open_hops(branch.hops, f"{label}/{sub}" if label else sub)
+
+
+def _hop_summary(hop_input: HopInput, target: Target, label: str = "") -> str:
     """The hop as the Web UI's timeline names it."""
     context = hop_input.context
-    summary = f"hop {hop_input.hop}: {context.from_agent} -> {context.to_agent}"
+    summary = f"hop {hop_input.hop}" + (f" [{label}]" if label else "")
+    summary += f": {context.from_agent} -> {context.to_agent}"
+    if target.kind is HopKind.JOIN:
+        summary += f" (join of {len(target.branches)} branches)"
+    elif target.kind is HopKind.RETURN:
+        summary += " (return)"
     if hop_input.fallback_for:
         summary += f" (fallback for {hop_input.fallback_for})"
     return f"{summary}: {target.task[:80]}"
