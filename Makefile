@@ -23,7 +23,7 @@ $(DEV_STAMP): $(STAMP)
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/handoff dev --demo examples/samples/inventory_service.py
+	$(VENV)/bin/handoff dev --demo examples/samples/inventory_service.py --approve
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=$(COV_MIN) $(PYTEST_ARGS)

@@ -2,8 +2,9 @@
 
 It parses `context_data["source"]` with `ast`, reports functions, classes, imports and line
 count, and finds calls to eval/exec/compile, shell commands (subprocess, os.system, os.popen),
-unsafe deserialization (pickle, marshal, yaml.load) and SQL built at run time. Risky code goes
-on to a SECURITY_AUDIT agent; clean code straight to TESTING.
+unsafe deserialization (pickle, marshal, yaml.load) and SQL built at run time. Risky code fans
+out: a SECURITY_AUDIT agent and a TESTING agent work on it at once, and a DEPLOYMENT agent joins
+their results. Clean code goes straight to TESTING.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from handoff.examples._source import (
     sql_strings,
     walk_scoped,
 )
-from handoff.models import AgentCapability, HandoffContext, HandoffResult
+from handoff.models import AgentCapability, Branch, HandoffContext, HandoffResult, Join
 
 CODE_CALLS = {"eval", "exec", "compile"}
 ALWAYS_SHELL = {"os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"}
@@ -108,10 +109,12 @@ async def analyze(ctx: HandoffContext) -> HandoffResult:
     count = result["finding_count"]
     result["summary"] = (f"{result['lines']} lines, {plural(len(result['functions']), 'function')}, "
                          f"{plural(count, 'risky construct')}")
-    if count:
-        return ctx.handoff(
-            capability=AgentCapability.SECURITY_AUDIT,
-            task_description=f"Audit {plural(count, 'risky construct')} in {filename}",
+    if count:  # the audit and the test plan need only this analysis: both at once
+        return ctx.fan_out(
+            [Branch(capability=AgentCapability.SECURITY_AUDIT,
+                    task_description=f"Audit {plural(count, 'risky construct')} in {filename}"),
+             Branch(capability=AgentCapability.TESTING, task_description=f"Plan tests for {filename}")],
+            join=Join(capability=AgentCapability.DEPLOYMENT, task_description=f"Decide release of {filename}"),
             result_data=result,
         )
     return ctx.handoff(

@@ -2,7 +2,8 @@
 
 Each finding gets a severity, a CWE id and a remediation. Code or commands built from
 input are high; the rest medium. Dynamic SQL goes on to a DATABASE_OPERATIONS agent for
-a statement-by-statement review; otherwise the chain moves on to TESTING.
+a statement-by-statement review. Otherwise, in a branch of a fan-out the audit is the branch's
+result; in a plain chain the chain moves on to TESTING.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ async def audit(ctx: HandoffContext) -> HandoffResult:
             task_description=f"Review {plural(sql, 'dynamic SQL statement')} in {filename}",
             result_data=result,
         )
+    if ctx.branch is not None:  # the join takes it from here
+        return ctx.complete(result)
     return ctx.handoff(
         capability=AgentCapability.TESTING,
         task_description=(

@@ -137,6 +137,8 @@ async def review_sql(ctx: HandoffContext) -> HandoffResult:
         "statements": statements[:MAX_ITEMS],
         "summary": f"{plural(len(statements), 'SQL statement')}, {dynamic} built from input, rewrites proposed",
     }
+    if ctx.branch is not None:  # in a fan-out's branch: the join takes it from here
+        return ctx.complete(result)
     return ctx.handoff(
         capability=AgentCapability.TESTING,
         task_description=(

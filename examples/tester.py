@@ -1,8 +1,9 @@
 """Test planner: names the pytest tests a source file needs, then asks for a release decision.
 
 Every public function and method gets a behaviour test, plus one test per exception it
-raises itself; every high-severity finding of the audit gets a regression test that feeds
-it hostile input. The plan (names and counts) goes on to a DEPLOYMENT agent.
+raises itself; every high-severity finding gets a regression test that feeds it hostile input
+(the audit's findings, or the analysis's rated here when the audit runs beside it in a fan-out).
+The plan (names and counts) goes on to a DEPLOYMENT agent, or, in a fan-out's branch, to its join.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from handoff.examples._source import (
     snake,
     source_of,
 )
+from handoff.examples.auditor import rate
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 
 ATTACK = {
@@ -64,7 +66,11 @@ def regression_tests(audit: dict[str, Any] | None) -> list[str]:
 async def plan_tests(ctx: HandoffContext) -> HandoffResult:
     source, filename = source_of(ctx)
     unit = unit_tests(source, filename)
-    regression = regression_tests(latest(ctx.previous_results, AgentCapability.SECURITY_AUDIT))
+    audit = latest(ctx.previous_results, AgentCapability.SECURITY_AUDIT)
+    analysis = latest(ctx.previous_results, AgentCapability.CODE_ANALYSIS)
+    if audit is None and analysis is not None:  # the audit runs beside us: rate the findings here
+        audit = {"findings": [rate(f) for f in analysis.get("findings", [])]}
+    regression = regression_tests(audit)
     result = {
         "capability": AgentCapability.TESTING.value,
         "filename": filename,
@@ -74,6 +80,8 @@ async def plan_tests(ctx: HandoffContext) -> HandoffResult:
         "regression_tests": regression[:MAX_ITEMS],
         "summary": f"{plural(len(unit), 'unit test')} and {plural(len(regression), 'regression test')} planned",
     }
+    if ctx.branch is not None:  # the join decides the release
+        return ctx.complete(result)
     return ctx.handoff(
         capability=AgentCapability.DEPLOYMENT,
         task_description=f"Decide release of {filename}",

@@ -475,6 +475,9 @@ def dev(
     demo: Path | None = typer.Option(None, "--demo", help="run the demo chain over this Python file"),
     log_format: str = typer.Option("console", "--log-format"),
     exit_after_demo: bool = typer.Option(False, "--exit-after-demo", help="stop once the demo chain ends"),
+    approve: bool = typer.Option(
+        False, "--approve", help="approve the demo's release hop at once (else: a prompt on a terminal, "
+                                 "or `handoff approve` from another shell)"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
@@ -493,7 +496,7 @@ def dev(
         embedded.start()
     try:
         code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
-                                   telemetry=telemetry))
+                                   telemetry=telemetry, approve=approve))
     except KeyboardInterrupt:
         code = 0
     finally:

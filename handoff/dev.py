@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 from rich.console import Console
+from temporalio.client import Client
 
-from handoff.client import connect, run_chain
-from handoff.models import ChainStatus
+from handoff.client import approve_chain, connect, reject_chain, start_chain, wait_chain
+from handoff.models import AgentCapability, ChainRecord, ChainStatus, HopStatus
 from handoff.registry import agent_statuses
 from handoff.render import chain_table, ui_url
 from handoff.server import EmbeddedServer
@@ -17,6 +20,9 @@ from handoff.telemetry import Telemetry
 from handoff.workers.main import run_workers, stop_on_signals
 
 DEMO_TASK = "Review {name} before release"
+DEMO_POLICY = {"approval_required": [AgentCapability.DEPLOYMENT.value]}
+"""A person approves the release decision: the demo's chain waits for it."""
+DEMO_APPROVER = "handoff dev --approve"
 
 
 async def wait_until_live(client, agent_ids: set[str], timeout_s: float = 30.0) -> None:
@@ -30,21 +36,64 @@ async def wait_until_live(client, agent_ids: set[str], timeout_s: float = 30.0) 
     raise TimeoutError(f"agents not live after {timeout_s:g}s: {sorted(agent_ids - live)}")
 
 
-async def run_demo(client, console: Console, source_file: Path, ui_base: str | None = None) -> ChainStatus:
-    record = await run_chain(
+async def run_demo(client, console: Console, source_file: Path, ui_base: str | None = None, *,
+                   approve: bool = False) -> ChainStatus:
+    """The demo chain over `source_file`: the analysis fans out to the audit and the test plan,
+    and the release decision that joins them waits for a person's approval."""
+    chain_id = await start_chain(
         client,
         to_agent="analyzer",
         task_description=DEMO_TASK.format(name=source_file.name),
         context_data={"source": source_file.read_text(), "filename": source_file.name},
+        policy=DEMO_POLICY,
     )
+    record = await through_approvals(client, console, chain_id, approve=approve)
     console.print(chain_table(record))
     console.print(f"Web UI: {ui_url(str(record.chain_id), client.namespace, ui_base)}", soft_wrap=True)
     return record.status
 
 
+async def through_approvals(client: Client, console: Console, chain_id: UUID, *, approve: bool) -> ChainRecord:
+    """Wait for the chain's end, answering each hop that waits for approval: at once with
+    `approve`, at a prompt on a terminal, else by `handoff approve` from another shell."""
+    ended = asyncio.ensure_future(wait_chain(client, chain_id))
+    handle = client.get_workflow_handle(str(chain_id))
+    asked: set[UUID | None] = set()
+    while not ended.done():
+        await asyncio.wait({ended}, timeout=0.2)
+        if ended.done():
+            break
+        state = await handle.query("chain_state", result_type=ChainRecord)
+        for hop in state.all_hops():
+            if hop.status is not HopStatus.AWAITING_APPROVAL or hop.handoff_id in asked:
+                continue
+            asked.add(hop.handoff_id)
+            console.print(f"hop {hop.hop}: {hop.from_agent} -> {hop.to_agent} awaits approval: "
+                          f"{hop.task_description}", markup=False, highlight=False)
+            await _answer(client, console, chain_id, hop.handoff_id, approve)
+    return ended.result()
+
+
+async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: UUID | None, approve: bool) -> None:
+    if not approve and not sys.stdin.isatty():
+        console.print(f"  approve it with `handoff approve {chain_id}`, or reject it with "
+                      f"`handoff reject {chain_id} --reason ...`", markup=False, highlight=False)
+        return
+    answer = "y" if approve else (await asyncio.to_thread(input, "  approve? [y/N] ")).strip().lower()
+    if answer in ("y", "yes"):
+        comment = "the demo runs unattended" if approve else "approved at the prompt"
+        entry = await approve_chain(client, chain_id, by=DEMO_APPROVER if approve else "handoff dev",
+                                    comment=comment, handoff_id=handoff_id)
+    else:
+        entry = await reject_chain(client, chain_id, by="handoff dev", reason="rejected at the prompt",
+                                   handoff_id=handoff_id)
+    if entry.approval is not None:
+        console.print(f"  {entry.approval.decision} by {entry.approval.by}", markup=False, highlight=False)
+
+
 async def run_dev(
     server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
-    telemetry: Telemetry | None = None,
+    telemetry: Telemetry | None = None, approve: bool = False,
 ) -> int:
     from handoff.examples import ALL_AGENTS
 
@@ -62,7 +111,7 @@ async def run_dev(
     console.print(f"agents live: {', '.join(a.id for a in ALL_AGENTS)}")
     code = 0
     if demo is not None:
-        status = await run_demo(client, console, demo, server.ui_url)
+        status = await run_demo(client, console, demo, server.ui_url, approve=approve)
         code = 0 if status is ChainStatus.COMPLETED else 1
         if exit_after_demo:
             stop.set()

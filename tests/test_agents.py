@@ -14,7 +14,15 @@ import handoff.examples as examples
 from handoff.constants import MAX_CHAIN_DEPTH
 from handoff.errors import PermanentError
 from handoff.examples import ALL_AGENTS, analyzer, auditor, dba, deployer, tester
-from handoff.models import AGENT_ID_RE, AgentCapability, HandoffContext, HandoffResult
+from handoff.models import (
+    AGENT_ID_RE,
+    AgentCapability,
+    BranchOutcome,
+    BranchPosition,
+    ChainStatus,
+    HandoffContext,
+    HandoffResult,
+)
 
 SAMPLE_PATH = Path(examples.__file__).parent / "samples" / "inventory_service.py"
 SAMPLE = SAMPLE_PATH.read_text(encoding="utf-8")
@@ -63,25 +71,62 @@ def context(agent_id: str, source: str | None = SAMPLE, previous: list[dict] | N
 
 
 async def run_chain(source: str, filename: str = FILENAME) -> tuple[list[str], list[HandoffResult]]:
-    """Run the chain as the workflow would: resolve capabilities, merge context, pass results on."""
-    by_capability = {cap: agent for agent in ALL_AGENTS for cap in agent.capabilities}
+    """Run the chain as the workflow would: resolve capabilities, merge context, pass results on;
+    a fan-out's branches in branch order, then their join with every branch's outcome."""
     ctx = context("analyzer", source, filename=filename)
-    agent, hops, results = analyzer, [], []
+    hops: list[str] = []
+    results: list[HandoffResult] = []
+    await follow(analyzer, ctx, hops, results)
+    return hops, results
+
+
+BY_CAPABILITY = {cap: agent for agent in ALL_AGENTS for cap in agent.capabilities}
+
+
+def next_context(ctx: HandoffContext, agent, capability, task, previous, **fields) -> HandoffContext:
+    return HandoffContext(
+        chain_id=ctx.chain_id, from_agent=ctx.to_agent, to_agent=agent.id, to_capability=capability,
+        task_description=task, context_data=dict(ctx.context_data), previous_results=previous,
+        chain_depth=ctx.chain_depth + 1, **fields)
+
+
+async def follow(agent, ctx: HandoffContext, hops: list[str], results: list[HandoffResult]) -> None:
+    """One path of the chain from `agent`, its hops and results appended in the order they ran."""
     for _ in range(MAX_CHAIN_DEPTH):
         hops.append(agent.id)
         result = await agent.handler(ctx)
         results.append(result)
+        previous = [*ctx.previous_results, result.result_data]
+        if result.fan_out is not None:
+            outcomes = []
+            for index, branch in enumerate(result.fan_out.branches):
+                assert branch.to_capability is not None and not branch.to_agent  # by capability
+                sub_results: list[HandoffResult] = []
+                sub = next_context(ctx, BY_CAPABILITY[branch.to_capability], branch.to_capability,
+                                   branch.task_description, list(previous),
+                                   branch=BranchPosition(hop=ctx.chain_depth, index=index,
+                                                         of=len(result.fan_out.branches)))
+                await follow(BY_CAPABILITY[branch.to_capability], sub, hops, sub_results)
+                results.extend(sub_results)
+                previous += [r.result_data for r in sub_results]
+                outcomes.append(BranchOutcome(index=index, capability=branch.to_capability,
+                                              task_description=branch.task_description,
+                                              status=ChainStatus.COMPLETED,
+                                              final_result=sub_results[-1].result_data))
+            join = result.fan_out.join
+            agent = BY_CAPABILITY[join.to_capability]
+            ctx = next_context(ctx, agent, join.to_capability, join.task_description, previous,
+                               branches=outcomes)
+            ctx.branch = None
+            continue
         if result.next_handoff is None:
-            return hops, results
+            return
         nxt = result.next_handoff
         assert nxt.to_capability is not None and not nxt.to_agent  # handoffs are by capability
-        agent = by_capability[nxt.to_capability]
-        ctx = HandoffContext(
-            chain_id=ctx.chain_id, from_agent=ctx.to_agent, to_agent=agent.id,
-            to_capability=nxt.to_capability, task_description=nxt.task_description,
-            context_data={**ctx.context_data, **nxt.context_data},
-            previous_results=[r.result_data for r in results], chain_depth=ctx.chain_depth + 1,
-        )
+        agent = BY_CAPABILITY[nxt.to_capability]
+        ctx = next_context(ctx, agent, nxt.to_capability, nxt.task_description, previous,
+                           branch=ctx.branch)
+        ctx.context_data.update(nxt.context_data)
     raise AssertionError(f"chain did not complete within {MAX_CHAIN_DEPTH} hops: {hops}")
 
 
@@ -142,7 +187,7 @@ async def test_analyzer_outlines_the_sample():
     assert "source" not in data and len(json.dumps(data)) < 4000
 
 
-async def test_analyzer_finds_the_risky_constructs_and_hands_off_to_audit():
+async def test_analyzer_finds_the_risky_constructs_and_fans_out_to_audit_and_tests():
     result = await analyzer.handler(context("analyzer"))
     findings = result.result_data["findings"]
     assert [(f["kind"], f["line"], f["function"]) for f in findings] == [
@@ -156,10 +201,14 @@ async def test_analyzer_finds_the_risky_constructs_and_hands_off_to_audit():
     assert findings[3]["constant_arg"] is False and findings[4]["shell"] is True
     assert "LIKE '%{term}%'" in findings[0]["detail"]
     assert result.result_data["finding_count"] == 5
-    nxt = result.next_handoff
-    assert nxt.to_capability is AgentCapability.SECURITY_AUDIT
-    assert nxt.task_description == "Audit 5 risky constructs in inventory_service.py"
-    assert nxt.to_agent == "" and nxt.context_data == {}  # the workflow sets the sender and the depth
+    fan = result.fan_out
+    assert result.next_handoff is None
+    assert [(b.to_capability, b.task_description) for b in fan.branches] == [
+        (AgentCapability.SECURITY_AUDIT, "Audit 5 risky constructs in inventory_service.py"),
+        (AgentCapability.TESTING, "Plan tests for inventory_service.py")]
+    assert (fan.join.to_capability, fan.join.task_description, fan.join.wait_for) == (
+        AgentCapability.DEPLOYMENT, "Decide release of inventory_service.py", None)
+    assert all(not b.to_agent and not b.context_data for b in fan.branches)  # the workflow routes
 
 
 async def test_clean_source_goes_to_testing_not_security_audit():
@@ -418,10 +467,12 @@ async def test_tester_tells_apart_two_findings_in_one_function():
 # -- deployer and whole chains -----------------------------------------------------------
 
 
-async def test_the_sample_runs_the_full_five_hop_chain_and_is_blocked():
+async def test_the_sample_fans_out_to_audit_and_tests_and_is_blocked_at_the_join():
     hops, results = await run_chain(SAMPLE)
     assert hops == ["analyzer", "auditor", "dba", "tester", "deployer"]
-    assert all(r.next_handoff.to_capability is not None for r in results[:-1])  # by capability, not by name
+    assert results[0].fan_out is not None
+    assert results[1].next_handoff.to_capability is AgentCapability.DATABASE_OPERATIONS  # inside its branch
+    assert results[2].next_handoff is None and results[3].next_handoff is None  # branches end: the join
     final = results[-1]
     assert final.success and final.next_handoff is None
     data = final.result_data
@@ -463,3 +514,20 @@ async def test_the_chain_is_deterministic():
     first = [r.result_data for r in (await run_chain(SAMPLE))[1]]
     second = [r.result_data for r in (await run_chain(SAMPLE))[1]]
     assert first == second
+
+
+async def test_in_a_plain_chain_the_specialists_hand_on_in_a_line():
+    """Started at the auditor (no fan-out), each hands on as before: dba, then tester, then deployer."""
+    ctx = context("auditor")
+    hops: list[str] = []
+    await follow(auditor, ctx, hops, [])
+    assert hops == ["auditor", "dba", "tester", "deployer"]
+
+
+async def test_the_tester_in_a_branch_rates_the_analysis_findings_itself():
+    analysis = (await analyzer.handler(context("analyzer"))).result_data
+    ctx = context("tester", previous=[analysis])
+    ctx.branch = BranchPosition(hop=0, index=1, of=2)
+    result = await tester.handler(ctx)
+    assert result.next_handoff is None and result.fan_out is None
+    assert result.result_data["counts"]["regression"] == 5

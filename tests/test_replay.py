@@ -24,7 +24,7 @@ from handoff.models import ChainRecord, ChainRequest, ChainStatus, HopStatus
 from handoff.workers.chain_worker import sandboxed_runner
 from handoff.workflows.chain import HandoffChainWorkflow
 from handoff.workflows.registry import AgentRegistryWorkflow
-from tests.golden.regenerate import CHAIN_IDS, REGISTRY_FILE
+from tests.golden.regenerate import CHAIN_IDS, IDS, PATTERN_IDS, REGISTRY_FILE
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -59,6 +59,30 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
                    {"by": "golden-audit", "depth": 1, "findings": 0}),
     "failed": (ChainStatus.FAILED, [("golden-a", C, 1, None), ("golden-broken", F, 2, None)],
                {"by": "golden-a", "depth": 0}),
+    # the handoff patterns: the join (or return) runs one past the deepest branch
+    "fan_out": (ChainStatus.COMPLETED, [("golden-lead", C, 1, None), ("golden-e", C, 1, None)],
+                {"by": "golden-e", "depth": 3, "branches": ["completed"] * 3}),
+    "first_k": (ChainStatus.COMPLETED, [("golden-a", C, 1, None), ("golden-e", C, 1, None)],
+                {"by": "golden-e", "depth": 2, "branches": ["cancelled", "completed", "completed"]}),
+    "delegate": (ChainStatus.COMPLETED, [("golden-a", C, 1, None), ("golden-a", C, 1, None)],
+                 {"by": "golden-a", "depth": 3, "branches": ["completed"]}),
+    "approval": (ChainStatus.COMPLETED, [("golden-a", C, 1, None), ("golden-b", C, 1, None)],
+                 {"by": "golden-b", "depth": 1, "shipped": True}),
+    "approval_rejected": (ChainStatus.REJECTED, [("golden-a", C, 1, None), ("golden-c", R, 0, None)],
+                          {"by": "golden-a", "depth": 0}),
+}
+
+# The branches of each pattern's fan-out: (status, cut, [(to_agent, hop status, attempts, fallback_for)]).
+BRANCHES: dict[str, list[tuple[ChainStatus, str | None, list[tuple[str, HopStatus, int, str | None]]]]] = {
+    "fan_out": [
+        (ChainStatus.COMPLETED, None, [("golden-deploy-1", F, 1, None), ("golden-deploy-2", C, 1, "golden-deploy-1")]),
+        (ChainStatus.COMPLETED, None, [("golden-b", C, 1, None), ("golden-c", C, 1, None)]),
+        (ChainStatus.COMPLETED, None, [("golden-d", C, 1, None)])],
+    "first_k": [
+        (ChainStatus.CANCELLED, "not_needed", [("golden-slow", X, 1, None)]),
+        (ChainStatus.COMPLETED, None, [("golden-b", C, 1, None)]),
+        (ChainStatus.COMPLETED, None, [("golden-c", C, 1, None)])],
+    "delegate": [(ChainStatus.COMPLETED, None, [("golden-b", C, 1, None), ("golden-c", C, 1, None)])],
 }
 
 
@@ -67,12 +91,12 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
 # every hop upserted the search attributes; `linear.v2`: request protocol 1, when an unsuccessful
 # chain still completed its workflow).
 OLD_VERSIONS = (".v1", ".v2")
-CHAIN_FILES = [f"{name}{version}" for name in CHAIN_IDS for version in ("", *OLD_VERSIONS)]
+CHAIN_FILES = [*(f"{name}{version}" for name in CHAIN_IDS for version in ("", *OLD_VERSIONS)), *PATTERN_IDS]
 
 
 def golden_history(file: str) -> WorkflowHistory:
     name = file.split(".")[0]
-    workflow_id = REGISTRY_WORKFLOW_ID if name == REGISTRY_FILE else str(CHAIN_IDS[name])
+    workflow_id = REGISTRY_WORKFLOW_ID if name == REGISTRY_FILE else str(IDS[name])
     return WorkflowHistory.from_json(workflow_id, (GOLDEN / f"{file}.json").read_text())
 
 
@@ -84,7 +108,7 @@ def replayer(*workflows: type) -> Replayer:
 def test_every_scenario_has_a_golden_file_and_an_expectation():
     files = {p.name.removesuffix(".json") for p in GOLDEN.glob("*.json")}
     assert files == {*CHAIN_FILES, REGISTRY_FILE}
-    assert set(EXPECTED) == set(CHAIN_IDS)
+    assert set(EXPECTED) == set(IDS)
 
 
 REPLAY_TIMEOUT_S = 30
@@ -108,12 +132,15 @@ async def test_golden_history_is_the_scenario_its_name_says(file):
     history = golden_history(file)
     record = await record_from_history(history, pydantic_data_converter, replay=True)
     assert record == await record_from_history(history, pydantic_data_converter), "replayed == carried"
-    assert record.chain_id == CHAIN_IDS[name]
+    assert record.chain_id == IDS[name]
     assert record.status is status
     assert [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in record.hops] == hops
     assert [h.hop for h in record.hops] == sorted(h.hop for h in record.hops)
     assert record.final_result == final_result
     assert (record.error is None) == (status is ChainStatus.COMPLETED)
+    fanned = [h.fan_out for h in record.hops if h.fan_out is not None]
+    assert [[(b.status, b.cut, [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in b.hops])
+             for b in f.branches] for f in fanned] == ([BRANCHES[name]] if name in BRANCHES else [])
     closed = history.events[-1].WhichOneof("attributes")
     if file == name and status is not ChainStatus.COMPLETED:  # today's code: the workflow says so
         assert closed == ("workflow_execution_canceled_event_attributes" if status is ChainStatus.CANCELLED
@@ -184,3 +211,15 @@ async def test_changed_copy_of_the_real_definition_fails_replay_with_nondetermin
     with pytest.raises(NondeterminismError):
         await asyncio.wait_for(
             replayer(ChangedChainLikeReal).replay_workflow(golden_history("linear")), timeout=5)
+
+
+async def test_approvals_recorded_who_decided_what():
+    approved = await record_from_history(golden_history("approval"), pydantic_data_converter)
+    rejected = await record_from_history(golden_history("approval_rejected"), pydantic_data_converter)
+    assert (approved.hops[1].approval.asked_by, approved.hops[1].approval.decision,
+            approved.hops[1].approval.by) == ("golden-a", "approved", "golden-approver")
+    assert (rejected.hops[1].approval.asked_by, rejected.hops[1].approval.decision,
+            rejected.hops[1].approval.comment) == ("policy", "rejected", "not today")
+    assert "rejected by golden-approver: not today" in rejected.error
+    returned = await record_from_history(golden_history("delegate"), pydantic_data_converter)
+    assert [h.kind.value for h in returned.hops] == ["handoff", "return"]

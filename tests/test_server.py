@@ -48,14 +48,18 @@ def test_dev_runs_the_demo_chain_end_to_end():
     """What `make run` does, with free ports and an in-memory database, stopping after the demo."""
     result = subprocess.run(
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo"],
+         "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo", "--approve"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "completed" in out
-    for route in ("starter -> analyzer", "analyzer -> auditor", "auditor -> dba", "dba -> tester",
-                  "tester -> deployer"):
+    # the analysis fans out to the audit (which hands on to the DBA) and the test plan; the
+    # release decision joins them once approved
+    for route in ("starter -> analyzer", "analyzer -> auditor", "auditor -> dba", "analyzer -> tester",
+                  "analyzer -> deployer", "├ b0.0", "└ b0.1", "join: Decide release"):
         assert route in out
+    assert "hop 3: analyzer -> deployer awaits approval" in out
+    assert "approved by handoff dev --approve" in out
     assert "final result: release blocked" in out
     assert "/namespaces/default/workflows/" in out

@@ -1,12 +1,13 @@
 """Regenerate the golden chain histories that tests/test_replay.py replays.
 
-    .venv/bin/python -m tests.golden.regenerate
+    .venv/bin/python -m tests.golden.regenerate [SCENARIO ...]
 
 Starts its own local dev server (exactly as tests/conftest.py does), runs the real chain
 worker and scripted fake agents with fixed ids, runs every scenario below under a fixed chain
-id and writes each chain's history to tests/golden/<scenario>.json (plus the registry
-workflow's history to registry.json). Only regenerate for an intentional, versioned change
-of the workflow code: see README.md in this folder.
+id and writes each chain's history to tests/golden/<scenario>.json (plus, when every scenario
+runs, the registry workflow's history to registry.json). Name scenarios to record only those (a
+new scenario, without rewriting the histories older code recorded). Only regenerate for an
+intentional, versioned change of the workflow code: see README.md in this folder.
 
 Every agent runs the same scripted handler: what it does at a hop is read from the chain's
 `context_data["script"]` under `"<agent>@<depth>"`, so each golden file carries its own script.
@@ -28,12 +29,23 @@ from temporalio.client import Client
 
 from handoff import (
     AgentCapability,
+    Branch,
     ChainRecord,
+    ChainStatus,
     HandoffContext,
     HandoffResult,
+    Join,
     PermanentError,
 )
-from handoff.client import cancel_chain, get_chain, run_chain, start_chain, wait_chain
+from handoff.client import (
+    approve_chain,
+    cancel_chain,
+    get_chain,
+    reject_chain,
+    run_chain,
+    start_chain,
+    wait_chain,
+)
 from handoff.constants import REGISTRY_WORKFLOW_ID
 from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running, start_dev_env
@@ -50,6 +62,15 @@ CHAIN_IDS: dict[str, UUID] = {
     "cancelled": UUID("601de000-0000-4000-8000-000000000006"),
     "capability": UUID("601de000-0000-4000-8000-000000000007"),
     "failed": UUID("601de000-0000-4000-8000-000000000008"),
+}
+# The handoff patterns (fan-out and join, delegation, approval): recorded once they existed, so
+# they have no older versions.
+PATTERN_IDS: dict[str, UUID] = {
+    "fan_out": UUID("601de000-0000-4000-8000-000000000101"),
+    "first_k": UUID("601de000-0000-4000-8000-000000000102"),
+    "delegate": UUID("601de000-0000-4000-8000-000000000103"),
+    "approval": UUID("601de000-0000-4000-8000-000000000104"),
+    "approval_rejected": UUID("601de000-0000-4000-8000-000000000105"),
 }
 REGISTRY_FILE = "registry"
 
@@ -71,10 +92,15 @@ DEPLOY_2 = "golden-deploy-2"  # DEPLOYMENT
 async def scripted(ctx: HandoffContext) -> HandoffResult:
     """Do what the chain's script says for this agent at this depth.
 
-    Step keys: `to` / `capability` + `task` (hand off), `complete` (result data), `fail`
-    (ctx.fail), `permanent` (raise PermanentError), `error` (raise an ordinary error),
-    `flaky` (raise once, then do the rest of the step), `wait` (work until cancelled).
+    Step keys: `to` / `capability` + `task` (hand off; `approval`: ask for a person's approval),
+    `fan_out` (branches and join, as `ctx.fan_out` takes them), `delegate` (as `ctx.delegate`
+    takes it), `complete` (result data), `fail` (ctx.fail), `permanent` (raise PermanentError),
+    `error` (raise an ordinary error), `flaky` (raise once, then do the rest of the step), `wait`
+    (work until cancelled). A hop the chain returns to completes with its branches' statuses.
     """
+    if ctx.branches:  # a join, or the chain came back to the agent that delegated
+        return ctx.complete({"by": ctx.to_agent, "depth": ctx.chain_depth,
+                             "branches": [b.status.value for b in ctx.branches]})
     step: dict[str, Any] = ctx.context_data["script"][f"{ctx.to_agent}@{ctx.chain_depth}"]
     if step.get("flaky") and activity.info().attempt == 1:
         raise ConnectionError("transient failure on the first attempt")
@@ -87,8 +113,14 @@ async def scripted(ctx: HandoffContext) -> HandoffResult:
     if step.get("wait"):
         await asyncio.sleep(3600)
     data = {"by": ctx.to_agent, "depth": ctx.chain_depth}
+    if "fan_out" in step:
+        return ctx.fan_out([Branch(**b) for b in step["fan_out"]["branches"]],
+                           join=Join(**step["fan_out"]["join"]), result_data=data)
+    if "delegate" in step:
+        return ctx.delegate(**step["delegate"], result_data=data)
     if "to" in step:
-        return ctx.handoff(to_agent=step["to"], task_description=step["task"], result_data=data)
+        return ctx.handoff(to_agent=step["to"], task_description=step["task"], result_data=data,
+                           require_approval=step.get("approval", False))
     if "capability" in step:
         return ctx.handoff(capability=step["capability"], task_description=step["task"], result_data=data)
     return ctx.complete({**data, **step.get("complete", {})})
@@ -174,6 +206,84 @@ async def failed(client: Client, chain_id: UUID) -> ChainRecord:
                            context_data={"script": script}, policy={**FAST, "max_attempts": 2})
 
 
+async def fan_out(client: Client, chain_id: UUID) -> ChainRecord:
+    """lead fans out to DEPLOYMENT (deploy-1 fails, deploy-2 takes over), to b (which hands on to
+    c) and to d; e joins all three."""
+    script = {
+        f"{LEAD}@0": {"fan_out": {
+            "branches": [{"capability": "DEPLOYMENT", "task_description": "deploy"},
+                         {"to_agent": "golden-b", "task_description": "b's part"},
+                         {"to_agent": "golden-d", "task_description": "d's part"}],
+            "join": {"to_agent": "golden-e", "task_description": "join"}}},
+        f"{DEPLOY_1}@1": {"permanent": "no cluster"},
+        f"{DEPLOY_2}@1": {"complete": {"deployed": True}},
+        "golden-b@1": {"to": "golden-c", "task": "c's part"},
+        "golden-c@2": {"complete": {}},
+        "golden-d@1": {"complete": {}},
+    }
+    return await run_chain(client, chain_id=chain_id, to_agent=LEAD, task_description="fan out",
+                           context_data={"script": script}, policy=FAST)
+
+
+async def first_k(client: Client, chain_id: UUID) -> ChainRecord:
+    """a fans out to slow (works until cut), b and c; e joins the first two to complete, within
+    a 60 s deadline: slow's branch is cut."""
+    script = {
+        "golden-a@0": {"fan_out": {
+            "branches": [{"to_agent": SLOW, "task_description": "slow part"},
+                         {"to_agent": "golden-b", "task_description": "b's part"},
+                         {"to_agent": "golden-c", "task_description": "c's part"}],
+            "join": {"to_agent": "golden-e", "task_description": "join two", "wait_for": 2, "deadline_s": 60}}},
+        f"{SLOW}@1": {"wait": True},
+        "golden-b@1": {"complete": {}},
+        "golden-c@1": {"complete": {}},
+    }
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="first two",
+                           context_data={"script": script}, policy={**FAST, "heartbeat_timeout_s": 1})
+
+
+async def delegate(client: Client, chain_id: UUID) -> ChainRecord:
+    """a delegates to b, which hands on to c; the chain comes back to a, which completes."""
+    script = {
+        "golden-a@0": {"delegate": {"to_agent": "golden-b", "task_description": "help", "then": "finish"}},
+        "golden-b@1": {"to": "golden-c", "task": "dig"},
+        "golden-c@2": {"complete": {"found": 1}},
+    }
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="ask around",
+                           context_data={"script": script}, policy=FAST)
+
+
+async def _decided(client: Client, chain_id: UUID, approve: bool) -> ChainRecord:
+    handle = client.get_workflow_handle(str(chain_id))
+    for _ in range(400):
+        state = await handle.query("chain_state", result_type=ChainRecord)
+        if state.status is ChainStatus.AWAITING_APPROVAL:
+            break
+        await asyncio.sleep(0.05)
+    if approve:
+        await approve_chain(client, chain_id, by="golden-approver", comment="fine")
+    else:
+        await reject_chain(client, chain_id, by="golden-approver", reason="not today")
+    return await wait_chain(client, chain_id)
+
+
+async def approval(client: Client, chain_id: UUID) -> ChainRecord:
+    """a hands off to b asking for approval; a person approves; b completes."""
+    script = {"golden-a@0": {"to": "golden-b", "task": "ship", "approval": True},
+              "golden-b@1": {"complete": {"shipped": True}}}
+    await start_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="release",
+                      context_data={"script": script}, policy=FAST)
+    return await _decided(client, chain_id, approve=True)
+
+
+async def approval_rejected(client: Client, chain_id: UUID) -> ChainRecord:
+    """The policy asks for approval of hops to c; a person rejects a's handoff to it."""
+    script = {"golden-a@0": {"to": "golden-c", "task": "drop it"}}
+    await start_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="risky",
+                      context_data={"script": script}, policy={**FAST, "approval_required": ["golden-c"]})
+    return await _decided(client, chain_id, approve=False)
+
+
 SCENARIOS = {
     "linear": linear,
     "fallback_unreachable": fallback_unreachable,
@@ -183,7 +293,13 @@ SCENARIOS = {
     "cancelled": cancelled,
     "capability": capability,
     "failed": failed,
+    "fan_out": fan_out,
+    "first_k": first_k,
+    "delegate": delegate,
+    "approval": approval,
+    "approval_rejected": approval_rejected,
 }
+IDS = {**CHAIN_IDS, **PATTERN_IDS}
 
 
 async def write_history(client: Client, workflow_id: str, name: str) -> None:
@@ -197,7 +313,11 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
 
-async def main() -> int:
+async def main(names: list[str]) -> int:
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenarios: {sorted(unknown)} (known: {', '.join(SCENARIOS)})")
+        return 2
     quiet_logs()
     env = await start_dev_env()
     try:
@@ -212,20 +332,22 @@ async def main() -> int:
         async with chain_worker(client):
             async with running(client, *plain), running(client, *listed, register=True):
                 for name, scenario in SCENARIOS.items():
-                    record = await asyncio.wait_for(scenario(client, CHAIN_IDS[name]), 60)
+                    if names and name not in names:
+                        continue
+                    record = await asyncio.wait_for(scenario(client, IDS[name]), 60)
                     # The record a user would see, rebuilt from history like `handoff show`.
                     shown = await get_chain(client, record.chain_id)
                     hops = ", ".join(f"{h.to_agent or '-'}:{h.status.value}" for h in shown.hops)
                     print(f"{name:22} {shown.status.value:15} {hops}")
-                    await write_history(client, str(CHAIN_IDS[name]), name)
-            # After the registered agents deregistered: registrations and deregistrations.
-            await write_history(client, REGISTRY_WORKFLOW_ID, REGISTRY_FILE)
+                    await write_history(client, str(IDS[name]), name)
+            if not names:  # after the registered agents deregistered: registrations and deregistrations
+                await write_history(client, REGISTRY_WORKFLOW_ID, REGISTRY_FILE)
     finally:
         await env.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    code = asyncio.run(main())
+    code = asyncio.run(main(sys.argv[1:]))
     sys.stdout.flush()
     os._exit(code)  # like the CLI: skip the interpreter shutdown the client's native threads can crash
