@@ -11,6 +11,10 @@ One source of truth: for every chain, the record the chain workflow holds (its `
 answered by the real chain worker, and its result) equals, field by field, the record
 `handoff.audit` rebuilds by replaying the same history.
 
+A second run covers the handoff patterns: random fan-outs (joined when every branch ends, at the
+first k, or at a deadline), delegations returning to their caller, and joins a person approves,
+rejects or leaves to time out. The record is then a tree, and it is checked the same ways.
+
 Reproduce a run with HANDOFF_AUDIT_SEED=<the printed seed>.
 """
 
@@ -34,14 +38,19 @@ from temporalio.client import Client
 
 from handoff import (
     AgentCapability,
+    Branch,
     ChainRecord,
     ChainStatus,
     HandoffContext,
     HandoffDirective,
     HandoffResult,
+    HopKind,
     HopStatus,
+    Join,
     PermanentError,
+    approve_chain,
     get_chain,
+    reject_chain,
     start_chain,
     wait_chain,
 )
@@ -445,3 +454,287 @@ async def test_audit_record_matches_what_agents_executed(client, uid, cli_env):
         assert json.loads(proc.stdout) == json.loads(record.model_dump_json()), plan.chain_id
     print(f"cli: {CLI_SAMPLE} of {CHAINS} chains shown identically by `handoff show --json`; "
           f"total {time.monotonic() - started:.1f}s")
+
+
+# == the handoff patterns: fan-out and join, delegation, approval ==========================
+#
+# A second run of random chains, each the root agent fanning out (the join waiting for every
+# branch, for the first k, or until a deadline) or delegating (the chain coming back to it), with
+# a person approving, rejecting or ignoring the join's hop. The record, a tree, must agree with
+# what every agent did and with a model of the rules, and the three records must be equal.
+
+PATTERN_CHAINS = 80
+PATTERN_CONCURRENCY = 10
+BRANCH_BEHAVIOURS = {"ok": 0.6, "flaky": 0.15, "permanent": 0.15, "fail": 0.1}
+DECISIONS = {"approve": 0.6, "reject": 0.25, "ignore": 0.15}
+APPROVAL_TIMEOUT_S = 1.5
+JOIN_DEADLINE_S = 4.0
+
+
+@dataclass
+class BranchPlan:
+    steps: list[Step]  # each step hands off to the next one's agent; the last completes
+
+
+@dataclass
+class PatternPlan:
+    chain_id: UUID
+    task: str
+    root: str
+    kind: str  # "fan" or "delegate"
+    branches: list[BranchPlan]
+    join_agent: str  # the root itself for "delegate"
+    wait: str  # "all", "first_k" or "deadline"
+    wait_for: int | None
+    fallback: str | None
+    decision: str | None  # None: the join needs no approval
+
+    def policy(self) -> dict[str, Any]:
+        policy: dict[str, Any] = {"retry_initial_s": 0.05, "fallback_agent": self.fallback,
+                                  "heartbeat_timeout_s": 1, "approval_timeout_s": APPROVAL_TIMEOUT_S}
+        if self.decision is not None:
+            policy["approval_required"] = [self.join_agent]
+        return policy
+
+
+def make_pattern_plan(rng: random.Random, index: int, pool: list[str], joiners: list[str],
+                      fallback: str) -> PatternPlan:
+    root = rng.choice(pool)
+    others = [a for a in pool if a != root]
+    kind = rng.choices(["fan", "delegate"], weights=[0.7, 0.3])[0]
+    count = rng.randint(2, 4) if kind == "fan" else 1
+    wait = rng.choices(["all", "first_k", "deadline"], weights=[0.6, 0.25, 0.15])[0] if kind == "fan" else "all"
+    wait_for = rng.randint(1, count - 1) if wait == "first_k" else None
+    # branches from this index on never answer (the join cuts them)
+    hanging_from = wait_for if wait == "first_k" else rng.randint(1, count - 1) if wait == "deadline" else count
+    names, weights = list(BRANCH_BEHAVIOURS), list(BRANCH_BEHAVIOURS.values())
+    branches = []
+    for b in range(count):
+        agents = rng.sample(others, rng.randint(1, 2))
+        if b >= hanging_from:  # never answers: cut by the join
+            behaviours = ["hang"] * len(agents)
+        elif wait == "all":
+            behaviours = rng.choices(names, weights=weights, k=len(agents))
+        else:  # branches a first-k or deadline join waits for do complete
+            behaviours = rng.choices(["ok", "flaky"], k=len(agents))
+        steps = [Step(a, beh, agents[i + 1] if i + 1 < len(agents) else None,
+                      f"branch {b} step {i + 1}" if i + 1 < len(agents) else None)
+                 for i, (a, beh) in enumerate(zip(agents, behaviours))]
+        branches.append(BranchPlan(steps))
+    decision = rng.choices(list(DECISIONS), weights=list(DECISIONS.values()))[0] if rng.random() < 0.4 else None
+    return PatternPlan(
+        chain_id=uuid4(), task=f"pattern chain {index}", root=root, kind=kind, branches=branches,
+        join_agent=root if kind == "delegate" else rng.choice(joiners), wait=wait, wait_for=wait_for,
+        fallback=fallback if rng.random() < FALLBACK else None,
+        decision=None if kind == "delegate" else decision,
+    )
+
+
+HopSig = tuple[str, HopStatus, int, str | None]
+BranchSig = tuple[ChainStatus, str | None, list[HopSig]]
+
+
+def expected_tree(plan: PatternPlan) -> tuple[ChainStatus, list[HopSig], list[BranchSig]]:
+    """(chain status, top-level hops, branches) per the rules of docs/design.md, sections 4 and 5."""
+    cut = {"first_k": "not_needed", "deadline": "late"}.get(plan.wait)
+    branches: list[BranchSig] = []
+    for branch in plan.branches:
+        hops: list[HopSig] = []
+        status = ChainStatus.COMPLETED
+        failed: set[str] = set()
+        for step in branch.steps:
+            if step.behaviour == "hang":
+                hops.append((step.agent, HopStatus.CANCELLED, 1, None))
+                status = ChainStatus.CANCELLED
+                break
+            outcome = {"ok": (HopStatus.COMPLETED, 1), "flaky": (HopStatus.COMPLETED, 2),
+                       "permanent": (HopStatus.FAILED, 1), "fail": (HopStatus.FAILED, 1)}[step.behaviour]
+            hops.append((step.agent, *outcome, None))
+            if outcome[0] is HopStatus.FAILED:
+                failed.add(step.agent)
+                if not plan.fallback:
+                    status = ChainStatus.FAILED
+                    break
+                hops.append((plan.fallback, HopStatus.COMPLETED, 1, step.agent))
+        branches.append((status, cut if status is ChainStatus.CANCELLED else None, hops))
+    top: list[HopSig] = [(plan.root, HopStatus.COMPLETED, 1, None)]
+    if plan.decision in ("reject", "ignore"):
+        top.append((plan.join_agent, HopStatus.REFUSED, 0, None))
+        return ChainStatus.REJECTED, top, branches
+    top.append((plan.join_agent, HopStatus.COMPLETED, 1, None))
+    return ChainStatus.COMPLETED, top, branches
+
+
+def pattern_handler(agent_id: str, truth: Truth, plans: dict[str, PatternPlan]):
+    """What the planned agent does at its hop (the fallback agent always succeeds), written down."""
+
+    async def handle(ctx: HandoffContext):
+        chain = str(ctx.chain_id)
+        plan = plans[chain]
+        attempt = activity.info().attempt
+        call = {"chain_id": chain, "handoff_id": ctx.handoff_id, "agent": agent_id,
+                "to_agent": ctx.to_agent, "depth": ctx.chain_depth, "attempt": attempt}
+        truth.calls[chain].append(call)
+        data = {"by": agent_id, "depth": ctx.chain_depth, "token": f"{ctx.handoff_id}/{attempt}"}
+        call["result_data"] = data
+        if ctx.branches:  # the join, or the return to the delegating root
+            data["branches"] = [b.status.value for b in ctx.branches]
+            call["outcome"] = "complete"
+            return ctx.complete(data)
+        if ctx.branch is None:  # the root: fan out, or delegate
+            call["outcome"] = "handoff"
+            branches = [Branch(to_agent=b.steps[0].agent, task_description=f"branch {i} step 0")
+                        for i, b in enumerate(plan.branches)]
+            if plan.kind == "delegate":
+                return ctx.delegate(to_agent=branches[0].to_agent, task_description=branches[0].task_description,
+                                    result_data=data)
+            join = Join(to_agent=plan.join_agent, task_description="join", wait_for=plan.wait_for,
+                        deadline_s=JOIN_DEADLINE_S if plan.wait == "deadline" else None)
+            return ctx.fan_out(branches, join=join, result_data=data)
+        step = plan.branches[ctx.branch.index].steps[ctx.chain_depth - 1]
+        behaviour = "ok" if agent_id == plan.fallback else step.behaviour
+        if (behaviour == "flaky" and attempt == 1):
+            call["outcome"] = "raise_retryable"
+            raise ConnectionError(f"{agent_id} is flaky (attempt {attempt})")
+        if behaviour == "permanent":
+            call["outcome"] = "raise_permanent"
+            raise PermanentError(f"{agent_id} cannot do {ctx.task_description!r}")
+        if behaviour == "fail":
+            result = ctx.fail(f"{agent_id} refused", {"by": agent_id})
+            call["outcome"], call["result_data"] = "fail", result.result_data
+            return result
+        if behaviour == "hang":
+            call["outcome"] = "hang"
+            await truth.release.wait()  # cut by the join meanwhile
+            return ctx.complete({"too": "late"})
+        if step.next_agent is None:
+            call["outcome"] = "complete"
+            return ctx.complete(data)
+        call["outcome"] = "handoff"
+        return ctx.handoff(to_agent=step.next_agent, task_description=step.next_task, result_data=data)
+
+    return handle
+
+
+def tree_mismatches(plan: PatternPlan, record: ChainRecord, calls: list[dict[str, Any]]) -> list[str]:
+    """Every way the tree record disagrees with the ground truth and the model; empty if none."""
+    problems: list[str] = []
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    by_handoff: dict[UUID, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        by_handoff[call["handoff_id"]].append(call)
+    entries = list(record.all_hops())
+    check(sorted(str(h.handoff_id) for h in entries if h.handoff_id in by_handoff) == sorted(map(str, by_handoff)),
+          "the record's executed hops are not exactly the handlers' invocations")
+    for hop in entries:
+        runs = by_handoff.get(hop.handoff_id, [])
+        if not runs:
+            check(hop.status is HopStatus.REFUSED and hop.attempts == 0,
+                  f"hop {hop.hop} {hop.to_agent}: {hop.status.value}/{hop.attempts} but its handler never ran")
+            continue
+        check(all(c["agent"] == hop.to_agent == c["to_agent"] for c in runs), f"hop {hop.hop}: wrong agent")
+        check([c["attempt"] for c in runs] == list(range(1, len(runs) + 1)), f"hop {hop.hop}: attempts seen")
+        check(hop.attempts == len(runs), f"hop {hop.hop} {hop.to_agent}: attempts {hop.attempts}, ran {len(runs)}")
+        check(hop.hop == runs[-1]["depth"], f"hop {hop.hop}: the handler saw depth {runs[-1]['depth']}")
+        last = runs[-1]["outcome"]
+        if last == "hang":
+            check(hop.status is HopStatus.CANCELLED, f"hop {hop.hop}: {hop.status.value} after a cut")
+            continue
+        expected = HopStatus.COMPLETED if last in SUCCESS else HopStatus.FAILED
+        check(hop.status is expected, f"hop {hop.hop} {hop.to_agent}: {hop.status.value}, last {last}")
+        if hop.status is HopStatus.COMPLETED:
+            check(hop.result_data == runs[-1]["result_data"], f"hop {hop.hop}: result_data differs")
+    status, top, branches = expected_tree(plan)
+    actual_top = [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in record.hops]
+    fan = record.hops[0].fan_out if record.hops else None
+    actual_branches = [(b.status, b.cut, [(h.to_agent, h.status, h.attempts, h.fallback_for) for h in b.hops])
+                       for b in (fan.branches if fan else [])]
+    check((record.status, actual_top, actual_branches) == (status, top, branches),
+          f"model: {status.value} {top} {branches}\n      record: {record.status.value} {actual_top} "
+          f"{actual_branches}")
+    if len(record.hops) == 2:
+        join = record.hops[1]
+        check(join.kind is (HopKind.RETURN if plan.kind == "delegate" else HopKind.JOIN), f"join kind {join.kind}")
+        check(join.hop == 1 + max(h.hop for b in fan.branches for h in b.hops if h.status is not HopStatus.REFUSED),
+              "the join runs one past the deepest branch")
+        decision = {"approve": "approved", "reject": "rejected", "ignore": "timed_out"}.get(plan.decision or "")
+        check((join.approval.decision if join.approval else None) == decision,
+              f"approval {join.approval} for a plan that {plan.decision}s")
+        if join.status is HopStatus.COMPLETED:
+            seen = next(c for c in calls if c["handoff_id"] == join.handoff_id)["result_data"]["branches"]
+            check(seen == [b.status.value for b in fan.branches], f"the join saw {seen}")
+    completed = [h for h in record.hops if h.status is HopStatus.COMPLETED]
+    check(record.final_result == (completed[-1].result_data if completed else {}), "final_result")
+    return problems
+
+
+async def test_audit_record_of_fan_outs_delegations_and_approvals(client, uid, cli_env):
+    seed = int(os.environ.get("HANDOFF_AUDIT_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"\nHANDOFF_AUDIT_SEED={seed}")
+    rng = random.Random(seed)
+    pool = [f"q{i}-{uid}" for i in range(POOL)]
+    joiners = [f"qj{i}-{uid}" for i in range(2)]
+    fallback = f"qfb-{uid}"
+    plans = [make_pattern_plan(rng, i, pool, joiners, fallback) for i in range(PATTERN_CHAINS)]
+    by_id = {str(p.chain_id): p for p in plans}
+    truth = Truth()
+    workers = [make_agent(a, pattern_handler(a, truth, by_id), max_concurrent=40)
+               for a in [*pool, *joiners, fallback]]
+    gate = asyncio.Semaphore(PATTERN_CONCURRENCY)
+
+    async def run(plan: PatternPlan) -> ChainRecord:
+        async with gate:
+            chain_id = await start_chain(client, chain_id=plan.chain_id, to_agent=plan.root,
+                                         task_description=plan.task, policy=plan.policy())
+            if plan.decision in ("approve", "reject"):
+                handle = client.get_workflow_handle(str(chain_id))
+                for _ in range(600):
+                    state = await handle.query("chain_state", result_type=ChainRecord)
+                    if state.status is ChainStatus.AWAITING_APPROVAL:
+                        break
+                    await asyncio.sleep(0.05)
+                if plan.decision == "approve":
+                    await approve_chain(client, chain_id, by="auditor-bot", comment=plan.task)
+                else:
+                    await reject_chain(client, chain_id, by="auditor-bot", reason=plan.task)
+            return await asyncio.wait_for(wait_chain(client, chain_id), 90)
+
+    started = time.monotonic()
+    async with running(client, *workers):
+        try:
+            finished = await asyncio.gather(*(run(p) for p in plans))
+        finally:
+            truth.release.set()
+        records = await asyncio.gather(*(get_chain(client, p.chain_id) for p in plans))
+        pairs = await asyncio.gather(*(held_and_replayed(client, p.chain_id) for p in plans))
+    failures = {}
+    for plan, record, ended, (held, replayed) in zip(plans, records, finished, pairs):
+        problems = tree_mismatches(plan, record, truth.calls[str(plan.chain_id)])
+        for name, other in (("held by the workflow", held), ("returned when it ended", ended),
+                            ("read back by get_chain", record)):
+            if other != replayed:
+                problems.append(f"record {name} != replayed")
+        if problems:
+            failures[plan.chain_id] = problems
+    kinds = Counter((p.kind, p.wait, p.decision) for p in plans)
+    statuses = Counter(r.status.value for r in records)
+    branch_statuses = Counter(b.status.value for r in records for h in r.hops if h.fan_out for b in h.fan_out.branches)
+    print(f"pattern chains={PATTERN_CHAINS} matched={PATTERN_CHAINS - len(failures)} in "
+          f"{time.monotonic() - started:.1f}s; statuses={dict(statuses)}; branches={dict(branch_statuses)}")
+    details = "\n".join(f"{cid}: " + "\n  ".join(p) for cid, p in list(failures.items())[:5])
+    assert not failures, f"seed {seed}: {len(failures)} of {PATTERN_CHAINS} chains disagree:\n{details}"
+    # the run exercised what it was built to
+    assert {k for k, _, _ in kinds} == {"fan", "delegate"} and {w for _, w, _ in kinds} >= {"all", "first_k"}
+    assert {"completed", "failed", "cancelled"} <= set(branch_statuses)
+    assert {"completed", "rejected"} <= set(statuses)
+    assert any(h.fallback_for for r in records for h in r.all_hops())
+    # `handoff show --json` prints the same tree
+    sample = rng.sample(plans, 5)
+    shown = await asyncio.gather(*(show_json(p.chain_id, cli_env) for p in sample))
+    by_chain = {r.chain_id: r for r in records}
+    for plan, proc in zip(sample, shown):
+        assert json.loads(proc.stdout) == json.loads(by_chain[plan.chain_id].model_dump_json()), plan.chain_id
