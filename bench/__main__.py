@@ -27,9 +27,10 @@ from uuid import uuid4
 
 from temporalio.client import Client
 
+from bench.agents import FAN_OUT, LEAD
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
-from handoff.client import connect, run_chain
-from handoff.models import ChainStatus
+from handoff.client import approve_chain, connect, run_chain, start_chain, wait_chain
+from handoff.models import ChainRecord, ChainStatus
 from handoff.server import (
     EmbeddedServer,
     free_port,
@@ -99,6 +100,27 @@ class Bench:
             if record.status is not ChainStatus.COMPLETED or len(record.hops) != hops:
                 raise RuntimeError(f"bench chain ended {record.status.value}: {record.error}")
         return one
+
+    def fan_out(self, branches: int) -> Measure:
+        """The lead fans out to `branches` agents at once; one agent joins them."""
+        async def one() -> None:
+            record = await run_chain(self.client, to_agent=LEAD, task_description="bench fan-out",
+                                     context_data={"branches": branches})
+            if record.status is not ChainStatus.COMPLETED or record.final_result.get("branches") != branches:
+                raise RuntimeError(f"bench fan-out ended {record.status.value}: {record.error}")
+        return one
+
+    async def approval_ms(self) -> float:
+        """From a person's decision (the approve call) to the start of the hop it approved."""
+        chain_id = await start_chain(self.client, to_agent=LEAD, task_description="bench approval",
+                                     context_data={"approval": True})
+        handle = self.client.get_workflow_handle(str(chain_id))
+        while (await handle.query("chain_state", result_type=ChainRecord)).status is not ChainStatus.AWAITING_APPROVAL:
+            await asyncio.sleep(0.01)
+        decided = time.time()
+        await approve_chain(self.client, chain_id, by="bench")
+        record = await wait_chain(self.client, chain_id)
+        return (record.final_result["started_at"] - decided) * 1000
 
     def bare(self, hops: int, workflow: str = "BareChain", *, sandboxed: bool = True) -> Measure:
         queue = WORKFLOW_QUEUE if sandboxed else UNSANDBOXED_QUEUE
@@ -206,6 +228,12 @@ async def main_scenarios(address: str, args: argparse.Namespace) -> dict:
         if name == "20MB":
             transfer[name]["two_hops_ms"] = summary(await latencies(bench.handoff(2, blob), args.context_samples))
     result["context_transfer"] = transfer
+    # (4) the handoff patterns: an 8-way fan-out and its join against one branch and its join, and
+    # what a person's approval adds between the decision and the hop it lets start
+    fan = await interleaved({"fan_out_8": bench.fan_out(FAN_OUT), "fan_out_1": bench.fan_out(1)}, args.samples)
+    fan["ratio_p50"] = ratio(fan["fan_out_8"]["p50"], fan["fan_out_1"]["p50"])
+    result["fan_out"] = fan
+    result["approval"] = {"decision_to_hop_ms": summary([await bench.approval_ms() for _ in range(args.samples)])}
     return result
 
 
@@ -221,6 +249,8 @@ HUB = "peer-to-peer <= 0.6x hub-and-spoke (p50)"
 CONTEXT_1MB = "1 MB context hop < 150 ms (p50)"
 CONTEXT_20MB = "20 MB context 2-hop chain < 1 s (p50)"
 SPEEDUP = "embedded server >= 2x faster than default dev server (5 hops)"
+FAN = "8-way fan-out + join <= 1.5x one branch + join (p50)"
+APPROVAL = "approval: decision to next hop start < 50 ms (p50)"
 
 
 def targets(results: dict) -> dict:
@@ -237,6 +267,9 @@ def targets(results: dict) -> dict:
             transfer["1MB"]["one_hop_ms"]["p50"], 150, transfer["1MB"]["one_hop_ms"]["p50"] < 150),
         CONTEXT_20MB: (
             transfer["20MB"]["two_hops_ms"]["p50"], 1000, transfer["20MB"]["two_hops_ms"]["p50"] < 1000),
+        FAN: (results["fan_out"]["ratio_p50"], 1.5, results["fan_out"]["ratio_p50"] <= 1.5),
+        APPROVAL: (results["approval"]["decision_to_hop_ms"]["p50"], 50,
+                   results["approval"]["decision_to_hop_ms"]["p50"] < 50),
     }
     if "default_server" in results:
         speedup = results["default_server"]["speedup_p50"]
@@ -251,6 +284,7 @@ def markdown(results: dict) -> str:
     levels = {level["concurrency"]: level for level in results["throughput_5_hops"]}
     hub = results["peer_vs_hub_5_hops"]
     transfer = results["context_transfer"]
+    fan = results["fan_out"]
 
     def goal(name: str, text: str) -> str:
         """The target and met cells of `name`'s row; `text` shows its target value as {}."""
@@ -282,6 +316,11 @@ def markdown(results: dict) -> str:
         f"{goal(CONTEXT_1MB, '1 MB < {} ms')} |",
         f"| 2-hop chain with a 20MB context, p50 | {transfer['20MB']['two_hops_ms']['p50']:.0f} ms | | | "
         f"{goal(CONTEXT_20MB, '< {} ms')} |",
+        f"| fan-out to 8 agents + join, p50 / p95 | {ms(fan['fan_out_8'], 'p50', 'p95')} | "
+        f"one branch + join {ms(fan['fan_out_1'], 'p50', 'p95')} | {fan['ratio_p50']:.2f} | "
+        f"{goal(FAN, '<= {}')} |",
+        f"| approval: decision to the next hop's start, p50 / p95 | "
+        f"{ms(results['approval']['decision_to_hop_ms'], 'p50', 'p95')} | | | {goal(APPROVAL, '< {} ms')} |",
     ]
     if "default_server" in results:
         default = results["default_server"]
