@@ -1,6 +1,7 @@
 """The Temporal Web UI shows a chain's hops by agent name: a real headless Chromium loads the
 workflow's Timeline page from the embedded server's UI, and the timeline names every hop's
-agents ("hop 1: scout -> guard"), from the `summary` each hop activity carries.
+agents ("hop 1: scout -> guard"), from the `summary` each hop activity carries, a branch's hops
+with their place in the tree of a fan-out ("hop 2 [b0.0]: ..."), and an approval's deadline.
 
 Opt-in: skipped where no Chromium binary is installed (`apt-get install chromium`) or when
 HANDOFF_SKIP_BROWSER is set. The page's rendered DOM is checked, and a screenshot is taken.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from handoff import ChainStatus, run_chain
+from handoff import Branch, ChainRecord, ChainStatus, Join, approve_chain, run_chain, start_chain, wait_chain
 from handoff.client import connect
 from handoff.server import EmbeddedServer, free_port
 from handoff.workers.chain_worker import chain_worker
@@ -204,3 +205,55 @@ async def test_ui_shows_encrypted_context_decoded_through_the_codec_server(tmp_p
     finally:
         if codec is not None:
             await codec.cleanup()
+
+
+async def test_timeline_shows_a_fan_outs_branches_its_join_and_the_approval(tmp_path, uid):
+    """Each hop of a branch is labelled with its place in the tree ("hop 2 [b0.0]: ..."), the
+    join says how many branches it joins, and the approval's deadline and decision are there."""
+    lead, audit, dba, tests, gate = (f"ui-lead-{uid}", f"ui-audit-{uid}", f"ui-dba-{uid}", f"ui-tests-{uid}",
+                                     f"ui-gate-{uid}")
+
+    async def fan(ctx):
+        return ctx.fan_out([Branch(to_agent=audit, task_description="audit the code"),
+                            Branch(to_agent=tests, task_description="plan the tests")],
+                           join=Join(to_agent=gate, task_description="decide the release"))
+
+    async def auditing(ctx):
+        return ctx.handoff(to_agent=dba, task_description="check the SQL")
+
+    async def done(ctx):
+        return ctx.complete({"by": ctx.to_agent})
+
+    with EmbeddedServer(port=free_port(), ui_port=free_port()) as server:
+        wait_http_ok(server.ui_url)
+        client = await connect(address=server.address)
+        agents = [make_agent(lead, fan), make_agent(audit, auditing), make_agent(dba, done),
+                  make_agent(tests, done), make_agent(gate, done)]
+        async with chain_worker(client), running(client, *agents):
+            chain_id = await start_chain(client, to_agent=lead, task_description="review",
+                                         policy={"approval_required": [gate]})
+            for _ in range(200):
+                state = await client.get_workflow_handle(str(chain_id)).query("chain_state", result_type=ChainRecord)
+                if state.status is ChainStatus.AWAITING_APPROVAL:
+                    break
+                await asyncio.sleep(0.05)
+            await approve_chain(client, chain_id, by="ui-test")
+            record = await wait_chain(client, chain_id)
+        assert record.status is ChainStatus.COMPLETED
+        run_id = (await client.get_workflow_handle(str(chain_id)).describe()).run_id
+        url = f"{server.ui_url}/namespaces/default/workflows/{chain_id}/{run_id}/timeline"
+        expected = [f"hop 0: starter -> {lead}", f"hop 1 [b0.0]: {lead} -> {audit}",
+                    f"hop 2 [b0.0]: {audit} -> {dba}", f"hop 1 [b0.1]: {lead} -> {tests}",
+                    f"hop 3: {lead} -> {gate} (join of 2 branches)", f"approval deadline: hop 3 to {gate}",
+                    "decide_approval"]
+        timeline = ""
+        for attempt in range(2):  # a second load only if the first caught the SPA mid-fetch
+            work = tmp_path / f"fan-{attempt}"
+            work.mkdir()
+            dom = await asyncio.to_thread(render, url, work, work / "timeline.png")
+            at = dom.find(TIMELINE_MARK)
+            timeline = visible_text(dom[at:]) if at >= 0 else ""
+            if all(line in timeline for line in expected):
+                break
+    for line in expected:
+        assert line in timeline, f"{line!r} not in the timeline: {timeline[:2000]}"
