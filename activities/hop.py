@@ -152,6 +152,13 @@ def _checked_output(
     if problem:
         raise _failure(f"handler of {agent_id!r} returned a result whose {problem}", attempt,
                        kind=INVALID_RESULT_ERROR, permanent=True)
+    try:  # a directive or fan-out built without validation (model_construct) must not reach the workflow
+        for part in (result.next_handoff, result.fan_out):
+            if part is not None:
+                type(part).model_validate(part.model_dump())
+    except ValueError as err:
+        raise _failure(f"handler of {agent_id!r} returned an invalid handoff: {err}", attempt,
+                       kind=INVALID_RESULT_ERROR, permanent=True) from None
     result = result.model_copy(
         update={"handoff_id": hop.context.handoff_id, "execution_time_seconds": elapsed}
     )

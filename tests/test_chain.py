@@ -184,10 +184,19 @@ async def _too_large(ctx):
     return ctx.complete({"blob": "x" * (MAX_CONTEXT_BYTES + 10)})
 
 
+async def _invalid_fan_out(ctx):
+    from handoff.models import Branch, FanOut, Join
+
+    bad = FanOut.model_construct(branches=[Branch(to_agent="a", task_description="t")], context_data={},
+                                 join=Join.model_construct(to_agent="j", task_description="j", deadline_s=-1.0))
+    return HandoffResult(handoff_id=ctx.handoff_id, success=True, fan_out=bad)
+
+
 @pytest.mark.parametrize("handler, error", [
     (_permanent_error, "source is not Python"),
     (_wrong_type, "returned dict, not HandoffResult"),
     (_too_large, "over the 1,900,000-byte payload limit"),
+    (_invalid_fan_out, "returned an invalid handoff"),
 ])
 async def test_failures_retrying_cannot_fix_are_not_retried(client, uid, handler, error):
     agent = make_agent(f"once-{uid}", handler)

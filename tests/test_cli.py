@@ -352,3 +352,14 @@ async def test_worker_runs_an_agent_in_its_own_process(client, cli_env, uid, tmp
     assert hop["to_agent"] == agent_id
     assert any(e.get("event") == "hop_completed" and e.get("chain_id") == str(record.chain_id)
                for e in events)
+
+
+async def test_approve_and_reject_refuse_bad_input_in_one_line(cli_env):
+    chain_id = "00000000-0000-4000-8000-000000000000"
+    assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "x" * 500), "by")
+    assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "a", "--comment", "c" * 5000), "comment")
+    assert_usage_error(await cli(cli_env, "approve", "not-a-uuid", "--by", "a"), "UUID")
+    assert_usage_error(await cli(cli_env, "reject", chain_id, "--by", "a"), "--reason")
+    assert_usage_error(await cli(cli_env, "reject", chain_id, "--by", "a", "--reason", " "), "needs a reason")
+    assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "a"), "no chain")
+    assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "a", "--hop", "nope"), "UUID")
