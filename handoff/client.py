@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal, Required, TypedDict
@@ -338,14 +339,31 @@ async def decide_approval(client: Client, chain_id: UUID | str, *, approved: boo
     if problem:
         raise InvalidRequest(problem)
     handle = client.get_workflow_handle(str(_uuid(chain_id)))
-    try:
-        return await handle.execute_update(APPROVAL_UPDATE, decision, result_type=HopRecord)
-    except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        raise InvalidRequest(getattr(cause, "message", None) or str(cause or err)) from None
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            if await unless_missing(handle.describe()) is None:
-                raise ChainNotFound(str(chain_id)) from None
-            raise InvalidRequest(f"chain {chain_id} is not running: nothing awaits approval") from None
-        raise
+    for retry_in in (*NOT_READY_RETRIES_S, None):
+        try:
+            return await handle.execute_update(APPROVAL_UPDATE, decision, result_type=HopRecord)
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            raise InvalidRequest(getattr(cause, "message", None) or str(cause or err)) from None
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                if await unless_missing(handle.describe()) is None:
+                    raise ChainNotFound(str(chain_id)) from None
+                raise InvalidRequest(f"chain {chain_id} is not running: nothing awaits approval") from None
+            if retry_in is None or not _not_ready(err):
+                raise
+        await asyncio.sleep(retry_in)
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+NOT_READY_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+"""Pauses between tries of an approval the server aborted because the workflow task that carried
+it failed (`WorkflowNotReady`): it did not reach the workflow, so it is sent again."""
+
+
+def _not_ready(err: RPCError) -> bool:
+    """Whether the server aborted an Update because its workflow task failed: it happens when an
+    event (say, a cut branch's hop reporting its cancellation) arrives while the task that carries
+    the Update completes (an `UnhandledCommand` task failure). Nothing was applied; try again."""
+    return err.status == RPCStatusCode.FAILED_PRECONDITION and any(
+        "WorkflowNotReadyFailure" in detail.type_url for detail in err.grpc_status.details)

@@ -717,7 +717,8 @@ async def test_audit_record_of_fan_outs_delegations_and_approvals(client, uid, c
         for name, other in (("held by the workflow", held), ("returned when it ended", ended),
                             ("read back by get_chain", record)):
             if other != replayed:
-                problems.append(f"record {name} != replayed")
+                problems.append(f"record {name} != replayed:\n      {other.model_dump_json()}\n"
+                                f"      {replayed.model_dump_json()}")
         if problems:
             failures[plan.chain_id] = problems
     kinds = Counter((p.kind, p.wait, p.decision) for p in plans)

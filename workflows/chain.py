@@ -412,10 +412,11 @@ class HandoffChainWorkflow:
                 raise outcome
 
     async def _branch(self, path: Path, depth: int, target: Target, entry: BranchRecord) -> None:
-        """One branch of a fan-out, to its end; its record says how it ended."""
+        """One branch of a fan-out, to its end; its record says how it ended. (No `finally`
+        here: a workflow evicted from the worker's cache closes its coroutines outside the
+        workflow's event loop, where `workflow.now()` cannot be called.)"""
         group = workflow.create_event_group(
             path.label, label=f"hop {depth - 1}, branch {entry.index}: {target.addressed}")
-        status, error = ChainStatus.FAILED, "the branch did not end normally"
         try:
             with group.scope():
                 await self._walk(path, depth, target)
@@ -426,8 +427,10 @@ class HandoffChainWorkflow:
             error = CUT_REASONS.get(entry.cut or "", "chain cancelled")
             self._close_open(entry.hops, error)
             status = ChainStatus.CANCELLED
-        finally:
-            entry.end(status, error, workflow.now())
+        except Exception:  # a bug: the branch ends so the join wakes, then the bug fails the workflow
+            entry.end(ChainStatus.FAILED, "the branch did not end normally", workflow.now())
+            raise
+        entry.end(status, error, workflow.now())
 
     def _refuse_branch(self, path: Path, depth: int, target: Target, entry: BranchRecord) -> None:
         """A branch the hop budget leaves no room for: refused before it starts."""
@@ -562,20 +565,29 @@ class HandoffChainWorkflow:
         return None
 
     async def _candidates(self, path: Path, target: Target) -> list[Candidate]:
+        """The registered agents with the target's capability (or the capability of the agent it
+        names), minus the agents that failed on this path, ranked (the resolve activity).
+
+        On the chain's own path, a local activity (no round trip through the server). Inside a
+        branch, a regular activity: a local activity resolves when it finishes, outside the
+        history's order of events, so with branches running side by side the live run and a
+        replay could resume them in different orders and attach later results to the wrong
+        branch; a regular activity's completion is an event, in the same order in both."""
         request = ResolveRequest(
             capability=target.capability,
             like_agent=None if target.capability else target.to_agent,
             exclude=sorted(path.failed),
         )
+        summary = f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}"
+        retry = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=200))
         try:
-            return await workflow.execute_local_activity(
-                RESOLVE_ACTIVITY,
-                request,
-                result_type=list[Candidate],
-                start_to_close_timeout=timedelta(seconds=10),
-                retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=200)),
-                summary=f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}",
-            )
+            if path.position is None:
+                return await workflow.execute_local_activity(
+                    RESOLVE_ACTIVITY, request, result_type=list[Candidate],
+                    start_to_close_timeout=timedelta(seconds=10), retry_policy=retry, summary=summary)
+            return await workflow.execute_activity(
+                RESOLVE_ACTIVITY, request, result_type=list[Candidate],
+                start_to_close_timeout=timedelta(seconds=10), retry_policy=retry, summary=summary)
         except ActivityError as err:  # registry unreachable: no candidates, the chain ends with a status
             if isinstance(err.cause, CancelledError):  # the branch was cut or the chain cancelled
                 raise asyncio.CancelledError("resolve cancelled") from err
