@@ -165,74 +165,6 @@ _CAPABILITY = {"validation_alias": AliasChoices("to_capability", "capability")}
 """`capability=` is accepted for `to_capability`, as `ctx.handoff(capability=...)` spells it."""
 
 
-class Branch(BaseModel):
-    """One branch of a fan-out: where it goes first and what it is asked. It may hand off further
-    (a sub-chain) under the chain's rules; its context additions stay in the branch."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    to_agent: str = ""
-    to_capability: AgentCapability | None = Field(default=None, **_CAPABILITY)
-    task_description: str
-    context_data: dict[str, Any] = Field(default_factory=dict)
-    """Merged into this branch's own context (the chain's context, as filtered, plus this)."""
-    visible_context_keys: list[str] | None = None
-    visible_previous_results: int | None = Field(default=None, ge=0)
-    require_approval: bool = False
-    """A person approves the branch's first hop before it runs."""
-
-    def problem(self) -> str | None:
-        return (address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
-                or nesting_problem(self.context_data, "a branch's context_data"))
-
-
-class Join(BaseModel):
-    """Where a fan-out's branches come together: the agent (or capability) that receives every
-    branch's outcome, and when. The chain goes on from the join's hop."""
-
-    model_config = ConfigDict(populate_by_name=True, allow_inf_nan=False)
-
-    to_agent: str = ""
-    to_capability: AgentCapability | None = Field(default=None, **_CAPABILITY)
-    task_description: str
-    wait_for: int | None = Field(default=None, ge=1)
-    """None: wait for every branch to end. k: join as soon as k branches have completed (or every
-    branch has ended); the branches still running are cut (`not_needed`)."""
-    deadline_s: float | None = Field(default=None, gt=0, le=MAX_APPROVAL_TIMEOUT_S)
-    """Join after this many seconds at most; the branches still running are cut (`late`)."""
-    visible_context_keys: list[str] | None = None
-    visible_previous_results: int | None = Field(default=None, ge=0)
-    require_approval: bool = False
-
-    def problem(self) -> str | None:
-        return address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
-
-
-class FanOut(BaseModel):
-    """What an agent returns to hand the chain to several agents at once, and where their work
-    joins. Best built by `ctx.fan_out(...)` or `ctx.delegate(...)`."""
-
-    branches: list[Branch]
-    join: Join
-    context_data: dict[str, Any] = Field(default_factory=dict)
-    """Merged into the chain's context: every branch and the join see it."""
-
-    def problem(self) -> str | None:
-        """Why the chain must refuse this fan-out whatever its policy; None when it may follow it."""
-        if not self.branches:
-            return "a fan-out needs at least one branch"
-        for index, branch in enumerate(self.branches):
-            problem = branch.problem()
-            if problem:
-                return f"branch {index}: {problem}"
-        problem = self.join.problem()
-        if problem:
-            return f"the join: {problem}"
-        if self.join.wait_for is not None and self.join.wait_for > len(self.branches):
-            return f"the join waits for {self.join.wait_for} of only {len(self.branches)} branches"
-        return nesting_problem(self.context_data, "the fan-out's context_data")
-
-
 class BranchPosition(BaseModel):
     """Where a hop stands when it runs inside a branch of a fan-out."""
 
@@ -399,7 +331,28 @@ class HandoffContext(BaseModel):
         return self.fan_out([branch], join=join, result_data=result_data, context_data=context_data)
 
 
-class HandoffDirective(BaseModel):
+class Addressed(BaseModel):
+    """Where a handoff goes and what the receiving agent is asked and shown: exactly one agent
+    (`to_agent`) or capability (`to_capability`; `capability=` is accepted) and a task."""
+
+    model_config = ConfigDict(populate_by_name=True, allow_inf_nan=False)
+
+    to_agent: str = ""
+    to_capability: AgentCapability | None = Field(default=None, **_CAPABILITY)
+    task_description: str
+    visible_context_keys: list[str] | None = None
+    """The keys of the chain's context the receiving agent sees (None: all)."""
+    visible_previous_results: int | None = Field(default=None, ge=0)
+    """How many of the latest earlier results the receiving agent sees (None: all)."""
+    require_approval: bool = False
+    """A person approves the hop before it runs (see `ChainPolicy.approval_required`)."""
+
+    def problem(self) -> str | None:
+        """Why the chain must refuse to go there; None when it may."""
+        return address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
+
+
+class HandoffDirective(Addressed):
     """What an agent returns to hand the chain on: where to, what to do, what to add to the
     chain's context and what the next agent may see of it. Best built by `ctx.handoff(...)`.
 
@@ -410,21 +363,53 @@ class HandoffDirective(BaseModel):
     directives had a model of their own.
     """
 
-    to_agent: str = ""
-    to_capability: AgentCapability | None = None
-    task_description: str
     context_data: dict[str, Any] = Field(default_factory=dict)
-    visible_context_keys: list[str] | None = None
-    """The keys of the chain's context the receiving agent sees (None: all)."""
-    visible_previous_results: int | None = Field(default=None, ge=0)
-    """How many of the latest earlier results the receiving agent sees (None: all)."""
-    require_approval: bool = False
-    """A person approves the next hop before it runs (see `ChainPolicy.approval_required`)."""
+    """Merged into the chain's context for every later hop."""
 
     def problem(self) -> str | None:
-        """Why the chain must refuse this directive; None when it may follow it."""
-        return (address_problem(self.to_agent, self.to_capability) or task_problem(self.task_description)
-                or nesting_problem(self.context_data, "the handoff's context_data"))
+        return super().problem() or nesting_problem(self.context_data, "the handoff's context_data")
+
+
+class Branch(HandoffDirective):
+    """One branch of a fan-out: where it goes first and what it is asked. It may hand off further
+    (a sub-chain) under the chain's rules. Its `context_data` is merged into this branch's own
+    context only (the chain's context, as filtered, plus this): it stays in the branch."""
+
+
+class Join(Addressed):
+    """Where a fan-out's branches come together: the agent (or capability) that receives every
+    branch's outcome, and when. The chain goes on from the join's hop."""
+
+    wait_for: int | None = Field(default=None, ge=1)
+    """None: wait for every branch to end. k: join as soon as k branches have completed (or every
+    branch has ended); the branches still running are cut (`not_needed`)."""
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_APPROVAL_TIMEOUT_S)
+    """Join after this many seconds at most; the branches still running are cut (`late`)."""
+
+
+class FanOut(BaseModel):
+    """What an agent returns to hand the chain to several agents at once, and where their work
+    joins. Best built by `ctx.fan_out(...)` or `ctx.delegate(...)`."""
+
+    branches: list[Branch]
+    join: Join
+    context_data: dict[str, Any] = Field(default_factory=dict)
+    """Merged into the chain's context: every branch and the join see it."""
+
+    def problem(self) -> str | None:
+        """Why the chain must refuse this fan-out whatever its policy; None when it may follow it."""
+        if not self.branches:
+            return "a fan-out needs at least one branch"
+        for index, branch in enumerate(self.branches):
+            problem = branch.problem()
+            if problem:
+                return f"branch {index}: {problem}"
+        problem = self.join.problem()
+        if problem:
+            return f"the join: {problem}"
+        if self.join.wait_for is not None and self.join.wait_for > len(self.branches):
+            return f"the join waits for {self.join.wait_for} of only {len(self.branches)} branches"
+        return nesting_problem(self.context_data, "the fan-out's context_data")
 
 
 class HandoffResult(BaseModel):

@@ -220,6 +220,47 @@ class Truth:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+async def misbehave(behaviour: str, agent_id: str, ctx: HandoffContext, call: dict[str, Any],
+                    truth: Truth) -> HandoffResult | None:
+    """What a fake agent does unless it succeeds: raise (retryable once for `flaky`, always for
+    `exhaust`; `permanent`), report a failure (`fail`), or hang until released (`hang`, the chain
+    being cancelled, terminated or its branch cut meanwhile). None: it goes on to succeed."""
+    attempt = call["attempt"]
+    if (behaviour == "flaky" and attempt == 1) or behaviour == "exhaust":
+        call["outcome"] = "raise_retryable"
+        raise ConnectionError(f"{agent_id} is flaky (attempt {attempt})")
+    if behaviour == "permanent":
+        call["outcome"] = "raise_permanent"
+        raise PermanentError(f"{agent_id} cannot do {ctx.task_description!r}")
+    if behaviour == "fail":
+        result = ctx.fail(f"{agent_id} refused", {"by": agent_id})
+        call["outcome"], call["result_data"] = "fail", result.result_data
+        return result
+    if behaviour == "hang":
+        call["outcome"] = "hang"
+        truth.hanging[call["chain_id"]].set()
+        await truth.release.wait()
+        return ctx.complete({"too": "late"})
+    return None
+
+
+def take_step(step: Step, ctx: HandoffContext, call: dict[str, Any], data: dict[str, Any]) -> HandoffResult:
+    """A fake agent's success: hand on to the step's next agent, or complete."""
+    if step.next_agent is None:
+        call["outcome"] = "complete"
+        return ctx.complete(data)
+    call["outcome"] = "handoff"
+    return ctx.handoff(to_agent=step.next_agent, task_description=step.next_task, result_data=data)
+
+
+def by_handoff_id(calls: list[dict[str, Any]]) -> dict[UUID, list[dict[str, Any]]]:
+    """The handler invocations of each hop (its attempts), in order."""
+    grouped: dict[UUID, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        grouped[call["handoff_id"]].append(call)
+    return grouped
+
+
 def scripted(agent_id: str, truth: Truth):
     """The handler of one fake agent: does what the chain's plan says, and writes it down."""
 
@@ -232,21 +273,9 @@ def scripted(agent_id: str, truth: Truth):
         call = {"chain_id": chain, "handoff_id": ctx.handoff_id, "agent": agent_id,
                 "to_agent": ctx.to_agent, "depth": ctx.chain_depth, "attempt": attempt}
         truth.calls[chain].append(call)
-        if (behaviour == "flaky" and attempt == 1) or behaviour == "exhaust":
-            call["outcome"] = "raise_retryable"
-            raise ConnectionError(f"{agent_id} is flaky (attempt {attempt})")
-        if behaviour == "permanent":
-            call["outcome"] = "raise_permanent"
-            raise PermanentError(f"{agent_id} cannot do {ctx.task_description!r}")
-        if behaviour == "fail":
-            result = ctx.fail(f"{agent_id} refused", {"by": agent_id})
-            call["outcome"], call["result_data"] = "fail", result.result_data
-            return result
-        if behaviour == "hang":
-            call["outcome"] = "hang"
-            truth.hanging[chain].set()
-            await truth.release.wait()  # the chain is cancelled or terminated meanwhile
-            return ctx.complete({"too": "late"})
+        failed = await misbehave(behaviour, agent_id, ctx, call, truth)
+        if failed is not None:
+            return failed
         data = {"by": agent_id, "depth": ctx.chain_depth, "token": f"{ctx.handoff_id}/{attempt}"}
         call["result_data"] = data
         if behaviour == "both":
@@ -255,11 +284,7 @@ def scripted(agent_id: str, truth: Truth):
                                     task_description="either way")
             return HandoffResult(handoff_id=ctx.handoff_id, success=True, result_data=data,
                                  next_handoff=both)
-        if step.next_agent is None:
-            call["outcome"] = "complete"
-            return ctx.complete(data)
-        call["outcome"] = "handoff"
-        return ctx.handoff(to_agent=step.next_agent, task_description=step.next_task, result_data=data)
+        return take_step(step, ctx, call, data)
 
     return handle
 
@@ -272,9 +297,7 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
         if not ok:
             problems.append(what)
 
-    by_handoff: dict[UUID, list[dict[str, Any]]] = defaultdict(list)
-    for call in calls:
-        by_handoff[call["handoff_id"]].append(call)
+    by_handoff = by_handoff_id(calls)
     executed_truth = [(c[0]["agent"], h) for h, c in by_handoff.items()]
     executed_record = [(h.to_agent, h.handoff_id) for h in record.hops if h.handoff_id in by_handoff]
     check(executed_record == executed_truth,
@@ -592,26 +615,10 @@ def pattern_handler(agent_id: str, truth: Truth, plans: dict[str, PatternPlan]):
                         deadline_s=JOIN_DEADLINE_S if plan.wait == "deadline" else None)
             return ctx.fan_out(branches, join=join, result_data=data)
         step = plan.branches[ctx.branch.index].steps[ctx.chain_depth - 1]
-        behaviour = "ok" if agent_id == plan.fallback else step.behaviour
-        if (behaviour == "flaky" and attempt == 1):
-            call["outcome"] = "raise_retryable"
-            raise ConnectionError(f"{agent_id} is flaky (attempt {attempt})")
-        if behaviour == "permanent":
-            call["outcome"] = "raise_permanent"
-            raise PermanentError(f"{agent_id} cannot do {ctx.task_description!r}")
-        if behaviour == "fail":
-            result = ctx.fail(f"{agent_id} refused", {"by": agent_id})
-            call["outcome"], call["result_data"] = "fail", result.result_data
-            return result
-        if behaviour == "hang":
-            call["outcome"] = "hang"
-            await truth.release.wait()  # cut by the join meanwhile
-            return ctx.complete({"too": "late"})
-        if step.next_agent is None:
-            call["outcome"] = "complete"
-            return ctx.complete(data)
-        call["outcome"] = "handoff"
-        return ctx.handoff(to_agent=step.next_agent, task_description=step.next_task, result_data=data)
+        failed = await misbehave("ok" if agent_id == plan.fallback else step.behaviour, agent_id, ctx, call, truth)
+        if failed is not None:  # (a hanging branch is cut by the join meanwhile)
+            return failed
+        return take_step(step, ctx, call, data)
 
     return handle
 
@@ -624,9 +631,7 @@ def tree_mismatches(plan: PatternPlan, record: ChainRecord, calls: list[dict[str
         if not ok:
             problems.append(what)
 
-    by_handoff: dict[UUID, list[dict[str, Any]]] = defaultdict(list)
-    for call in calls:
-        by_handoff[call["handoff_id"]].append(call)
+    by_handoff = by_handoff_id(calls)
     entries = list(record.all_hops())
     check(sorted(str(h.handoff_id) for h in entries if h.handoff_id in by_handoff) == sorted(map(str, by_handoff)),
           "the record's executed hops are not exactly the handlers' invocations")

@@ -34,6 +34,14 @@ def chain_worker_process(server: EmbeddedServer) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def stop(*processes: subprocess.Popen | None) -> None:
+    """Terminate the worker processes still running and wait for them."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            process.wait(timeout=15)
+
+
 def slow_relay(ids: list[str], runs: Counter, started: asyncio.Event, seconds: float = 1.5):
     async def handle(ctx):
         runs[str(ctx.handoff_id)] += 1
@@ -71,10 +79,7 @@ async def test_chain_worker_killed_mid_chain_is_replaced_and_the_chain_completes
             second = chain_worker_process(server)
             record = await asyncio.wait_for(wait_chain(client, chain_id), 60)
     finally:
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                process.wait(timeout=15)
+        stop(first, second)
     assert_each_hop_once(record, ids, runs)
     assert all(n == 1 for n in runs.values()), "a hop already running finishes on its agent, once"
 
@@ -128,10 +133,7 @@ async def test_approval_survives_the_chain_worker_killed_and_the_server_restarte
             entry = await asyncio.wait_for(approve_chain(client, chain_id, by="on-call", comment="go"), 60)
             record = await asyncio.wait_for(wait_chain(client, chain_id), 60)
     finally:
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                process.wait(timeout=15)
+        stop(first, second)
     assert entry.approval.decision == "approved"
     assert record.status is ChainStatus.COMPLETED
     assert record.hops[0].approval.by == "on-call" and record.hops[0].attempts == 1

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         agent_task_queue,
     )
     from handoff.models import (
+        Addressed,
         AgentCapability,
         ApprovalDecision,
         ApprovalRecord,
@@ -95,6 +96,16 @@ class Target:
     def addressed(self) -> str:
         """What the handoff names, for messages: the agent, else the capability."""
         return self.to_agent or (self.capability.value if self.capability else "")
+
+    @classmethod
+    def of(cls, spec: Addressed, from_agent: str, kind: HopKind = HopKind.HANDOFF) -> Target:
+        """The target a directive, a branch or a join names; `from_agent` is set by the workflow."""
+        return cls(
+            to_agent=spec.to_agent, capability=spec.to_capability, task=spec.task_description,
+            from_agent=from_agent,
+            visible_keys=tuple(spec.visible_context_keys) if spec.visible_context_keys is not None else None,
+            visible_previous=spec.visible_previous_results, kind=kind, require_approval=spec.require_approval,
+        )
 
     def returns_to(self, agent: str) -> bool:
         """Whether a hop to `agent` brings the chain back to the agent that delegated (or fanned
@@ -290,16 +301,7 @@ class HandoffChainWorkflow:
     def _next_target(self, path: Path, depth: int, result: HandoffResult, agent: str) -> Target:
         directive: HandoffDirective = result.next_handoff  # type: ignore[assignment]
         path.hops[-1].context_added = sorted(directive.context_data)
-        target = Target(
-            to_agent=directive.to_agent,
-            capability=directive.to_capability,
-            task=directive.task_description,
-            from_agent=agent,  # set here, never taken from the agent
-            visible_keys=(tuple(directive.visible_context_keys)
-                          if directive.visible_context_keys is not None else None),
-            visible_previous=directive.visible_previous_results,
-            require_approval=directive.require_approval,
-        )
+        target = Target.of(directive, from_agent=agent)  # set here, never taken from the agent
         problem = directive.problem()
         if result.fan_out is not None:
             problem = "a result either hands off or fans out, not both"
@@ -316,14 +318,7 @@ class HandoffChainWorkflow:
         cut the rest. Returns the join's target (its context shows every branch's outcome) and
         depth: one past the deepest hop of any branch, so the depth limit holds along every path."""
         join = fan.join
-        join_target = Target(
-            to_agent=join.to_agent, capability=join.to_capability, task=join.task_description,
-            from_agent=agent,
-            visible_keys=tuple(join.visible_context_keys) if join.visible_context_keys is not None else None,
-            visible_previous=join.visible_previous_results,
-            kind=HopKind.RETURN if join.to_agent == agent else HopKind.JOIN,
-            require_approval=join.require_approval,
-        )
+        join_target = Target.of(join, agent, HopKind.RETURN if join.to_agent == agent else HopKind.JOIN)
         problem = fan.problem()
         if not problem and len(fan.branches) > self._policy.max_branches:
             problem = f"{len(fan.branches)} branches, over the limit of {self._policy.max_branches}"
@@ -344,14 +339,7 @@ class HandoffChainWorkflow:
             sub = path.fork(entry.hops, BranchPosition(hop=depth, index=entry.index, of=len(fan.branches)),
                             branch.context_data)
             paths.append(sub)
-            target = Target(
-                to_agent=branch.to_agent, capability=branch.to_capability, task=branch.task_description,
-                from_agent=agent,
-                visible_keys=(tuple(branch.visible_context_keys)
-                              if branch.visible_context_keys is not None else None),
-                visible_previous=branch.visible_previous_results,
-                require_approval=branch.require_approval,
-            )
+            target = Target.of(branch, agent)
             entry.started_at = workflow.now()
             if entry.index >= room:
                 self._refuse_branch(sub, depth + 1, target, entry)
