@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from handoff.constants import agent_task_queue
+from handoff.constants import MAX_DESCRIPTION_CHARS, agent_task_queue
 from handoff.models import (
     AgentCapability,
     HandoffContext,
@@ -60,4 +60,5 @@ class Agent:
             max_concurrent=self.max_concurrent,
             version=self.version,
             instance=instance,
+            description=self.description[:MAX_DESCRIPTION_CHARS],
         )

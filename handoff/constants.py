@@ -49,6 +49,8 @@ MAX_TOTAL_HOPS = 200
 DEFAULT_APPROVAL_TIMEOUT_S = 24 * 3600.0
 MAX_APPROVAL_TIMEOUT_S = 30 * 24 * 3600.0
 """How long a hop waits for a person's decision: a day unless the policy says, at most 30 days."""
+MAX_DESCRIPTION_CHARS = 500
+"""An agent's description as its card carries it."""
 MAX_IDENTITY_CHARS = 200
 MAX_COMMENT_CHARS = 2000
 """Bounds of an approval decision's identity and comment."""

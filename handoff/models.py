@@ -192,6 +192,54 @@ class BranchOutcome(BaseModel):
     """The agents that ran its hops, in order (fallbacks included)."""
 
 
+class HopLimits(BaseModel):
+    """What the chain's rules leave an agent for its next step, set by the workflow, so an agent
+    that chooses its own handoff (`handoff.llm`) offers only what the chain would follow."""
+
+    can_hand_off: bool = True
+    """False when the depth limit or the hop budget leaves no room for another hop."""
+    allowed_targets: list[str] | None = None
+    """What the handoff policy lets this agent address: agent ids, capability names, "*" (None:
+    anything)."""
+    excluded_agents: list[str] = Field(default_factory=list)
+    """Agents the visit rule excludes on this path once this hop has run."""
+    asked: list[tuple[str, str]] = Field(default_factory=list)
+    """(agent, task) pairs already asked on this path, this hop's included: asking again is a
+    loop (tasks over 1,000 characters are left out: no agent writes one as its next task)."""
+
+    def permits(self, target: str) -> bool:
+        """Whether the policy lets this agent address `target` (an agent id or a capability name)."""
+        return self.allowed_targets is None or "*" in self.allowed_targets or target in self.allowed_targets
+
+
+class AgentDecision(BaseModel):
+    """How an agent that asks a language model chose its step (`handoff.llm`): recorded in its
+    hop's entry, so the audit says why the chain went where it went."""
+
+    model: str
+    tools_offered: list[str] = Field(default_factory=list)
+    tool: str | None = None
+    """The tool the model called to decide (a transfer, or finish); None for a plain answer."""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+    """The model's short reason, as it gave it."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model_calls: int = 0
+    model_ms: float = 0.0
+    """Time spent waiting for the model, over all its calls."""
+    tool_calls: list[str] = Field(default_factory=list)
+    """The agent's own tools the model called before deciding, in order."""
+    trimmed: list[str] = Field(default_factory=list)
+    """What of the task, context and earlier results was left out to fit the token budget."""
+
+    @property
+    def summary(self) -> str:
+        """One line: what the model chose and why."""
+        choice = self.tool or "answered"
+        return f"{self.model} chose {choice}" + (f": {self.reason}" if self.reason else "")
+
+
 class HandoffContext(BaseModel):
     """One hop's input: what the receiving agent is asked to do, and everything the chain knows.
 
@@ -218,6 +266,8 @@ class HandoffContext(BaseModel):
     returning: bool = False
     """The chain came back to this agent after its delegation (or its own fan-out) ended; the
     outcome is in `branches` and the delegate's results in `previous_results`."""
+    limits: HopLimits | None = None
+    """What the chain's rules leave this agent for its next step (None in histories from before)."""
 
     _aware = field_validator("created_at")(_aware_utc)
 
@@ -423,6 +473,8 @@ class HandoffResult(BaseModel):
     fan_out: FanOut | None = None
     """Hand the chain to several agents at once (`ctx.fan_out`, `ctx.delegate`); a result carries
     a `next_handoff` or a `fan_out`, never both."""
+    decision: AgentDecision | None = None
+    """How the agent chose this step, when a language model chose it (recorded in the hop entry)."""
     completed_at: datetime = Field(default_factory=utc_now)
 
     _aware = field_validator("completed_at")(_aware_utc)
@@ -577,6 +629,8 @@ class Registration(BaseModel):
     version: str = "1"
     instance: str = ""
     """The registering worker's identity; an agent with several replicas has several instances."""
+    description: str = ""
+    """What the agent does, in a sentence (language models choosing a handoff read it)."""
 
 
 class Deregistration(BaseModel):
@@ -597,6 +651,7 @@ class AgentCard(BaseModel):
     max_concurrent: int = Field(default=5, ge=1)
     task_queue: str
     version: str = "0"
+    description: str = ""
     registered_at: datetime = Field(default_factory=utc_now)
     last_seen: datetime = Field(default_factory=utc_now)
 
@@ -695,6 +750,9 @@ class HopRecord(BaseModel):
     """Set when the hop waited for a person: who asked, who decided what, and when."""
     fan_out: FanOutRecord | None = None
     """Set when this hop's agent fanned out (or delegated): its branches, each with its own hops."""
+    decision: AgentDecision | None = None
+    """Set when a language model chose this hop's outcome: the model, the tools offered, the one
+    it called with its arguments and reason, token usage and model calls."""
 
     def close(self, status: HopStatus, error: str | None, when: datetime, *,
               attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:

@@ -99,6 +99,8 @@ def _hop_cells(hop: HopRecord) -> tuple[Text, Text, str, Text]:
         detail = Text.assemble(("join: ", "bold"), detail)
     elif hop.kind is HopKind.RETURN:
         detail = Text.assemble(("return: ", "bold"), detail)
+    if hop.decision is not None:
+        detail.append(f"\n{hop.decision.summary}", style="italic")
     if hop.approval is not None:
         approval = hop.approval
         said = (f"{approval.decision.replace('_', ' ')}" + (f" by {approval.by}" if approval.by else "")

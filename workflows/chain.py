@@ -67,6 +67,7 @@ with workflow.unsafe.imports_passed_through():
         HandoffResult,
         HopInput,
         HopKind,
+        HopLimits,
         HopOutput,
         HopRecord,
         HopStatus,
@@ -91,6 +92,8 @@ class Target:
     """The sending agent asked for a person's approval of this hop."""
     branches: tuple[BranchOutcome, ...] = ()
     """For a join or a return: how each branch ended."""
+    chosen_by: str = ""
+    """How the sending agent's model chose this hop (`AgentDecision.summary`), for the Web UI."""
 
     @property
     def addressed(self) -> str:
@@ -174,6 +177,10 @@ FAILURE_EXCEPTION_TYPES = [
 PROGRESS_TIMER_SUMMARY = ("still running: from here on, the chain's search attributes "
                           "(HandoffCurrentAgent, HandoffDepth, HandoffAgents) follow every hop")
 """The progress timer as the Web UI's timeline names it."""
+
+MAX_ASKED_TASK_CHARS = 1000
+"""`HopLimits.asked` carries the tasks up to this long: what an agent writes as a next task is
+shorter, and longer ones would be copied into every later hop's input."""
 
 CUT_REASONS = {
     "late": "cut: still running at the join's deadline",
@@ -302,6 +309,8 @@ class HandoffChainWorkflow:
         directive: HandoffDirective = result.next_handoff  # type: ignore[assignment]
         path.hops[-1].context_added = sorted(directive.context_data)
         target = Target.of(directive, from_agent=agent)  # set here, never taken from the agent
+        if result.decision is not None:
+            target = replace(target, chosen_by=result.decision.summary)
         problem = directive.problem()
         if result.fan_out is not None:
             problem = "a result either hands off or fans out, not both"
@@ -697,6 +706,7 @@ class HandoffChainWorkflow:
             workflow.logger.warning("hop_failed", extra=self._log_fields(record))
             return record, None
         result = output.result
+        record.decision = result.decision
         self._close_hop(
             record,
             HopStatus.COMPLETED if result.success else HopStatus.FAILED,
@@ -736,12 +746,31 @@ class HandoffChainWorkflow:
             branch=path.position,
             branches=list(target.branches),
             returning=target.returns_to(agent),
+            limits=self._limits(path, depth, target, agent),
         )
         return HopInput(
             hop=depth, context=context, fallback_for=fallback_for,
             heartbeat_interval_s=self._policy.heartbeat_timeout_s / 4,
             max_result_bytes=self._policy.max_context_bytes, withheld_context_keys=withheld,
             previous_results_shown=shown_count,
+        )
+
+    def _limits(self, path: Path, depth: int, target: Target, agent: str) -> HopLimits:
+        """What the rules leave `agent` for its next step, once this hop has run."""
+        policy = self._policy
+        visits = Counter(path.visits)
+        asked = set(path.asked)
+        if not target.returns_to(agent):
+            visits[agent] += 1
+            asked.add((agent, target.task))
+        rules = None
+        if policy.allowed_handoffs is not None:
+            rules = policy.allowed_handoffs.get(agent, policy.allowed_handoffs.get("*", []))
+        return HopLimits(
+            can_hand_off=depth + 1 < policy.max_depth and self._budget_room() > 1,
+            allowed_targets=rules,
+            excluded_agents=sorted(a for a, n in visits.items() if n >= policy.max_visits_per_agent),
+            asked=sorted((a, t) for a, t in asked if len(t) <= MAX_ASKED_TASK_CHARS),
         )
 
     def _open_hop(self, path: Path, hop_input: HopInput, target: Target, considered: list[str],
@@ -920,4 +949,5 @@ def _hop_summary(hop_input: HopInput, target: Target, label: str = "") -> str:
         summary += " (return)"
     if hop_input.fallback_for:
         summary += f" (fallback for {hop_input.fallback_for})"
-    return f"{summary}: {target.task[:80]}"
+    summary = f"{summary}: {target.task[:80]}"
+    return f"{summary} [{target.chosen_by[:100]}]" if target.chosen_by else summary

@@ -15,7 +15,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, Field, ValidationError
 
-    from handoff.constants import REGISTRY_MEMO_KEY, REGISTRY_WORKFLOW, agent_task_queue
+    from handoff.constants import MAX_DESCRIPTION_CHARS, REGISTRY_MEMO_KEY, REGISTRY_WORKFLOW, agent_task_queue
     from handoff.models import (
         AgentCapability,
         AgentCard,
@@ -50,6 +50,7 @@ def card_of(reg: Registration) -> AgentCard:
             max_concurrent=reg.max_concurrent,
             task_queue=agent_task_queue(reg.agent_id),
             version=reg.version,
+            description=reg.description[:MAX_DESCRIPTION_CHARS],
             registered_at=workflow.now(),
             last_seen=workflow.now(),
         )
@@ -86,7 +87,7 @@ class AgentRegistryWorkflow:
         card = card_of(reg)
         current = self._cards.get(reg.agent_id)
         if current is not None and current.version == card.version:
-            card = current.model_copy(update={"last_seen": workflow.now()})
+            card = current.model_copy(update={"last_seen": workflow.now(), "description": card.description})
         self._cards[reg.agent_id] = card
         instances = self._instances.setdefault(reg.agent_id, [])
         if reg.instance not in instances:
