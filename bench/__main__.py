@@ -234,7 +234,68 @@ async def main_scenarios(address: str, args: argparse.Namespace) -> dict:
     fan["ratio_p50"] = ratio(fan["fan_out_8"]["p50"], fan["fan_out_1"]["p50"])
     result["fan_out"] = fan
     result["approval"] = {"decision_to_hop_ms": summary([await bench.approval_ms() for _ in range(args.samples)])}
+    result["llm"] = await llm_overhead(bench.client, args.samples)
     return result
+
+
+async def llm_overhead(client: Client, samples: int) -> dict:
+    """What `handoff.llm` itself costs per hop, the model's time excluded: an LLM agent's handler
+    against an instant scripted model, its transfer tools built from the live registry (the
+    benchmark's 17 agents), minus the time spent waiting for the model. Also the registry read
+    on its own, which the agent repeats once its view is 2 s old."""
+    from handoff.llm import llm_agent
+    from handoff.models import HandoffContext
+    from handoff.registry import agent_statuses
+    from handoff.testing import ScriptedModel, call
+
+    async def directory():
+        return [s.card for s in await agent_statuses(client) if s.stats.live]
+
+    async with ScriptedModel(lambda request, n: call("transfer_to_bench_r1", task="go on", reason="bench")) as model:
+        agent = llm_agent(id="bench-llm", name="Bench LLM", capabilities=["TESTING"], instructions="Route the work.",
+                          model="scripted", base_url=model.url, api_key="bench", directory=directory)
+        ctx = HandoffContext(to_agent=agent.id, task_description="route this", context_data={"diff": "x" * 2000},
+                             previous_results=[{"hop": i} for i in range(3)])
+        adapter, calls, reads = [], [], []
+        for _ in range(samples):
+            started = time.perf_counter()
+            result = await agent.handler(ctx)
+            total = (time.perf_counter() - started) * 1000
+            adapter.append(total - result.decision.model_ms)
+            calls.append(result.decision.model_ms)
+            started = time.perf_counter()
+            await directory()
+            reads.append((time.perf_counter() - started) * 1000)
+    return {"adapter_ms": summary(adapter), "scripted_model_call_ms": summary(calls),
+            "registry_read_ms": summary(reads), "tools_offered": len(result.decision.tools_offered),
+            "local_model": await local_model_speed()}
+
+
+async def local_model_speed(requests: int = 5) -> dict:
+    """Tokens per second of the local model (SmolLM2-135M on llama.cpp's server) on this machine,
+    where the `llm-local` extra is installed; else why not."""
+    from handoff.local_model import LocalModel, LocalModelUnavailable
+
+    try:
+        local = LocalModel().start()
+    except LocalModelUnavailable as err:
+        return {"skipped": str(err)}
+    try:
+        from openai import AsyncOpenAI
+
+        openai_client = AsyncOpenAI(base_url=local.url, api_key="local", max_retries=0)
+        tokens, seconds = 0, 0.0
+        for _ in range(requests):
+            started = time.perf_counter()
+            response = await openai_client.chat.completions.create(
+                model="smollm2", max_tokens=64, temperature=0,
+                messages=[{"role": "user", "content": "Describe a code review in three sentences."}])
+            seconds += time.perf_counter() - started
+            tokens += response.usage.completion_tokens
+        return {"completion_tokens": tokens, "seconds": round(seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0}
+    finally:
+        local.stop()
 
 
 async def five_hop_latency(address: str, samples: int) -> dict:
@@ -250,6 +311,7 @@ CONTEXT_1MB = "1 MB context hop < 150 ms (p50)"
 CONTEXT_20MB = "20 MB context 2-hop chain < 1 s (p50)"
 SPEEDUP = "embedded server >= 2x faster than default dev server (5 hops)"
 FAN = "8-way fan-out + join <= 1.5x one branch + join (p50)"
+LLM_ADAPTER = "LLM adapter's own time per hop, model excluded < 5 ms (p50)"
 APPROVAL = "approval: decision to next hop start < 50 ms (p50)"
 
 
@@ -270,6 +332,7 @@ def targets(results: dict) -> dict:
         FAN: (results["fan_out"]["ratio_p50"], 1.5, results["fan_out"]["ratio_p50"] <= 1.5),
         APPROVAL: (results["approval"]["decision_to_hop_ms"]["p50"], 50,
                    results["approval"]["decision_to_hop_ms"]["p50"] < 50),
+        LLM_ADAPTER: (results["llm"]["adapter_ms"]["p50"], 5, results["llm"]["adapter_ms"]["p50"] < 5),
     }
     if "default_server" in results:
         speedup = results["default_server"]["speedup_p50"]
@@ -285,6 +348,9 @@ def markdown(results: dict) -> str:
     hub = results["peer_vs_hub_5_hops"]
     transfer = results["context_transfer"]
     fan = results["fan_out"]
+    llm = results["llm"]
+    local = llm["local_model"]
+    speed = f"{local['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in local else f"not run: {local['skipped']}"
 
     def goal(name: str, text: str) -> str:
         """The target and met cells of `name`'s row; `text` shows its target value as {}."""
@@ -321,6 +387,10 @@ def markdown(results: dict) -> str:
         f"{goal(FAN, '<= {}')} |",
         f"| approval: decision to the next hop's start, p50 / p95 | "
         f"{ms(results['approval']['decision_to_hop_ms'], 'p50', 'p95')} | | | {goal(APPROVAL, '< {} ms')} |",
+        f"| LLM agent hop, the adapter's own time (model excluded; {llm['tools_offered']} tools from the live "
+        f"registry), p50 / p95 | {ms(llm['adapter_ms'], 'p50', 'p95')} | registry read "
+        f"{ms(llm['registry_read_ms'], 'p50', 'p95')} (every 2 s) | | {goal(LLM_ADAPTER, '< {} ms')} |",
+        f"| local model (SmolLM2-135M, llama.cpp, 2 cores) | {speed} | | | | |",
     ]
     if "default_server" in results:
         default = results["default_server"]

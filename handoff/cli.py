@@ -478,6 +478,9 @@ def dev(
     approve: bool = typer.Option(
         False, "--approve", help="approve the demo's release hop at once (else: a prompt on a terminal, "
                                  "or `handoff approve` from another shell)"),
+    llm: bool = typer.Option(
+        False, "--llm", help="also run the LLM triage agent on a local model (SmolLM2 on llama.cpp's "
+                             "server; the llm-local extra, `make run-llm`); the demo starts at it"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
@@ -490,18 +493,26 @@ def dev(
 
     configure_logging("console" if log_format == "console" else "json", level="WARNING")
     embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, codec_endpoint=codec_endpoint)
+    model = None
     with _one_line_errors():
         CodecSettings.from_env()  # bad codec settings: one line, before anything starts
+        if llm:
+            from handoff.local_model import LocalModel
+
+            model = LocalModel().start()
+            os.environ["OPENAI_BASE_URL"], os.environ["OPENAI_API_KEY"] = model.url, "local"
         telemetry = Telemetry.start(metrics_port=metrics_port, metrics_host=metrics_host, tracing=otel)
         embedded.start()
     try:
         code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
-                                   telemetry=telemetry, approve=approve))
+                                   telemetry=telemetry, approve=approve, llm_url=model.url if model else None))
     except KeyboardInterrupt:
         code = 0
     finally:
         telemetry.flush()
         embedded.stop()
+        if model is not None:
+            model.stop()
     raise typer.Exit(code)
 
 

@@ -37,15 +37,21 @@ async def wait_until_live(client, agent_ids: set[str], timeout_s: float = 30.0) 
 
 
 async def run_demo(client, console: Console, source_file: Path, ui_base: str | None = None, *,
-                   approve: bool = False) -> ChainStatus:
+                   approve: bool = False, triage: bool = False) -> ChainStatus:
     """The demo chain over `source_file`: the analysis fans out to the audit and the test plan,
-    and the release decision that joins them waits for a person's approval."""
+    and the release decision that joins them waits for a person's approval. `triage`: the chain
+    starts at the LLM triage agent, which picks the specialist that starts."""
+    from handoff.examples.triage import TRIAGE_TARGETS
+
+    policy = dict(DEMO_POLICY)
+    if triage:
+        policy["allowed_handoffs"] = {"starter": ["triage"], "triage": TRIAGE_TARGETS, "*": ["*"]}
     chain_id = await start_chain(
         client,
-        to_agent="analyzer",
+        to_agent="triage" if triage else "analyzer",
         task_description=DEMO_TASK.format(name=source_file.name),
         context_data={"source": source_file.read_text(), "filename": source_file.name},
-        policy=DEMO_POLICY,
+        policy=policy,
     )
     record = await through_approvals(client, console, chain_id, approve=approve)
     console.print(chain_table(record))
@@ -93,25 +99,34 @@ async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: 
 
 async def run_dev(
     server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
-    telemetry: Telemetry | None = None, approve: bool = False,
+    telemetry: Telemetry | None = None, approve: bool = False, llm_url: str | None = None,
 ) -> int:
+    """`llm_url`: a local model's OpenAI-compatible URL; the LLM triage agent runs too and the
+    demo chain starts at it."""
     from handoff.examples import ALL_AGENTS
 
+    agents = list(ALL_AGENTS)
+    if llm_url is not None:
+        from handoff.examples.triage import triage
+
+        agents.append(triage)
     telemetry = telemetry or Telemetry()
     client = await connect(address=server.address, runtime=telemetry.runtime, tracing=telemetry.tracing)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    workers = asyncio.create_task(run_workers(client, ALL_AGENTS, chains=True, stop=stop))
+    workers = asyncio.create_task(run_workers(client, agents, chains=True, stop=stop))
     console.print(f"Temporal server on {server.address}, Web UI {server.ui_url}")
     if server.codec_endpoint:
         console.print(f"Web UI codec server: {server.codec_endpoint}")
     if telemetry.metrics_url:
         console.print(f"Prometheus metrics: {telemetry.metrics_url}")
-    await wait_until_live(client, {a.id for a in ALL_AGENTS})
-    console.print(f"agents live: {', '.join(a.id for a in ALL_AGENTS)}")
+    if llm_url is not None:
+        console.print(f"local model: {llm_url}")
+    await wait_until_live(client, {a.id for a in agents})
+    console.print(f"agents live: {', '.join(a.id for a in agents)}")
     code = 0
     if demo is not None:
-        status = await run_demo(client, console, demo, server.ui_url, approve=approve)
+        status = await run_demo(client, console, demo, server.ui_url, approve=approve, triage=llm_url is not None)
         code = 0 if status is ChainStatus.COMPLETED else 1
         if exit_after_demo:
             stop.set()

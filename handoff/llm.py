@@ -466,6 +466,8 @@ def _outcome(ctx: HandoffContext, message: Any, offered: list[Transfer], decisio
         raise _Miss(f"{call.function.name} needs a task")
     if transfer.to_agent and (transfer.to_agent, task) in {tuple(p) for p in (ctx.limits.asked if ctx.limits else [])}:
         raise _Miss(f"{transfer.to_agent} was already asked to {task!r}")
+    where = transfer.to_agent or (transfer.capability.value if transfer.capability else "")
+    summary = f"handed to {where}: {task}" + (f" ({decision.reason})" if decision.reason else "")
     result = ctx.handoff(to_agent=transfer.to_agent or None, capability=transfer.capability, task_description=task,
-                         result_data={"reason": decision.reason} if decision.reason else {})
+                         result_data={"summary": summary[:MAX_REASON_CHARS * 2]})
     return result.model_copy(update={"decision": decision})

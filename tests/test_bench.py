@@ -25,8 +25,10 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     assert results["fan_out"]["fan_out_8"]["n"] == results["fan_out"]["fan_out_1"]["n"] == 2
     assert results["approval"]["decision_to_hop_ms"]["n"] == 2
     assert 0 < results["approval"]["decision_to_hop_ms"]["p50"] < 5000
-    assert len(results["targets"]) == 7 and all(isinstance(t["met"], bool) for t in results["targets"].values())
+    assert results["llm"]["adapter_ms"]["n"] == 2 and results["llm"]["tools_offered"] > 10
+    assert results["llm"]["local_model"]["tokens_per_s"] > 0
+    assert len(results["targets"]) == 8 and all(isinstance(t["met"], bool) for t in results["targets"].values())
     table = out.with_suffix(".md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 8 and "hub-and-spoke" in table  # header + one row per measure (no default server)
+    assert len(rows) == 1 + 10 and "hub-and-spoke" in table  # header + one row per measure (no default server)
     assert "fan-out to 8 agents" in table and "approval" in table

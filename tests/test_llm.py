@@ -13,7 +13,7 @@ import pytest
 from handoff import AgentCapability, ChainStatus, HandoffContext, HopStatus, get_chain, run_chain
 from handoff.llm import fit_prompt, llm_agent, transfers
 from handoff.models import AgentCard, HopLimits
-from tests.model_server import Reply, ScriptedModel, call, offered
+from handoff.testing import Reply, ScriptedModel, call, offered
 from tests.support import cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
