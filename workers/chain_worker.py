@@ -34,7 +34,7 @@ RUNNER = UnsandboxedWorkflowRunner()
 SANDBOX_PASSTHROUGH = (
     "handoff.activities", "handoff.agent", "handoff.audit", "handoff.cli", "handoff.client",
     "handoff.codec", "handoff.codec_server", "handoff.constants", "handoff.dev", "handoff.errors",
-    "handoff.examples", "handoff.log", "handoff.models", "handoff.registry", "handoff.render",
+    "handoff.examples", "handoff.llm", "handoff.local_model", "handoff.log", "handoff.models", "handoff.registry", "handoff.render",
     "handoff.search", "handoff.server", "handoff.service", "handoff.storage", "handoff.telemetry",
     "handoff.testing", "handoff.versioning", "handoff.workers",
 )
