@@ -200,10 +200,12 @@ def _uuid(value: UUID | str) -> UUID:
 
 async def start_request(
     client: Client, request: ChainRequest, *, search_attributes: bool = True, reuse_id: bool = False,
+    memo: Mapping[str, Any] | None = None,
 ) -> WorkflowHandle:
     """Start the chain workflow for a validated request. A chain id already used, by a running
     chain or one that ended, is refused (its audit trail stays the one `get_chain` reads) unless
-    `reuse_id` starts a new run under the id of a chain that has ended."""
+    `reuse_id` starts a new run under the id of a chain that has ended. `memo`: what the starter
+    keeps with the chain (the A2A server keeps the request's A2A message there)."""
     first = request.to_agent or (request.capability.value if request.capability else "")
     attributes = (
         TypedSearchAttributes([
@@ -227,6 +229,7 @@ async def start_request(
                              else WorkflowIDReusePolicy.REJECT_DUPLICATE),
             static_summary=f"{request.task_description[:200]}",
             static_details=f"first hop: **{first}**, started by {request.started_by}",
+            memo=dict(memo) if memo else None,
         )
     except WorkflowAlreadyStartedError:
         raise InvalidRequest(f"a chain with id {request.chain_id} already exists") from None

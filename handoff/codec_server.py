@@ -18,11 +18,7 @@ Without authentication it serves loopback only: `start_codec_server` refuses any
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -31,7 +27,7 @@ from temporalio.converter import PayloadCodec
 
 from handoff.codec import PayloadDecodeError
 from handoff.constants import DEFAULT_UI_ORIGINS
-from handoff.errors import InvalidRequest
+from handoff.http_auth import LOOPBACK_NAMES, AuthRefused, BearerAuth, BearerVerifier
 
 DEFAULT_PORT = 8081
 ALLOWED_HEADERS = "content-type, x-namespace, authorization"
@@ -39,75 +35,13 @@ ENV_TOKENS = "HANDOFF_CODEC_TOKENS"
 """Bearer tokens the codec server accepts, comma separated (kept out of the command line)."""
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 """Temporal's largest inline payload is 2 MB; as base64 in JSON it is about 2.7 MB."""
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 Transform = Callable[[Sequence[Payload]], Awaitable[list[Payload]]]
 
 
-class CodecServerRefused(InvalidRequest):
-    """The codec server cannot be started as asked (e.g. beyond loopback without authentication)."""
-
-
-@dataclass(frozen=True)
-class CodecAuth:
-    """Who may use the codec server: bearer tokens and/or JWTs checked against a JWKS URL."""
-
-    tokens: tuple[str, ...] = field(default=(), repr=False)
-    jwks_url: str | None = None
-    issuer: str | None = None
-    audience: str | None = None
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.tokens or self.jwks_url)
-
-    def __post_init__(self) -> None:
-        if self.jwks_url and not (self.issuer and self.audience):
-            raise CodecServerRefused("a JWKS URL needs the JWT issuer and audience it must check")
-
-
-class _Verifier:
-    """Checks a request's bearer credential against `CodecAuth`."""
-
-    def __init__(self, auth: CodecAuth) -> None:
-        self._auth = auth
-        self._jwks = None
-        if auth.jwks_url:
-            import jwt  # PyJWT: only a deployment that checks JWTs needs it loaded
-
-            self._jwt = jwt
-            self._jwks = jwt.PyJWKClient(auth.jwks_url, cache_keys=True, lifespan=300, timeout=5)
-
-    async def allows(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            return False
-        credential = credential.strip()
-        if any(hmac.compare_digest(credential.encode(), t.encode()) for t in self._auth.tokens):
-            return True
-        if self._jwks is None:
-            return False
-        return await asyncio.to_thread(self._valid_jwt, credential)
-
-    def _valid_jwt(self, token: str) -> bool:
-        try:
-            key = self._jwks.get_signing_key_from_jwt(token)
-            self._jwt.decode(token, key.key, algorithms=["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"],
-                             issuer=self._auth.issuer, audience=self._auth.audience,
-                             options={"require": ["exp", "iss", "aud"]})
-        except (self._jwt.PyJWTError, ValueError, KeyError):
-            return False
-        return True
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+CodecAuth = BearerAuth
+"""Who may use the codec server (`handoff.http_auth.BearerAuth`)."""
+CodecServerRefused = AuthRefused
 
 
 def _hosts_for(host: str, port: int, extra: Sequence[str]) -> set[str]:
@@ -130,7 +64,7 @@ def codec_app(
     the `Host` values to answer (None: any, for an application mounted elsewhere)."""
     origins = {o.rstrip("/") for o in ui_origins}
     hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
-    verifier = _Verifier(auth) if auth.configured else None
+    verifier = BearerVerifier(auth) if auth.configured else None
 
     def cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
@@ -155,7 +89,7 @@ def codec_app(
             return web.json_response({"error": f"origin {origin} is not an allowed Web UI origin"}, status=403)
         if request.method == "OPTIONS":  # a preflight carries no credential
             return await handler(request)
-        if verifier is not None and not await verifier.allows(request):
+        if verifier is not None and await verifier.identity(request.headers.get("Authorization")) is None:
             return refusal(request, 401, "a valid bearer credential is required")
         try:
             return await handler(request)
@@ -196,10 +130,8 @@ async def start_codec_server(
 ) -> web.AppRunner:
     """Serve `codec_app` on host:port until the returned runner's `cleanup()`. Beyond loopback
     only with authentication; `allowed_hosts` adds `Host` values (e.g. a DNS name and port)."""
-    if not is_loopback(host) and not auth.configured:
-        raise CodecServerRefused(
-            f"the codec server holds the decryption keys: to listen on {host} beyond loopback, "
-            f"configure authentication ({ENV_TOKENS}, or --jwks-url with --jwt-issuer and --jwt-audience)")
+    auth.require_on(host, "the codec server holds the decryption keys",
+                    f"{ENV_TOKENS}, or --jwks-url with --jwt-issuer and --jwt-audience")
     app = codec_app(codec, ui_origins, allowed_hosts=sorted(_hosts_for(host, port, allowed_hosts)),
                     auth=auth, allow_encode=allow_encode)
     runner = web.AppRunner(app, access_log=None)

@@ -16,12 +16,12 @@ from tests.support import ROOT
 # Each module's floor; a module imports only modules on its own floor or below.
 FLOORS: dict[str, int] = {
     **dict.fromkeys(["handoff.constants", "handoff.errors", "handoff.models"], 0),
-    **dict.fromkeys(["handoff.agent", "handoff.llm", "handoff.codec", "handoff.storage", "handoff.registry",
+    **dict.fromkeys(["handoff.agent", "handoff.llm", "handoff.a2a_agent", "handoff.http_auth", "handoff.codec", "handoff.storage", "handoff.registry",
                      "handoff.versioning", "handoff.telemetry", "handoff.log", "handoff.search"], 1),
     **dict.fromkeys(["handoff.workflows", "handoff.activities"], 2),
     **dict.fromkeys(["handoff.client", "handoff.audit"], 3),
     "handoff.workers": 4,
-    **dict.fromkeys(["handoff.cli", "handoff.dev", "handoff.service", "handoff.server", "handoff.local_model",
+    **dict.fromkeys(["handoff.cli", "handoff.dev", "handoff.service", "handoff.server", "handoff.local_model", "handoff.a2a_server",
                      "handoff.codec_server", "handoff.render", "handoff.testing", "handoff.examples"], 5),
 }
 FOLDERS = {"handoff": "handoff", "workflows": "handoff.workflows", "activities": "handoff.activities",

@@ -32,9 +32,10 @@ RUNNER = UnsandboxedWorkflowRunner()
 # loaded afresh and checked; the rest (the `handoff` package they live in included) is the one
 # already imported, which also keeps the sandbox from re-importing native extensions it cannot.
 SANDBOX_PASSTHROUGH = (
-    "handoff.activities", "handoff.agent", "handoff.audit", "handoff.cli", "handoff.client",
-    "handoff.codec", "handoff.codec_server", "handoff.constants", "handoff.dev", "handoff.errors",
-    "handoff.examples", "handoff.llm", "handoff.local_model", "handoff.log", "handoff.models", "handoff.registry", "handoff.render",
+    "handoff.a2a_agent", "handoff.a2a_server", "handoff.activities", "handoff.agent", "handoff.audit",
+    "handoff.cli", "handoff.client", "handoff.codec", "handoff.codec_server", "handoff.constants",
+    "handoff.dev", "handoff.errors", "handoff.examples", "handoff.http_auth", "handoff.llm",
+    "handoff.local_model", "handoff.log", "handoff.models", "handoff.registry", "handoff.render",
     "handoff.search", "handoff.server", "handoff.service", "handoff.storage", "handoff.telemetry",
     "handoff.testing", "handoff.versioning", "handoff.workers",
 )
