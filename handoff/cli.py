@@ -35,7 +35,7 @@ from handoff.client import (
 from handoff.constants import DEFAULT_UI_ORIGINS, SA_STATUS
 from handoff.errors import HandoffError, ServerUnreachable
 from handoff.log import configure_logging
-from handoff.models import ChainRecord, ChainStatus
+from handoff.models import ChainRecord, ChainStatus, check_agent_id
 from handoff.render import agents_table, chain_table, chains_table, ui_url
 from handoff.telemetry import DEFAULT_METRICS_HOST, Telemetry
 
@@ -382,6 +382,24 @@ def load_agents(spec: str, app_dir: str = ".") -> list[Agent]:
     return list(found)
 
 
+def _remote(url: str, agent_id: str | None, capabilities: list[str], then: str | None,
+            token_env: str | None) -> Agent:
+    from handoff.a2a_agent import remote_agent
+    from handoff.client import _capability
+
+    if not url.startswith(("http://", "https://")):
+        raise Usage(f"--a2a takes the A2A agent's http(s) URL, got {url!r}")
+    if not agent_id or not capabilities:
+        raise Usage("--a2a needs --a2a-id (its id in handoff) and at least one --capability")
+    if then is not None:
+        try:
+            _capability(then)
+        except HandoffError:
+            check_agent_id(then)
+    return remote_agent(url, id=check_agent_id(agent_id), capabilities=[_capability(c) for c in capabilities],
+                        then=then, token_env=token_env)
+
+
 @app.command()
 def worker(
     agent: list[str] = typer.Option(
@@ -399,17 +417,30 @@ def worker(
         None, "--build-id", help="with --versioned: the version (default: the agent's `version`)"),
     connect_timeout: float = typer.Option(
         60.0, "--connect-timeout", min=0, help="keep trying to reach the server this many seconds (then exit 1)"),
+    a2a: str | None = typer.Option(
+        None, "--a2a", help="URL of an A2A agent (where its card is) to serve as a handoff agent: its hops are "
+                            "sent to it (with --a2a-id and --capability)"),
+    a2a_id: str | None = typer.Option(None, "--a2a-id", help="with --a2a: the agent id it has in handoff"),
+    capability: list[str] = typer.Option([], "--capability", help="with --a2a: a capability it serves; repeatable"),
+    then: str | None = typer.Option(
+        None, "--then", help="with --a2a: the agent id or capability the chain goes to after it (default: ends)"),
+    a2a_token_env: str | None = typer.Option(
+        None, "--a2a-token-env", help="with --a2a: environment variable with a bearer token for the A2A agent"),
 ) -> None:
     """Run one agent's worker (or the chain worker) until SIGTERM/SIGINT."""
     from handoff.workers.main import run_workers, stop_on_signals
 
-    if not agent and not chains:
-        _fail("give --agent MODULE:OBJECT or --chains")
+    if not agent and not chains and not a2a:
+        _fail("give --agent MODULE:OBJECT, --a2a URL or --chains")
     if build_id is not None and not versioned:
         _fail("--build-id goes with --versioned")
+    if (a2a_id or capability or then or a2a_token_env) and not a2a:
+        _fail("--a2a-id, --capability, --then and --a2a-token-env go with --a2a")
     configure_logging("console" if log_format == "console" else "json")
     with _one_line_errors():
         loaded = [a for spec in agent for a in load_agents(spec, app_dir)]
+        if a2a:
+            loaded.append(_remote(a2a, a2a_id, capability, then, a2a_token_env))
     if build_id is not None:
         loaded = [dataclasses.replace(a, version=build_id) for a in loaded]
 
@@ -481,12 +512,15 @@ def dev(
     llm: bool = typer.Option(
         False, "--llm", help="also run the LLM triage agent on a local model (SmolLM2 on llama.cpp's "
                              "server; the llm-local extra, `make run-llm`); the demo starts at it"),
+    a2a_port: int = typer.Option(
+        8090, "--a2a-port", min=0, max=65535, help="serve A2A (cards, chains as tasks) on this loopback port; 0: not"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
     codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
-    """Embedded server + chain worker + every example agent in one process (Ctrl-C stops)."""
+    """Embedded server + chain worker + every example agent + the A2A server in one process
+    (Ctrl-C stops)."""
     from handoff.codec import CodecSettings
     from handoff.dev import run_dev
     from handoff.server import EmbeddedServer
@@ -505,7 +539,8 @@ def dev(
         embedded.start()
     try:
         code = asyncio.run(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
-                                   telemetry=telemetry, approve=approve, llm_url=model.url if model else None))
+                                   telemetry=telemetry, approve=approve, llm_url=model.url if model else None,
+                                   a2a_port=a2a_port or None))
     except KeyboardInterrupt:
         code = 0
     finally:
@@ -514,6 +549,43 @@ def dev(
         if model is not None:
             model.stop()
     raise typer.Exit(code)
+
+
+@app.command("a2a-server")
+def a2a_server(
+    port: int = typer.Option(8090, "--port", min=1, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (beyond loopback: authentication required)"),
+    public_url: str | None = typer.Option(
+        None, "--public-url", help="the URL clients reach it at, for the cards (default http://HOST:PORT)"),
+    jwks_url: str | None = typer.Option(None, "--jwks-url", help="accept JWTs signed by a key of this JWKS"),
+    jwt_issuer: str | None = typer.Option(None, "--jwt-issuer", help="with --jwks-url: the issuer (iss) required"),
+    jwt_audience: str | None = typer.Option(None, "--jwt-audience", help="with --jwks-url: the audience (aud) required"),
+) -> None:
+    """Serve A2A: agent cards from the registry, and chains as A2A tasks. Bearer tokens it accepts:
+    HANDOFF_A2A_TOKENS (comma separated)."""
+    from handoff.a2a_server import ENV_TOKENS, A2AServer
+    from handoff.http_auth import BearerAuth
+
+    async def go() -> None:
+        tokens = tuple(t.strip() for t in os.environ.get(ENV_TOKENS, "").split(",") if t.strip())
+        auth = BearerAuth(tokens=tokens, jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
+        server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url).start()
+        checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
+        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; {checks}",
+                  soft_wrap=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        _run(go)
+    except OSError as err:
+        _fail(f"cannot serve on {host}:{port}: {err.strerror or err}")
 
 
 @app.command("codec-server")

@@ -100,9 +100,10 @@ async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: 
 async def run_dev(
     server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
     telemetry: Telemetry | None = None, approve: bool = False, llm_url: str | None = None,
+    a2a_port: int | None = None,
 ) -> int:
     """`llm_url`: a local model's OpenAI-compatible URL; the LLM triage agent runs too and the
-    demo chain starts at it."""
+    demo chain starts at it. `a2a_port`: serve A2A there (loopback)."""
     from handoff.examples import ALL_AGENTS
 
     agents = list(ALL_AGENTS)
@@ -122,6 +123,12 @@ async def run_dev(
         console.print(f"Prometheus metrics: {telemetry.metrics_url}")
     if llm_url is not None:
         console.print(f"local model: {llm_url}")
+    a2a = None
+    if a2a_port is not None:
+        from handoff.a2a_server import CARD_PATH, A2AServer
+
+        a2a = await A2AServer(client, port=a2a_port).start()
+        console.print(f"A2A server: {a2a.url} (card {a2a.url}{CARD_PATH})", soft_wrap=True)
     await wait_until_live(client, {a.id for a in agents})
     console.print(f"agents live: {', '.join(a.id for a in agents)}")
     code = 0
@@ -133,4 +140,6 @@ async def run_dev(
     if not stop.is_set():
         console.print("running; Ctrl-C stops the server and the workers")
     await workers
+    if a2a is not None:
+        await a2a.stop()
     return code

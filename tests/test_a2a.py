@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from uuid import UUID, uuid4
@@ -18,11 +21,12 @@ from a2a.client.card_resolver import parse_agent_card
 from a2a.types import CancelTaskRequest, GetTaskRequest, Message, Part, Role, SendMessageRequest, TaskState
 from google.protobuf import struct_pb2
 
-from handoff import AgentCapability, ChainStatus, get_chain
+from handoff import AgentCapability, ChainStatus, HopStatus, get_chain, run_chain, start_chain, wait_chain
+from handoff.a2a_agent import remote_agent
 from handoff.a2a_server import A2AServer
 from handoff.http_auth import AuthRefused, BearerAuth
 from handoff.server import free_port
-from tests.support import cli, make_agent, running
+from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running, wait_live
 
 pytestmark = pytest.mark.usefixtures("chains")
 
@@ -214,3 +218,158 @@ async def test_with_tokens_everything_but_the_cards_needs_one(client, uid):
         await server.stop()
     with pytest.raises(AuthRefused, match="beyond loopback"):
         A2AServer(client, host="0.0.0.0", port=free_port())
+
+
+# -- remote A2A agents as hops ---------------------------------------------------------------
+
+
+@pytest.fixture
+def peer(tmp_path):
+    """Start `tests/a2a_peer.py` servers (A2A agents built with the SDK, not handoff); all are
+    killed at the end. Returns (process, url) once the peer serves its card."""
+    processes: list[subprocess.Popen] = []
+
+    async def start(*args: str) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "tests.a2a_peer", "--port", str(port),
+                                    "--marks", str(tmp_path), *args], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(150):
+            if (await asyncio.to_thread(get_card_status, url)) == 200:
+                return process, url
+            assert process.poll() is None, "the A2A peer exited"
+            await asyncio.sleep(0.1)
+        raise AssertionError("the A2A peer did not start")
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def get_card_status(url: str) -> int:
+    try:
+        return get_json(f"{url}/.well-known/agent-card.json")[0]
+    except OSError:
+        return 0
+
+
+def analysis(next_agent: str):
+    async def handle(ctx):
+        return ctx.handoff(to_agent=next_agent, task_description="plan the tests for the parser",
+                           result_data={"findings": 2}, context_data={"file": "parser.py"})
+    return handle
+
+
+async def test_a_chain_goes_through_a_remote_a2a_agent_and_on(client, uid, peer):
+    _, url = await peer()
+    ana, tst = f"ana-{uid}", f"tst-{uid}"
+    remote = remote_agent(url, id=f"planner-{uid}", capabilities=[AgentCapability.TESTING], then=tst)
+    seen: list = []
+
+    async def test_it(ctx):
+        seen.append(ctx)
+        return ctx.complete({"tested": True})
+
+    async with running(client, make_agent(ana, analysis(remote.id)), remote, make_agent(tst, test_it)):
+        record = await run_chain(client, to_agent=ana, task_description="review the parser")
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert [h.to_agent for h in record.hops] == [ana, remote.id, tst]
+    result = record.hops[1].result_data
+    assert result["data"]["by"] == "a2a-peer" and result["data"]["context_keys"] == ["file"]
+    assert result["data"]["earlier_results"] == 1 and result["artifacts"] == ["test plan"]
+    assert "planned: plan the tests for the parser" in result["text"]
+    assert seen[0].previous_results[-1] == result, "the remote agent's result goes on down the chain"
+
+
+@pytest.mark.parametrize("args, reason", [(("--fail", "no budget left"), "ended failed: no budget left"),
+                                          (("--ask", "which branch?"), "asks for input")])
+async def test_a_remote_failure_or_question_fails_the_hop_deliberately(client, uid, peer, args, reason):
+    _, url = await peer(*args)
+    remote = remote_agent(url, id=f"planner-{uid}", capabilities=[AgentCapability.TESTING])
+    async with running(client, remote):
+        record = await run_chain(client, to_agent=remote.id, task_description="plan")
+    assert record.status is ChainStatus.FAILED
+    assert record.hops[0].attempts == 1 and reason in record.hops[0].error
+
+
+async def test_killing_the_remote_agent_mid_hop_falls_back_to_another_agent(client, uid, peer, tmp_path):
+    process, url = await peer("--delay", "5")
+    ana, tst, backup = f"ana-{uid}", f"tst-{uid}", f"backup-{uid}"
+    remote = remote_agent(url, id=f"planner-{uid}", capabilities=[AgentCapability.TESTING], then=tst, poll_s=0.2)
+
+    async def plan_locally(ctx):
+        return ctx.handoff(to_agent=tst, task_description="test it", result_data={"planned_by": ctx.to_agent})
+
+    async def test_it(ctx):
+        return ctx.complete({"tested": True})
+
+    # the remote agent and the backup plan tests (TESTING); the others do something else
+    agents = [make_agent(ana, analysis(remote.id), [AgentCapability.CODE_ANALYSIS]), remote,
+              make_agent(tst, test_it, [AgentCapability.DEPLOYMENT]), make_agent(backup, plan_locally)]
+    async with running(client, *agents, register=True):
+        chain_id = await start_chain(client, to_agent=ana, task_description="review the parser",
+                                     policy={"retry_initial_s": 0.2, "max_attempts": 2})
+        for _ in range(100):  # the remote agent has the task: kill it mid-hop
+            if list(tmp_path.glob("peer-started-*")):
+                break
+            await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        record = await asyncio.wait_for(wait_chain(client, chain_id), 60)
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert [(h.to_agent, h.status, h.fallback_for) for h in record.hops] == [
+        (ana, HopStatus.COMPLETED, None), (remote.id, HopStatus.FAILED, None),
+        (backup, HopStatus.COMPLETED, remote.id), (tst, HopStatus.COMPLETED, None)]
+    assert record.hops[1].attempts == 2 and "unavailable" in record.hops[1].error
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+async def test_handoff_a2a_server_serves_and_refuses_to_listen_wide_open(cli_env):
+    refused = await cli(cli_env, "a2a-server", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert_usage_error(refused, "beyond loopback")
+    port = free_port()
+    server = subprocess.Popen([HANDOFF, "a2a-server", "--port", str(port)], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for _ in range(100):
+            if (await asyncio.to_thread(get_card_status, f"http://127.0.0.1:{port}")) == 200:
+                break
+            await asyncio.sleep(0.1)
+        status, card = await asyncio.to_thread(get_json, f"http://127.0.0.1:{port}/.well-known/agent-card.json")
+        assert status == 200 and parse_agent_card(card).name == "handoff"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=15)
+    assert server.returncode == 0 and f"A2A server on http://127.0.0.1:{port}" in output
+
+
+async def test_handoff_worker_serves_a_remote_a2a_agent(client, uid, cli_env, peer):
+    _, url = await peer()
+    agent_id = f"remote-{uid}"
+    worker = subprocess.Popen([HANDOFF, "worker", "--a2a", url, "--a2a-id", agent_id, "--capability", "TESTING"],
+                              env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_live(client, {agent_id}, timeout_s=30)
+        record = await run_chain(client, capability="TESTING", task_description="plan the release tests",
+                                 policy={"allowed_handoffs": {"starter": [agent_id]}})
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+    assert record.status is ChainStatus.COMPLETED and record.hops[0].to_agent == agent_id
+    assert record.final_result["data"]["by"] == "a2a-peer"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--a2a", "ftp://example", "--a2a-id", "x", "--capability", "TESTING"], "http(s) URL"),
+    (["--a2a", "http://127.0.0.1:1", "--capability", "TESTING"], "--a2a-id"),
+    (["--a2a", "http://127.0.0.1:1", "--a2a-id", "Bad Id", "--capability", "TESTING"], "invalid agent id"),
+    (["--a2a", "http://127.0.0.1:1", "--a2a-id", "x", "--capability", "WIZARDRY"], "unknown capability"),
+    (["--chains", "--capability", "TESTING"], "go with --a2a"),
+])
+async def test_handoff_worker_a2a_refuses_bad_input_in_one_line(cli_env, args, fragment):
+    assert_usage_error(await cli(cli_env, "worker", *args), fragment)

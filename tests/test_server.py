@@ -48,6 +48,7 @@ def test_dev_runs_the_demo_chain_end_to_end():
     """What `make run` does, with free ports and an in-memory database, stopping after the demo."""
     result = subprocess.run(
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
+         "--a2a-port", str(free_port()),
          "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo", "--approve"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
@@ -61,5 +62,6 @@ def test_dev_runs_the_demo_chain_end_to_end():
         assert route in out
     assert "hop 3: analyzer -> deployer awaits approval" in out
     assert "approved by handoff dev --approve" in out
+    assert "A2A server: http://127.0.0.1:" in out
     assert "final result: release blocked" in out
     assert "/namespaces/default/workflows/" in out
