@@ -257,3 +257,46 @@ async def test_timeline_shows_a_fan_outs_branches_its_join_and_the_approval(tmp_
                 break
     for line in expected:
         assert line in timeline, f"{line!r} not in the timeline: {timeline[:2000]}"
+
+
+async def test_a_chain_started_through_a2a_is_the_web_uis_workflow_of_that_id(tmp_path, uid):
+    """The A2A SDK's client starts a chain on handoff's A2A server; the Web UI shows the
+    workflow whose id is the A2A task id, with its hops."""
+    from a2a.client import ClientConfig, create_client
+    from a2a.types import Message, Part, Role, SendMessageRequest
+
+    from handoff.a2a_server import A2AServer
+
+    first, second = f"ui-a2a-first-{uid}", f"ui-a2a-second-{uid}"
+
+    async def hand_on(ctx):
+        return ctx.handoff(to_agent=second, task_description="finish it")
+
+    async def finish(ctx):
+        return ctx.complete({"done": True})
+
+    with EmbeddedServer(port=free_port(), ui_port=free_port()) as server:
+        wait_http_ok(server.ui_url)
+        client = await connect(address=server.address)
+        a2a = await A2AServer(client, port=free_port()).start()
+        try:
+            async with chain_worker(client), running(client, make_agent(first, hand_on), make_agent(second, finish)):
+                peer = await create_client(a2a.url, ClientConfig())
+                msg = Message(role=Role.ROLE_USER, message_id=str(uid), parts=[Part(text="start here")])
+                msg.metadata.update({"agent": first})
+                events = [e async for e in peer.send_message(request=SendMessageRequest(message=msg))]
+        finally:
+            await a2a.stop()
+        task_id = next(e.task.id for e in events if e.HasField("task"))
+        run_id = (await client.get_workflow_handle(task_id).describe()).run_id
+        url = f"{server.ui_url}/namespaces/default/workflows/{task_id}/{run_id}/timeline"
+        expected = [task_id, f"hop 0: starter -> {first}", f"hop 1: {first} -> {second}"]
+        page = ""
+        for attempt in range(2):
+            work = tmp_path / f"a2a-{attempt}"
+            work.mkdir()
+            page = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
+            if all(e in page for e in expected):
+                break
+    for fragment in expected:
+        assert fragment in page, f"{fragment!r} not on the page: {page[:1500]}"
