@@ -7,20 +7,17 @@ from temporalio.client import Client
 
 from handoff.constants import RESOLVE_ACTIVITY
 from handoff.models import Candidate, ResolveRequest
-from handoff.registry import candidates_for
+from handoff.registry import Directory
 
 
 class RegistryActivities:
-    """Activities that need a client; registered on the chain worker."""
+    """Activities that need a client; registered on the chain worker. Lookups go through one
+    cached `Directory` per worker: no RPC per hop, however many agents are registered."""
 
     def __init__(self, client: Client) -> None:
-        self._client = client
+        self._directory = Directory(client)
 
     @activity.defn(name=RESOLVE_ACTIVITY)
     async def resolve_candidates(self, request: ResolveRequest) -> list[Candidate]:
-        return await candidates_for(
-            self._client,
-            request.capability,
-            like_agent=request.like_agent,
-            exclude=request.exclude,
-        )
+        return await self._directory.candidates(
+            request.capability, like_agent=request.like_agent, exclude=request.exclude)

@@ -18,9 +18,12 @@ from handoff.registry import (
     agent_statuses,
     candidates_for,
     rank,
+    Directory,
     register_agent,
+    register_agent_checked,
     registered_agents,
 )
+from handoff.constants import DEREGISTER_SIGNAL, REGISTER_SIGNAL, REGISTRATION_QUERY
 from tests.support import make_agent, running, wait_live
 
 pytestmark = pytest.mark.usefixtures("chains")
@@ -103,12 +106,16 @@ async def test_worker_registers_on_start_and_deregisters_on_stop(client, uid):
         assert status.stats.live and status.stats.pollers >= 1
         assert status.card.capabilities == [SEC, AgentCapability.TESTING]
         assert status.card.task_queue == f"agent.{agent.id}"
+    for _ in range(50):  # the deregistration is a signal: the memo follows within a workflow task
+        if agent.id not in {c.agent_id for c in await registered_agents(client)}:
+            break
+        await asyncio.sleep(0.1)
     assert agent.id not in {c.agent_id for c in await registered_agents(client)}
 
 
 async def test_registered_agent_without_a_worker_is_down(client, uid):
     agent = make_agent(f"ghost-{uid}", answer, [AgentCapability.API_INTEGRATION])
-    await register_agent(client, agent, "test")
+    await register_agent_checked(client, agent, "test")
     [status] = [s for s in await agent_statuses(client) if s.card.agent_id == agent.id]
     assert not status.stats.live and status.stats.pollers == 0
     [candidate] = await candidates_for(client, AgentCapability.API_INTEGRATION)
@@ -217,3 +224,73 @@ async def test_discovery_succeeds_while_agents_start_and_stop(client, uid):
     assert cycles >= 3 and lookups >= 100
     assert rate >= 0.99
     await wait_live(client, set())
+
+
+async def test_registrations_by_signal_are_applied_together_and_refusals_published(client):
+    """A storm of registrations (Updates allow ten in flight per workflow; signals have no such
+    limit): all applied, the memo published per batch, a refused one named with its reason."""
+    handle = await _start_registry(client)
+    regs = [_reg(f"storm{i}", instance=f"i{i}") for i in range(60)]
+    await asyncio.gather(*(handle.signal(REGISTER_SIGNAL, [r]) for r in regs))
+    await handle.signal(REGISTER_SIGNAL, [_reg("storm0", ["DEPLOYMENT"], instance="x"), _reg("Bad Id")])
+    for _ in range(100):
+        memo = await (await handle.describe()).memo()
+        if len(memo.get("agents", [])) == 60 and "rejected" in memo:
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(c["agent_id"] for c in memo["agents"]) == sorted(f"storm{i}" for i in range(60))
+    assert "already registered" in memo["rejected"]["storm0"] and "invalid agent id" in memo["rejected"]["Bad Id"]
+    assert await handle.query(REGISTRATION_QUERY, "storm7") == "registered 1"
+    assert (await handle.query(REGISTRATION_QUERY, "nobody")) == "unknown"
+    await handle.signal(DEREGISTER_SIGNAL, [{"agent_id": f"storm{i}", "instance": f"i{i}"} for i in range(30)])
+    for _ in range(100):
+        if len(await handle.query("agents")) == 30:
+            break
+        await asyncio.sleep(0.1)
+    assert len(await handle.query("agents")) == 30
+    history = await handle.fetch_history()
+    upserts = sum(e.HasField("workflow_properties_modified_event_attributes") for e in history.events)
+    assert upserts < 62, f"the memo is published per batch of signals, not per registration ({upserts})"
+    await handle.terminate(reason="test over")
+
+
+async def test_the_directory_answers_from_its_cache_and_never_picks_a_stale_agent(client, uid):
+    """Cards at most a second old and queue stats refreshed in the background: a lookup sends no
+    describe in the steady state; an agent that stopped without deregistering is not chosen."""
+    cap = AgentCapability.API_INTEGRATION
+    live = make_agent(f"dir-live-{uid}", answer, [cap])
+    stale = make_agent(f"dir-stale-{uid}", answer, [cap])
+    await register_agent_checked(client, stale, "gone")  # registered, no worker ever polls
+    directory = Directory(client, cards_ttl_s=0.5, stats_ttl_s=0.5)
+    try:
+        async with running(client, live, register=True):
+            first = await directory.candidates(cap)
+            assert [c.agent_id for c in first if c.live] == [live.id]
+            assert stale.id in [c.agent_id for c in first] and first[0].agent_id == live.id
+            calls = 0
+            original = client.workflow_service.describe_task_queue
+
+            async def counting(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                return await original(*args, **kwargs)
+
+            client.workflow_service.describe_task_queue = counting
+            try:
+                started = asyncio.get_running_loop().time()
+                for _ in range(50):
+                    again = await directory.candidates(cap)
+                    assert again[0].agent_id == live.id and again[0].live
+                took = asyncio.get_running_loop().time() - started
+            finally:
+                client.workflow_service.describe_task_queue = original
+            assert calls == 0, "a lookup within the stats' age sends no describe"
+            assert took < 1.0
+            await asyncio.sleep(0.6)
+            await directory.candidates(cap)  # past their age: refreshed in the background
+            await asyncio.sleep(0.3)
+            assert all(t.done() for t in directory._tasks)
+    finally:
+        from handoff.registry import deregister_agent
+
+        await deregister_agent(client, stale.id)

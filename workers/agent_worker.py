@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -16,12 +17,14 @@ from temporalio.worker import Worker
 
 from handoff.activities.hop import hop_activity
 from handoff.agent import Agent
-from handoff.registry import deregister_agent, register_agent
+from handoff.registry import leave_registry, register_agent, registration_of
 from handoff.versioning import current_build_id, deployment_config, set_current_build_id
 
 log = structlog.get_logger("handoff.worker")
 
 REGISTER_RETRY_S = 2.0
+CONFIRM_AFTER_S = 2.0
+"""When the worker asks whether the registry took its registration (or refused it, saying why)."""
 
 
 def agent_worker(client: Client, agent: Agent, *, versioned: bool = False, **options) -> Worker:
@@ -46,33 +49,51 @@ def instance_name(agent: Agent) -> str:
     return f"{agent.id}@{socket.gethostname()}:{os.getpid()}:{id(agent):x}"
 
 
-async def _register_until_done(client: Client, agent: Agent, instance: str) -> None:
-    """Register, retrying while the registry's worker is not up yet (it may start later)."""
+async def _register_until_done(client: Client, agent: Agent, instance: str, sent: asyncio.Event) -> None:
+    """Register, retrying (with jitter) while the registry cannot be reached; then ask, once,
+    whether the registry took it or refused it, and say so."""
+    delay = REGISTER_RETRY_S
     while True:
         try:
             await register_agent(client, agent, instance)
-            log.info("agent_registered", agent_id=agent.id, instance=instance)
-            return
+            sent.set()
+            break
         except asyncio.CancelledError:
             raise
-        except Exception as err:  # the registry may not be reachable yet; keep the worker running
+        except Exception as err:  # the server may not be reachable yet; keep the worker running
             log.warning("agent_registration_failed", agent_id=agent.id, error=str(err))
-            await asyncio.sleep(REGISTER_RETRY_S)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 30.0)
+    await asyncio.sleep(CONFIRM_AFTER_S * random.uniform(1.0, 1.5))
+    try:
+        said = await registration_of(client, agent.id)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # only a check: the registration was sent
+        log.warning("agent_registration_unconfirmed", agent_id=agent.id, error=str(err))
+        return
+    if said.startswith("rejected"):
+        log.error("agent_registration_rejected", agent_id=agent.id, reason=said.removeprefix("rejected: "))
+    elif said.startswith("registered"):
+        log.info("agent_registered", agent_id=agent.id, instance=instance)
+    else:
+        log.warning("agent_registration_unconfirmed", agent_id=agent.id, error="the registry does not know it yet")
 
 
 @asynccontextmanager
 async def registered(client: Client, agent: Agent) -> AsyncIterator[str]:
     """Keep `agent` registered while the block runs; deregister this instance on the way out."""
     instance = instance_name(agent)
-    registration = asyncio.create_task(_register_until_done(client, agent, instance))
+    sent = asyncio.Event()
+    registration = asyncio.create_task(_register_until_done(client, agent, instance, sent))
     try:
         yield instance
     finally:
         if not registration.done():
             registration.cancel()
-        else:
+        if sent.is_set():
             try:
-                await asyncio.wait_for(deregister_agent(client, agent.id, instance), timeout=5)
+                await asyncio.wait_for(leave_registry(client, agent.id, instance), timeout=5)
                 log.info("agent_deregistered", agent_id=agent.id, instance=instance)
             except Exception as err:  # shutting down: the registry keeps the card, liveness says down
                 log.warning("agent_deregistration_failed", agent_id=agent.id, error=str(err))
