@@ -15,7 +15,7 @@ class RegistryActivities:
     cached `Directory` per worker: no RPC per hop, however many agents are registered."""
 
     def __init__(self, client: Client) -> None:
-        self._directory = Directory(client)
+        self._directory = Directory.of(client)
 
     @activity.defn(name=RESOLVE_ACTIVITY)
     async def resolve_candidates(self, request: ResolveRequest) -> list[Candidate]:

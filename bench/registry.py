@@ -1,6 +1,6 @@
-"""Registration and discovery at scale: N agents of one capability, all their workers in this
-process, starting together (a fleet restarting after an outage), on the benchmark's embedded
-server and chain worker.
+"""Registration and discovery at scale: N agents of one capability, all their workers in one
+process (`bench/fleet.py`), starting together (a fleet restarting after an outage), on the
+benchmark's embedded server and chain worker.
 
 For N in 10, 100, 500: how long until every one is registered and live; how long a lookup takes
 (the resolve activity's `Directory`, as warm as a chain worker's); chains/s of 1-hop chains
@@ -12,29 +12,33 @@ one is ever chosen.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 
 from temporalio.client import Client
 
-from handoff.agent import Agent
+from bench.fleet import CAPABILITY, fleet
 from handoff.client import run_chain
-from handoff.models import AgentCapability, ChainStatus, HandoffContext, HandoffResult
-from handoff.registry import Directory, agent_statuses, register_agent, registered_agents
-from handoff.workers.main import run_workers
+from handoff.models import ChainStatus
+from handoff.registry import Directory, agent_statuses, forget_agents, register_agent, registered_agents
 
-CAPABILITY = AgentCapability.API_INTEGRATION
 LIVE_WITHIN_S = 30.0
 """The target: every agent of a fleet starting together registered and live within this."""
 
 
-async def answer(ctx: HandoffContext) -> HandoffResult:
-    return ctx.complete({"by": ctx.to_agent})
+def start_fleet(address: str, prefix: str, count: int) -> subprocess.Popen:
+    env = {**os.environ, "TEMPORAL_ADDRESS": address}
+    return subprocess.Popen([sys.executable, "-m", "bench.fleet", prefix, str(count)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def fleet(prefix: str, count: int) -> list[Agent]:
-    return [Agent(id=f"{prefix}-{i}", name=f"{prefix} {i}", capabilities=[CAPABILITY], handler=answer,
-                  max_concurrent=5) for i in range(count)]
+def stop_fleet(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
 
 
 async def live_among(client: Client, ids: set[str]) -> int:
@@ -79,12 +83,10 @@ async def throughput(client: Client, chains: int, concurrency: int = 20) -> floa
     return round(chains / (time.perf_counter() - started), 2)
 
 
-async def scale(client: Client, count: int, samples: int, chains: int) -> dict:
-    agents = fleet(f"scale{count}", count)
-    ids = {a.id for a in agents}
-    stop = asyncio.Event()
+async def scale(client: Client, address: str, count: int, samples: int, chains: int) -> dict:
+    ids = {a.id for a in fleet(f"scale{count}", count)}
     started = time.perf_counter()
-    workers = asyncio.create_task(run_workers(client, agents, chains=False, stop=stop))
+    workers = start_fleet(address, f"scale{count}", count)
     live, live_s = 0, None
     try:
         while True:
@@ -99,13 +101,12 @@ async def scale(client: Client, count: int, samples: int, chains: int) -> dict:
                   "lookup": await lookups(client, samples),
                   "chains_per_s": await throughput(client, chains)}
     finally:
-        stop.set()
-        await workers
+        await asyncio.to_thread(stop_fleet, workers)
         await gone(client, ids)
     return result
 
 
-async def stale(client: Client, samples: int, chains: int, count: int = 500) -> dict:
+async def stale(client: Client, address: str, samples: int, chains: int, count: int = 500) -> dict:
     """`count` registered agents that never ran beside 10 live ones."""
     ghosts = fleet("ghost", count)
     await asyncio.gather(*(register_agent(client, g, "never-ran") for g in ghosts))
@@ -114,25 +115,23 @@ async def stale(client: Client, samples: int, chains: int, count: int = 500) -> 
         if ghost_ids <= {c.agent_id for c in await registered_agents(client)}:
             break
         await asyncio.sleep(0.25)
-    agents = fleet("alive", 10)
-    stop = asyncio.Event()
-    workers = asyncio.create_task(run_workers(client, agents, chains=False, stop=stop))
+    alive = {a.id for a in fleet("alive", 10)}
+    workers = start_fleet(address, "alive", 10)
     try:
-        while await live_among(client, {a.id for a in agents}) < len(agents):
+        while await live_among(client, alive) < len(alive):
             await asyncio.sleep(0.25)
-        return {"stale": count, "live": len(agents), "lookup": await lookups(client, samples, stale=ghost_ids),
+        return {"stale": count, "live": len(alive), "lookup": await lookups(client, samples, stale=ghost_ids),
                 "chains_per_s": await throughput(client, chains)}
     finally:
-        stop.set()
-        await workers
-        from handoff.registry import deregister_agent
-
-        await asyncio.gather(*(deregister_agent(client, g.id) for g in ghosts))
+        await asyncio.to_thread(stop_fleet, workers)
+        await forget_agents(client, sorted(ghost_ids))
+        await gone(client, ghost_ids | alive)
 
 
-async def registry_scale(client: Client, *, sizes=(10, 100, 500), samples: int = 200, chains: int = 100) -> dict:
-    results = {f"n{n}": await scale(client, n, samples, chains) for n in sizes}
-    results["stale"] = await stale(client, samples, chains)
+async def registry_scale(client: Client, address: str, *, sizes=(10, 100, 500), samples: int = 200,
+                         chains: int = 100) -> dict:
+    results = {f"n{n}": await scale(client, address, n, samples, chains) for n in sizes}
+    results["stale"] = await stale(client, address, samples, chains)
     base = results[f"n{sizes[0]}"]["chains_per_s"]
     for n in sizes:
         results[f"n{n}"]["chains_ratio_to_first"] = round(results[f"n{n}"]["chains_per_s"] / base, 3) if base else None

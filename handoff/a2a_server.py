@@ -78,7 +78,7 @@ from handoff.errors import ChainNotFound, InvalidRequest
 from handoff.http_auth import BearerAuth, BearerVerifier
 from handoff.models import AgentCapability, ChainRecord, ChainStatus, HopStatus, nesting_problem
 from handoff.models import AgentCard as HandoffCard
-from handoff.registry import agent_statuses
+from handoff.registry import Directory
 
 DEFAULT_PORT = 8090
 PROTOCOL_VERSION = "1.0"
@@ -87,7 +87,6 @@ ENV_TOKENS = "HANDOFF_A2A_TOKENS"
 MEMO_KEY = "a2a"
 """The chain's memo key for what A2A knows of it: the context id and the request's message."""
 POLL_S = 0.25
-CARDS_TTL_S = 1.0
 CANCEL_WAIT_S = 5.0
 CARD_PATH = "/.well-known/agent-card.json"
 
@@ -155,28 +154,16 @@ def handoff_card(cards: Sequence[HandoffCard], base_url: str, auth: BearerAuth, 
 
 
 class LiveCards:
-    """The registry's cards, the live ones marked, read at most every `ttl_s`."""
+    """The registry's cards, and the live ones, from the process's cached `Directory`."""
 
-    def __init__(self, client: Client, ttl_s: float = CARDS_TTL_S) -> None:
-        self._client, self._ttl_s = client, ttl_s
-        self._at = float("-inf")
-        self._registered: list[HandoffCard] = []
-        self._live: set[str] = set()
-
-    async def _refresh(self) -> None:
-        if time.monotonic() - self._at >= self._ttl_s:
-            statuses = await agent_statuses(self._client)
-            self._registered = [s.card for s in statuses]
-            self._live = {s.card.agent_id for s in statuses if s.stats.live}
-            self._at = time.monotonic()
+    def __init__(self, client: Client) -> None:
+        self._directory = Directory.of(client)
 
     async def registered(self) -> list[HandoffCard]:
-        await self._refresh()
-        return list(self._registered)
+        return list(await self._directory.cards())
 
     async def live(self) -> list[HandoffCard]:
-        await self._refresh()
-        return [c for c in self._registered if c.agent_id in self._live]
+        return await self._directory.live_cards()
 
 
 # -- chains as tasks -----------------------------------------------------------------------

@@ -320,12 +320,13 @@ class _Cached:
 
 
 async def _live_cards() -> list[AgentCard]:
-    """The live agents' cards, read through the client of the worker running this hop."""
+    """The live agents' cards, read through the client of the worker running this hop (its
+    process's cached `Directory`)."""
     from temporalio import activity
 
-    from handoff.registry import agent_statuses
+    from handoff.registry import Directory
 
-    return [s.card for s in await agent_statuses(activity.client()) if s.stats.live]
+    return await Directory.of(activity.client()).live_cards()
 
 
 def _client(settings: _Settings):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from datetime import datetime, timedelta, timezone
 
 from pydantic import BaseModel
@@ -95,6 +96,14 @@ async def leave_registry(client: Client, agent_id: str, instance: str) -> None:
                         rpc_timeout=RPC_TIMEOUT)
 
 
+async def forget_agents(client: Client, agent_ids: list[str]) -> None:
+    """Remove agents' cards outright, whatever instances they have (an operator clearing agents
+    that were killed): one signal for them all."""
+    handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
+    await handle.signal(DEREGISTER_SIGNAL, [Deregistration(agent_id=a, all_instances=True) for a in agent_ids],
+                        rpc_timeout=RPC_TIMEOUT)
+
+
 async def registration_of(client: Client, agent_id: str) -> str:
     """What became of an agent's registration, as the registry says: `registered <version>`,
     `rejected: <why>` or `unknown` (a query: the chain worker answers it)."""
@@ -158,6 +167,9 @@ async def queue_stats(client: Client, task_queue: str) -> QueueStats:
 
 MAX_DESCRIBES = 32
 """Task-queue descriptions sent at once: hundreds of agents do not open hundreds of RPCs."""
+MAX_CANDIDATES = 32
+"""A lookup returns the best ranked this many: a hop's record lists them, and a capability with
+hundreds of agents needs only its live, least loaded few."""
 
 
 async def _bounded_stats(client: Client, agent_ids: list[str]) -> list[QueueStats]:
@@ -178,79 +190,155 @@ async def agent_statuses(client: Client, cards: list[AgentCard] | None = None) -
 
 
 class Directory:
-    """The registry as the resolve activity reads it for every capability hop, cached: the cards
-    at most `cards_ttl_s` old, each agent's task-queue stats at most `stats_ttl_s` old. Stats past
-    that age serve while a background refresh replaces them; only an agent never described yet is
-    waited for. So a resolve costs no RPC in the steady state, however many agents are
-    registered, and agents that stopped without deregistering (their queues have no pollers) are
-    described in the background only, never chosen. Liveness itself allows 70 s of poller
-    silence, so the seconds of cache add nothing a hop would notice."""
+    """The registry as a process reads it for every capability hop (the resolve activity), every
+    LLM agent's hop and the A2A server's cards: one per client (`Directory.of`), cached.
 
-    def __init__(self, client: Client, *, cards_ttl_s: float = 1.0, stats_ttl_s: float = 2.0) -> None:
+    Cards are at most `cards_ttl_s` old. An agent's task-queue stats are refreshed once they are
+    `live_ttl_s` old (`down_ttl_s` for a down one) when a lookup ranks it among the candidates it
+    returns, and once they are `sweep_ttl_s` old otherwise: a background refresh, at most
+    `rate_per_s` descriptions a second, replaces them while the old ones serve. A lookup waits
+    only for agents never described (at most `sample`), or, when it knows no live candidate, for
+    up to `sample` re-descriptions. Among equally loaded live agents the least recently returned
+    comes first, so hops spread over a capability's agents instead of piling onto one whose
+    backlog the cache does not show yet. So a lookup costs no RPC in the steady state however
+    many agents are registered, a fleet of hundreds does not flood the server, and a stale
+    registration is never chosen. Liveness itself allows 70 s of poller silence: the seconds of
+    cache add nothing a hop would notice."""
+
+    _by_client: weakref.WeakKeyDictionary[Client, Directory] = weakref.WeakKeyDictionary()
+
+    def __init__(self, client: Client, *, cards_ttl_s: float = 1.0, live_ttl_s: float = 2.0,
+                 down_ttl_s: float = 30.0, sweep_ttl_s: float = 30.0, sample: int = 8,
+                 rate_per_s: float = 100.0) -> None:
         self._client = client
-        self._cards_ttl_s, self._stats_ttl_s = cards_ttl_s, stats_ttl_s
+        self._cards_ttl_s, self._live_ttl_s = cards_ttl_s, live_ttl_s
+        self._down_ttl_s, self._sweep_ttl_s = down_ttl_s, sweep_ttl_s
+        self._sample, self._interval_s = sample, 1.0 / rate_per_s
         self._cards: list[AgentCard] = []
         self._cards_at = float("-inf")
         self._cards_lock = asyncio.Lock()
         self._stats: dict[str, tuple[float, QueueStats]] = {}
-        self._refreshing: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._returned: dict[str, float] = {}  # when a lookup last put the agent first
+        self._queued: dict[str, None] = {}  # agents the background refresh will describe, in order
+        self._refresher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, client: Client) -> Directory:
+        """The process's directory for `client`."""
+        directory = cls._by_client.get(client)
+        if directory is None:
+            directory = cls._by_client[client] = cls(client)
+        return directory
 
     async def cards(self, *, max_age_s: float | None = None) -> list[AgentCard]:
         """The registered cards, at most `cards_ttl_s` old (or `max_age_s`, when given)."""
         ttl = self._cards_ttl_s if max_age_s is None else max_age_s
-        async with self._cards_lock:  # one read of the memo at a time, however many resolves wait
+        async with self._cards_lock:  # one read of the memo at a time, however many lookups wait
             if time.monotonic() - self._cards_at >= ttl:
                 self._cards = await registered_agents(self._client)
                 self._cards_at = time.monotonic()
         return self._cards
 
-    async def statuses(self, cards: list[AgentCard]) -> list[AgentStatus]:
-        now = time.monotonic()
-        unknown = [c.agent_id for c in cards if c.agent_id not in self._stats]
-        if unknown:
-            for agent_id, stats in zip(unknown, await _bounded_stats(self._client, unknown)):
-                self._stats[agent_id] = (time.monotonic(), stats)
-        stale = [c.agent_id for c in cards if now - self._stats[c.agent_id][0] >= self._stats_ttl_s
-                 and c.agent_id not in self._refreshing]
-        if stale:
-            self._refreshing.update(stale)
-            task = asyncio.create_task(self._refresh(stale))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return [AgentStatus(card=c, stats=self._stats[c.agent_id][1]) for c in cards]
+    async def forget_stats(self, agent_ids: list[str]) -> None:
+        """Drop what is known of these agents' queues: the next lookup describes them again."""
+        for agent_id in agent_ids:
+            self._stats.pop(agent_id, None)
 
-    async def _refresh(self, agent_ids: list[str]) -> None:
-        try:
-            for agent_id, stats in zip(agent_ids, await _bounded_stats(self._client, agent_ids)):
-                self._stats[agent_id] = (time.monotonic(), stats)
-        except Exception:  # the server is away for now: the next resolve tries again
-            pass
-        finally:
-            self._refreshing.difference_update(agent_ids)
+    def _age(self, agent_id: str, now: float) -> float:
+        known = self._stats.get(agent_id)
+        return float("inf") if known is None else now - known[0]
+
+    def _ttl(self, agent_id: str, hot: bool) -> float:
+        if not hot:
+            return self._sweep_ttl_s
+        return self._live_ttl_s if self._stats[agent_id][1].live else self._down_ttl_s
+
+    async def _describe(self, agent_ids: list[str]) -> None:
+        for agent_id, stats in zip(agent_ids, await _bounded_stats(self._client, agent_ids)):
+            self._stats[agent_id] = (time.monotonic(), stats)
+
+    def _refresh_later(self, agent_ids: list[str], *, hot: bool) -> None:
+        now = time.monotonic()
+        self._queue([a for a in agent_ids if a in self._stats and self._age(a, now) >= self._ttl(a, hot)])
+
+    async def _refresh(self) -> None:
+        """Describe the queued agents, `rate_per_s` a second at most."""
+        while self._queued:
+            agent_id = next(iter(self._queued))
+            del self._queued[agent_id]
+            try:
+                await self._describe([agent_id])
+            except Exception:  # the server is away for now: a later lookup queues it again
+                pass
+            await asyncio.sleep(self._interval_s)
+
+    async def _known(self, cards: list[AgentCard], unknown: int | None = None) -> list[tuple[AgentCard, QueueStats]]:
+        """The cards whose stats are known, with them. While one of them is known live, agents
+        never described are queued for the background refresh (`unknown`: describe up to that
+        many of them first all the same); when none is known live, up to `sample` of them, or of
+        the others, are described first."""
+        never = [c.agent_id for c in cards if c.agent_id not in self._stats]
+        if never and unknown:
+            await self._describe(never[:unknown])
+            never = never[unknown:]
+        if not any(c.agent_id in self._stats and self._stats[c.agent_id][1].live for c in cards):
+            now = time.monotonic()
+            first = never[: self._sample] or [
+                c.agent_id for c in cards if self._age(c.agent_id, now) >= 0.1][: self._sample]
+            await self._describe(first)
+            never = [a for a in never if a not in first]
+        self._queue(never)
+        return [(c, self._stats[c.agent_id][1]) for c in cards if c.agent_id in self._stats]
+
+    def _queue(self, agent_ids: list[str]) -> None:
+        for agent_id in agent_ids:
+            self._queued.setdefault(agent_id)
+        if self._queued and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.create_task(self._refresh())
+
+    async def statuses(self, cards: list[AgentCard], *, unknown: int | None = None) -> list[AgentStatus]:
+        """Each card whose stats are known, with them (see `_known`); the stats past their age
+        are queued for the background refresh."""
+        known = await self._known(cards, unknown)
+        self._refresh_later([c.agent_id for c, _ in known], hot=True)
+        return [AgentStatus(card=c, stats=s) for c, s in known]
+
+    async def live_cards(self) -> list[AgentCard]:
+        """The cards of the agents live now (every agent never described yet is described)."""
+        cards = await self.cards()
+        known = await self._known(cards, unknown=len(cards))
+        self._refresh_later([c.agent_id for c, _ in known], hot=False)
+        return [c for c, s in known if s.live]
 
     async def candidates(self, capability: AgentCapability | None, *, like_agent: str | None = None,
-                         exclude: list[str] = ()) -> list[Candidate]:
-        """As `candidates_for`, from the cache; when the cache has no live candidate (an agent may
-        have registered a moment ago), from cards read again (at most one read per 0.1 s)."""
-        found = await self._candidates(await self.cards(), capability, like_agent, exclude)
+                         exclude: list[str] = (), limit: int = MAX_CANDIDATES) -> list[Candidate]:
+        """As `candidates_for`, from the cache, at most `limit` (the best ranked; among equally
+        loaded live agents, the least recently returned first); when nothing is live, the cards
+        are read again (an agent may have registered a moment ago)."""
+        found = await self._candidates(await self.cards(), capability, like_agent, exclude, limit)
         if not any(c.live for c in found):
-            found = await self._candidates(await self.cards(max_age_s=0.1), capability, like_agent, exclude,
-                                           fresh=True)
+            found = await self._candidates(await self.cards(max_age_s=0.1), capability, like_agent, exclude, limit)
+        if found and found[0].live:
+            self._returned[found[0].agent_id] = time.monotonic()
         return found
 
     async def _candidates(self, cards: list[AgentCard], capability: AgentCapability | None,
-                          like_agent: str | None, exclude: list[str], *, fresh: bool = False) -> list[Candidate]:
+                          like_agent: str | None, exclude: list[str], limit: int) -> list[Candidate]:
         capability = _capability_of(cards, capability, like_agent)
         if capability is None:
             return []
-        matching = [c for c in cards if capability in c.capabilities and c.agent_id not in exclude]
-        if fresh:  # nothing was live: describe again what is more than 0.1 s old (an agent may be back)
-            old = [c.agent_id for c in matching
-                   if c.agent_id in self._stats and time.monotonic() - self._stats[c.agent_id][0] >= 0.1]
-            for agent_id, stats in zip(old, await _bounded_stats(self._client, old)):
-                self._stats[agent_id] = (time.monotonic(), stats)
-        return rank(await self.statuses(matching))
+        excluded = set(exclude)
+        matching = [c for c in cards if capability in c.capabilities and c.agent_id not in excluded]
+        known = await self._known(matching)
+        # ranked on plain tuples, the best `limit` made models: hundreds of agents cost microseconds
+        returned = self._returned
+        ranked = sorted(known, key=lambda cs: (not cs[1].live, cs[1].backlog / max(cs[0].max_concurrent, 1),
+                                               returned.get(cs[0].agent_id, float("-inf")), cs[0].agent_id))
+        best, rest = ranked[:limit], ranked[limit:]
+        self._refresh_later([c.agent_id for c, _ in best], hot=True)
+        self._refresh_later([c.agent_id for c, _ in rest], hot=False)
+        return [Candidate(agent_id=c.agent_id, live=s.live, pollers=s.pollers, backlog=s.backlog,
+                          max_concurrent=c.max_concurrent) for c, s in best]
 
 
 def _capability_of(cards: list[AgentCard], capability: AgentCapability | None,

@@ -22,6 +22,13 @@ LATENCY_TUNING = (
     "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
     "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
 )
+# The dev server's rate limits suit a shared cluster's namespace; one host's server for a fleet of
+# agent workers (hundreds starting at once, each with its pollers) needs more headroom.
+CAPACITY_TUNING = tuple(arg for key in (
+    "frontend.rps", "frontend.namespaceRPS", "frontend.namespaceCount", "matching.rps",
+    "frontend.persistenceMaxQPS", "frontend.persistenceNamespaceMaxQPS", "history.persistenceMaxQPS",
+    "history.persistenceNamespaceMaxQPS", "matching.persistenceMaxQPS", "matching.persistenceNamespaceMaxQPS",
+) for arg in ("--dynamic-config-value", f"{key}=20000"))
 # With a database file, WAL and relaxed fsync doubled chain throughput.
 SQLITE_TUNING = ("--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal")
 
@@ -52,7 +59,7 @@ def search_attribute_args() -> list[str]:
 
 def tuning_args(db: str | None) -> list[str]:
     """Dev-server flags for low latency (shared by `handoff server` and the tests)."""
-    return [*LATENCY_TUNING, *(SQLITE_TUNING if db else ())]
+    return [*LATENCY_TUNING, *CAPACITY_TUNING, *(SQLITE_TUNING if db else ())]
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from handoff.agent import Agent
 from handoff.codec import data_converter
 from handoff.constants import SEARCH_ATTRIBUTES
-from handoff.registry import agent_statuses
+from handoff.registry import Directory
 from handoff.server import free_port, temporal_binary, tuning_args
 from handoff.workers.agent_worker import agent_worker, registered
 from handoff.workers.chain_worker import chain_worker
@@ -61,10 +61,15 @@ async def running(client: Client, *agents: Agent, register: bool = False) -> Asy
 
 
 async def wait_live(client: Client, agent_ids: set[str], timeout_s: float = 20.0) -> None:
-    """Wait until every agent is registered and polling its queue; AssertionError if not in time."""
+    """Wait until every agent is registered and polling its queue, as this process's cached
+    `Directory` sees it (the one its resolve activity and LLM agents read: it is read afresh
+    here); AssertionError if not in time."""
+    directory = Directory.of(client)
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        live = {s.card.agent_id for s in await agent_statuses(client) if s.stats.live}
+        cards = [c for c in await directory.cards(max_age_s=0) if c.agent_id in agent_ids]
+        await directory.forget_stats([c.agent_id for c in cards if c.agent_id in agent_ids])
+        live = {s.card.agent_id for s in await directory.statuses(cards, unknown=len(cards)) if s.stats.live}
         if agent_ids <= live:
             return
         if asyncio.get_running_loop().time() > deadline:

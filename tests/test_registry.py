@@ -261,7 +261,7 @@ async def test_the_directory_answers_from_its_cache_and_never_picks_a_stale_agen
     live = make_agent(f"dir-live-{uid}", answer, [cap])
     stale = make_agent(f"dir-stale-{uid}", answer, [cap])
     await register_agent_checked(client, stale, "gone")  # registered, no worker ever polls
-    directory = Directory(client, cards_ttl_s=0.5, stats_ttl_s=0.5)
+    directory = Directory(client, cards_ttl_s=0.5, live_ttl_s=0.5)
     try:
         async with running(client, live, register=True):
             first = await directory.candidates(cap)
@@ -286,10 +286,12 @@ async def test_the_directory_answers_from_its_cache_and_never_picks_a_stale_agen
                 client.workflow_service.describe_task_queue = original
             assert calls == 0, "a lookup within the stats' age sends no describe"
             assert took < 1.0
+            before = directory._stats[live.id][0]
             await asyncio.sleep(0.6)
-            await directory.candidates(cap)  # past their age: refreshed in the background
+            again = await directory.candidates(cap)  # past its age: served, and refreshed in the background
+            assert again[0].agent_id == live.id
             await asyncio.sleep(0.3)
-            assert all(t.done() for t in directory._tasks)
+            assert directory._stats[live.id][0] > before and directory._refresher.done()
     finally:
         from handoff.registry import deregister_agent
 
