@@ -11,7 +11,7 @@ LLAMA_BUILD := CMAKE_ARGS="-DGGML_NATIVE=OFF"
 COV_MIN ?= 90
 PYTEST_ARGS ?=
 
-.PHONY: install run run-llm test bench clean
+.PHONY: install run run-llm test test-hosts bed-up bed-down bench clean
 
 # `make run` installs what handoff needs; `make test` adds the test dependencies.
 $(STAMP): pyproject.toml
@@ -39,6 +39,18 @@ run-llm: $(LLM_STAMP)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=$(COV_MIN) $(PYTEST_ARGS)
+
+# the multi-host tests alone (they also run in `make test`), their counts in bench/results/hosts.json
+test-hosts: $(DEV_STAMP)
+	HANDOFF_BED_COUNTS=bench/results/hosts.json $(PY) -m pytest -v tests/test_hosts.py
+
+# test hosts (network namespaces on a bridge, root needed) to try a deployment on: see the README
+BED_HOSTS ?= server chains agent1 agent2 starter
+bed-up: $(STAMP)
+	$(PY) -m handoff.testbed up $(BED_HOSTS)
+
+bed-down: $(STAMP)
+	$(PY) -m handoff.testbed down
 
 bench: $(DEV_STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -22,7 +22,7 @@ FLOORS: dict[str, int] = {
     **dict.fromkeys(["handoff.client", "handoff.audit"], 3),
     "handoff.workers": 4,
     **dict.fromkeys(["handoff.cli", "handoff.dev", "handoff.service", "handoff.server", "handoff.local_model", "handoff.a2a_server",
-                     "handoff.codec_server", "handoff.render", "handoff.testing", "handoff.examples"], 5),
+                     "handoff.codec_server", "handoff.render", "handoff.testing", "handoff.testbed", "handoff.examples"], 5),
 }
 FOLDERS = {"handoff": "handoff", "workflows": "handoff.workflows", "activities": "handoff.activities",
            "workers": "handoff.workers", "examples": "handoff.examples"}

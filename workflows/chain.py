@@ -188,6 +188,12 @@ CUT_REASONS = {
 }
 
 
+SILENT_ATTEMPTS = 3
+"""A hop whose attempts all went silent is scheduled again, up to this many times `max_attempts`
+attempts in all (and while its timeout lasts)."""
+SILENT_ROUNDS_PATCH = "silent-rounds"
+
+
 @workflow.defn(name=CHAIN_WORKFLOW, failure_exception_types=FAILURE_EXCEPTION_TYPES)
 class HandoffChainWorkflow:
     @workflow.init
@@ -685,32 +691,40 @@ class HandoffChainWorkflow:
         self._hops_used += 1
         self._agents.append(agent)
         self._show_progress(depth, agent, target)
-        try:
-            output: HopOutput = await workflow.execute_activity(
-                HOP_ACTIVITY,
-                payload,  # hop_input, serialized once for its size check
-                task_queue=agent_task_queue(agent),
-                result_type=HopOutput,
-                start_to_close_timeout=timedelta(seconds=self._policy.hop_timeout_s),
-                schedule_to_start_timeout=timedelta(seconds=self._policy.schedule_to_start_s),
-                heartbeat_timeout=timedelta(seconds=self._policy.heartbeat_timeout_s),
-                retry_policy=self._retry_policy,
-                summary=_hop_summary(hop_input, target, path.label),
-            )
-        except ActivityError as err:
-            if isinstance(err.cause, CancelledError):
-                self._close_hop(record, HopStatus.CANCELLED, error="hop cancelled", attempts=1)
-                raise asyncio.CancelledError("chain cancelled") from err
-            status, error, attempts = self._classify(err, agent)
-            self._close_hop(record, status, error=error, attempts=attempts)
-            workflow.logger.warning("hop_failed", extra=self._log_fields(record))
-            return record, None
+        first_scheduled = workflow.now()
+        earlier = 0  # attempts of earlier rounds, all gone silent
+        while True:
+            try:
+                output: HopOutput = await workflow.execute_activity(
+                    HOP_ACTIVITY,
+                    payload,  # hop_input, serialized once for its size check
+                    task_queue=agent_task_queue(agent),
+                    result_type=HopOutput,
+                    start_to_close_timeout=timedelta(seconds=self._policy.hop_timeout_s),
+                    schedule_to_start_timeout=timedelta(seconds=self._policy.schedule_to_start_s),
+                    heartbeat_timeout=timedelta(seconds=self._policy.heartbeat_timeout_s),
+                    retry_policy=self._retry_policy,
+                    summary=_hop_summary(hop_input, target, path.label),
+                )
+                break
+            except ActivityError as err:
+                if isinstance(err.cause, CancelledError):
+                    self._close_hop(record, HopStatus.CANCELLED, error="hop cancelled", attempts=earlier + 1)
+                    raise asyncio.CancelledError("chain cancelled") from err
+                status, error, attempts = self._classify(err, agent)
+                if self._silent_again(err, earlier + attempts, first_scheduled):
+                    earlier += attempts
+                    workflow.logger.warning("hop_silent", extra={**self._log_fields(record), "attempts": earlier})
+                    continue
+                self._close_hop(record, status, error=error, attempts=earlier + attempts)
+                workflow.logger.warning("hop_failed", extra=self._log_fields(record))
+                return record, None
         result = output.result
         record.decision = result.decision
         self._close_hop(
             record,
             HopStatus.COMPLETED if result.success else HopStatus.FAILED,
-            attempts=output.attempt,
+            attempts=earlier + output.attempt,
             result_data=result.result_data,
             error=None if result.success else str(result.result_data.get("error", "agent reported failure")),
         )
@@ -806,6 +820,24 @@ class HandoffChainWorkflow:
             status = ChainStatus.REJECTED if not self._completed else ChainStatus.FAILED
             raise ChainEnd(status, f"context too large for hop {hop_input.hop}: {record.error}")
         return payload
+
+    def _silent_again(self, err: ActivityError, attempts: int, first_scheduled: Any) -> bool:
+        """Whether to schedule the hop again after every attempt went silent (heartbeat timeouts):
+        its worker died or lost the network mid-hop, or the server handed the retry to a poll of
+        a worker it could no longer reach (a partitioned host's polls outlive it on the server
+        until its connection is found dead). Another worker of the agent, a replica on another
+        host, may take it: again while the hop's timeout lasts, up to `SILENT_ATTEMPTS` times
+        `max_attempts` in all. A handler that fails, or runs out its time while heartbeating,
+        is not silent."""
+        cause = err.cause
+        if not (isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT
+                and err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED):
+            return False
+        within = (workflow.now() - first_scheduled).total_seconds() < self._policy.hop_timeout_s
+        if not (within and attempts < SILENT_ATTEMPTS * self._policy.max_attempts):
+            return False
+        # marked in history only when a hop goes silent: histories from before replay as they were
+        return workflow.patched(SILENT_ROUNDS_PATCH)
 
     def _classify(self, err: ActivityError, agent: str) -> tuple[HopStatus, str, int]:
         cause = err.cause
