@@ -569,14 +569,14 @@ def a2a_server(
     async def go() -> None:
         tokens = tuple(t.strip() for t in os.environ.get(ENV_TOKENS, "").split(",") if t.strip())
         auth = BearerAuth(tokens=tokens, jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
+        stop = asyncio.Event()  # set on a signal from the moment it can answer a request
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
         server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url).start()
         checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
         out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; {checks}",
                   soft_wrap=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         try:
             await stop.wait()
         finally:

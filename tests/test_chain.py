@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from uuid import uuid4
 
 import pytest
@@ -235,6 +236,28 @@ async def test_hop_over_its_timeout_ends_the_chain(client, uid):
     assert record.status is ChainStatus.FAILED
     assert record.hops[0].status is HopStatus.TIMED_OUT
     assert record.hops[0].attempts == 2
+
+
+async def test_a_hop_whose_attempts_all_went_silent_is_scheduled_again(client, uid):
+    """Every attempt of the first round stops heartbeating (its worker's event loop stalls, as a
+    worker cut off from the server looks): the hop is not failed but scheduled again, and the
+    record counts every attempt."""
+    runs = []
+
+    async def stalls_three_times(ctx):
+        runs.append(ctx.handoff_id)
+        if len(runs) <= 3:
+            time.sleep(2.5)  # no heartbeat gets out: the server hears nothing from this attempt
+        return ctx.complete({"run": len(runs)})
+
+    agent = make_agent(f"stall-{uid}", stalls_three_times)
+    async with running(client, agent):
+        record = await asyncio.wait_for(
+            run_chain(client, to_agent=agent.id, task_description="t",
+                      policy={**FAST, "heartbeat_timeout_s": 1, "max_attempts": 3}), 60)
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert record.hops[0].attempts == 4 and record.hops[0].result_data == {"run": 4}
+    assert len(set(runs)) == 1, "one hop, run four times"
 
 
 async def test_unreachable_agent_falls_back_to_the_configured_agent(client, uid):
