@@ -29,6 +29,7 @@ from temporalio.client import Client
 
 from bench.agents import FAN_OUT, LEAD
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
+from bench.registry import registry_rows, registry_targets, run_registry_scale
 from handoff.client import approve_chain, connect, run_chain, start_chain, wait_chain
 from handoff.models import ChainRecord, ChainStatus
 from handoff.server import (
@@ -337,6 +338,8 @@ def targets(results: dict) -> dict:
     if "default_server" in results:
         speedup = results["default_server"]["speedup_p50"]
         checks[SPEEDUP] = (speedup, 2, speedup >= 2)
+    if "registry_scale" in results:
+        checks.update(registry_targets(results["registry_scale"]))
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
@@ -399,6 +402,8 @@ def markdown(results: dict) -> str:
             f"{default['tuned_5_hops_ms']['p50']:.1f} ms | {default['default_5_hops_ms']['p50']:.1f} ms | "
             f"{default['speedup_p50']:.1f}x faster | "
             f"{goal(SPEEDUP, '>= {}x')} |")
+    if "registry_scale" in results:
+        rows += registry_rows(results["registry_scale"], goal)
     rows += [
         "",
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
@@ -448,8 +453,22 @@ def run(args: argparse.Namespace) -> dict:
                 default = asyncio.run(five_hop_latency(server.address, min(args.samples, 20)))
             results["default_server"] = {"tuned_5_hops_ms": tuned, "default_5_hops_ms": default,
                                          "speedup_p50": ratio(default["p50"], tuned["p50"])}
+    if not args.skip_registry:
+        results["registry_scale"] = run_registry_scale(
+            sizes=tuple(args.registry_sizes), samples=args.samples * 4, chains=args.registry_chains,
+            stale_count=args.stale)
     results["targets"] = targets(results)
     return results
+
+
+def sizes(text: str) -> list[int]:
+    try:
+        found = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 10,100,500, got {text!r}") from None
+    if not found or any(not 1 <= n <= 2000 for n in found):
+        raise argparse.ArgumentTypeError("each size is between 1 and 2000")
+    return found
 
 
 def main() -> None:
@@ -459,6 +478,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns each system takes per throughput level")
     parser.add_argument("--context-samples", type=int, default=5)
     parser.add_argument("--skip-default", action="store_true", help="skip the default dev server")
+    parser.add_argument("--registry-sizes", type=sizes, default=[10, 100, 500],
+                        help="fleet sizes for registration and discovery at scale (default 10,100,500)")
+    parser.add_argument("--registry-chains", type=int, default=150, help="chains per throughput round at each size")
+    parser.add_argument("--stale", type=int, default=500, help="stale registrations beside 10 live agents")
+    parser.add_argument("--skip-registry", action="store_true", help="skip registration and discovery at scale")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"),
                         help="the JSON; the README table (.md) and the plot (latency.png) go beside it")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot (needs the bench extra)")
