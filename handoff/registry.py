@@ -275,22 +275,33 @@ class Directory:
             await asyncio.sleep(self._interval_s)
 
     async def _known(self, cards: list[AgentCard], unknown: int | None = None) -> list[tuple[AgentCard, QueueStats]]:
-        """The cards whose stats are known, with them. While one of them is known live, agents
-        never described are queued for the background refresh (`unknown`: describe up to that
-        many of them first all the same); when none is known live, up to `sample` of them, or of
-        the others, are described first."""
+        """The cards whose stats are known, with them (`unknown`: describe up to that many never
+        described first). Agents never described are described only while fewer than
+        `MAX_CANDIDATES` known ones are live and idle: a chunk at a time, waited for while none
+        is known live, in the background otherwise. So a fleet of hundreds is read once, and
+        only as far as a lookup needs. When none is known live and none is left undescribed, up
+        to `sample` are described again (an agent may be back)."""
         never = [c.agent_id for c in cards if c.agent_id not in self._stats]
         if never and unknown:
             await self._describe(never[:unknown])
             never = never[unknown:]
-        if not any(c.agent_id in self._stats and self._stats[c.agent_id][1].live for c in cards):
+        while never and self._idle_live(cards) < MAX_CANDIDATES:
+            chunk, never = never[:MAX_DESCRIBES], never[MAX_DESCRIBES:]
+            if self._idle_live(cards) or any(self._live(c.agent_id) for c in cards):
+                self._queue(chunk)
+                break
+            await self._describe(chunk)
+        if not never and not any(self._live(c.agent_id) for c in cards):
             now = time.monotonic()
-            first = never[: self._sample] or [
-                c.agent_id for c in cards if self._age(c.agent_id, now) >= 0.1][: self._sample]
-            await self._describe(first)
-            never = [a for a in never if a not in first]
-        self._queue(never)
+            await self._describe([c.agent_id for c in cards if self._age(c.agent_id, now) >= 0.1][: self._sample])
         return [(c, self._stats[c.agent_id][1]) for c in cards if c.agent_id in self._stats]
+
+    def _live(self, agent_id: str) -> bool:
+        known = self._stats.get(agent_id)
+        return known is not None and known[1].live
+
+    def _idle_live(self, cards: list[AgentCard]) -> int:
+        return sum(1 for c in cards if self._live(c.agent_id) and self._stats[c.agent_id][1].backlog == 0)
 
     def _queue(self, agent_ids: list[str]) -> None:
         for agent_id in agent_ids:

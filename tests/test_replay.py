@@ -70,6 +70,9 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
                  {"by": "golden-b", "depth": 1, "shipped": True}),
     "approval_rejected": (ChainStatus.REJECTED, [("golden-a", C, 1, None), ("golden-c", R, 0, None)],
                           {"by": "golden-a", "depth": 0}),
+    # both attempts of the first round went silent; the second round's first attempt completed
+    "silent_round": (ChainStatus.COMPLETED, [("golden-a", C, 1, None), ("golden-stall", C, 3, None)],
+                     {"by": "golden-stall", "depth": 1, "held": True}),
 }
 
 # The branches of each pattern's fan-out: (status, cut, [(to_agent, hop status, attempts, fallback_for)]).

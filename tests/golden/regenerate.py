@@ -19,6 +19,8 @@ import asyncio
 import logging
 import os
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -71,6 +73,7 @@ PATTERN_IDS: dict[str, UUID] = {
     "delegate": UUID("601de000-0000-4000-8000-000000000103"),
     "approval": UUID("601de000-0000-4000-8000-000000000104"),
     "approval_rejected": UUID("601de000-0000-4000-8000-000000000105"),
+    "silent_round": UUID("601de000-0000-4000-8000-000000000201"),
 }
 REGISTRY_FILE = "registry"
 
@@ -82,11 +85,15 @@ SPARE = "golden-spare"  # the configured fallback agent
 DOWN = "golden-down"  # never runs: its hops cannot start
 SLOW = "golden-slow"  # works until the chain is cancelled
 BROKEN = "golden-broken"  # always raises an ordinary (retryable) error
+STALL = "golden-stall"  # stalls its worker (no heartbeat gets out) on its first runs
 # Registered agents, found by capability.
 LEAD = "golden-lead"  # CODE_ANALYSIS
 AUDIT = "golden-audit"  # SECURITY_AUDIT
 DEPLOY_1 = "golden-deploy-1"  # DEPLOYMENT
 DEPLOY_2 = "golden-deploy-2"  # DEPLOYMENT
+
+
+STALLS: Counter = Counter()  # runs of each stalling hop, by handoff id
 
 
 async def scripted(ctx: HandoffContext) -> HandoffResult:
@@ -96,12 +103,18 @@ async def scripted(ctx: HandoffContext) -> HandoffResult:
     `fan_out` (branches and join, as `ctx.fan_out` takes them), `delegate` (as `ctx.delegate`
     takes it), `complete` (result data), `fail` (ctx.fail), `permanent` (raise PermanentError),
     `error` (raise an ordinary error), `flaky` (raise once, then do the rest of the step), `wait`
-    (work until cancelled). A hop the chain returns to completes with its branches' statuses.
+    (work until cancelled), `stall` (block the worker's event loop for `seconds` on the hop's first
+    `stall` runs, so no heartbeat gets out, then do the rest). A hop the chain returns to completes
+    with its branches' statuses.
     """
     if ctx.branches:  # a join, or the chain came back to the agent that delegated
         return ctx.complete({"by": ctx.to_agent, "depth": ctx.chain_depth,
                              "branches": [b.status.value for b in ctx.branches]})
     step: dict[str, Any] = ctx.context_data["script"][f"{ctx.to_agent}@{ctx.chain_depth}"]
+    if "stall" in step:
+        STALLS[ctx.handoff_id] += 1
+        if STALLS[ctx.handoff_id] <= step["stall"]:
+            time.sleep(step["seconds"])
     if step.get("flaky") and activity.info().attempt == 1:
         raise ConnectionError("transient failure on the first attempt")
     if "error" in step:
@@ -284,6 +297,16 @@ async def approval_rejected(client: Client, chain_id: UUID) -> ChainRecord:
     return await _decided(client, chain_id, approve=False)
 
 
+async def silent_round(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> stall, whose 2 attempts both go silent (heartbeat timeouts): the hop is scheduled
+    again, and its third attempt completes."""
+    script = {"golden-a@0": {"to": STALL, "task": "hold on"},
+              f"{STALL}@1": {"stall": 2, "seconds": 1.6, "complete": {"held": True}}}
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="stall",
+                           context_data={"script": script},
+                           policy={**FAST, "max_attempts": 2, "heartbeat_timeout_s": 1})
+
+
 SCENARIOS = {
     "linear": linear,
     "fallback_unreachable": fallback_unreachable,
@@ -298,6 +321,7 @@ SCENARIOS = {
     "delegate": delegate,
     "approval": approval,
     "approval_rejected": approval_rejected,
+    "silent_round": silent_round,
 }
 IDS = {**CHAIN_IDS, **PATTERN_IDS}
 
@@ -322,7 +346,7 @@ async def main(names: list[str]) -> int:
     env = await start_dev_env()
     try:
         client = env.client
-        plain = [make_agent(a, scripted) for a in [*RELAY, SPARE, SLOW, BROKEN]]
+        plain = [make_agent(a, scripted) for a in [*RELAY, SPARE, SLOW, BROKEN, STALL]]
         listed = [
             make_agent(LEAD, scripted, [AgentCapability.CODE_ANALYSIS]),
             make_agent(AUDIT, scripted, [AgentCapability.SECURITY_AUDIT]),
