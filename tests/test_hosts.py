@@ -197,6 +197,7 @@ def run_scenario(d: Deployment, name: str, *, plan: list[str], chains: int, seco
         "stuck": statuses["stuck"], "lost": statuses["lost"],
         "hop_executions": sum(runs.values()),
         "hops_recorded": len(attempts),
+        "attempts_recorded": sum(attempts.values()),
         "duplicate_executions": sum(n - 1 for n in runs.values() if n > 1),
         "duplicate_effects": sum(n - 1 for n in finished.values() if n > 1),
         "duplicates_unrecorded": sum(1 for hop, n in runs.items() if n > attempts.get(hop, 0)),
