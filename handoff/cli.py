@@ -169,6 +169,8 @@ def start(
             if not (wait and as_json):
                 out.print(f"chain [bold]{request.chain_id}[/bold] started")
                 out.print(f"Web UI: {link}", soft_wrap=True)
+            if to is not None:
+                await _warn_if_nobody_serves(client, to, request.policy.schedule_to_start_s)
             return await _wait_telling_why(client, request.chain_id, wait_timeout) if wait else None
         finally:
             telemetry.flush()
@@ -177,6 +179,25 @@ def start(
     if record is not None:
         _print_record(record, as_json)
         _exit_for(record)
+
+
+async def _warn_if_nobody_serves(client: Client, agent_id: str, schedule_to_start_s: float) -> None:
+    """Say on stderr, at once, when the agent a chain was started at is neither registered nor
+    polling its queue: its hop will fail unless a worker of it starts in time (a chain to an
+    agent that starts later is not refused)."""
+    from handoff.constants import agent_task_queue
+    from handoff.registry import queue_stats, registered_agents
+
+    try:
+        if (await queue_stats(client, agent_task_queue(agent_id))).live:
+            return
+        registered = any(c.agent_id == agent_id for c in await registered_agents(client))
+    except Exception:  # the chain is started: a failed check is no reason to fail the command
+        return
+    why = "is registered but no worker of it is polling" if registered else "is not registered and no worker of it is polling"
+    err_console.print(f"warning: agent {agent_id!r} {why}: its hop fails after {schedule_to_start_s:g}s unless "
+                      "one starts (`handoff agents` lists the registered agents)",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 WAIT_NOTICE_S = 10.0

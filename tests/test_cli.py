@@ -98,6 +98,7 @@ async def test_start_prints_id_and_link_then_show_returns_the_record(client, cli
     async with running(client, agent):
         proc = await cli(cli_env, "start", "--to", agent.id, "--task", "t")
         assert proc.returncode == 0, proc.stderr
+        assert "warning" not in proc.stderr, "its worker polls: nothing to warn of"
         lines = proc.stdout.splitlines()
         assert len(lines) == 2, proc.stdout
         match = re.fullmatch(rf"chain ({UUID_RE}) started", lines[0])
@@ -114,6 +115,18 @@ async def test_start_prints_id_and_link_then_show_returns_the_record(client, cli
     human = await cli(cli_env, "show", chain_id)
     assert human.returncode == 0, human.stderr
     assert chain_id in human.stdout and "completed" in human.stdout
+
+
+async def test_start_at_an_agent_nobody_serves_warns_at_once_and_still_starts(cli_env, uid):
+    nobody = f"nobody-{uid}"
+    proc = await cli(cli_env, "start", "--to", nobody, "--task", "t")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("chain "), "the chain is started: its agent may start later"
+    warning, = proc.stderr.splitlines()
+    assert warning.startswith(f"warning: agent '{nobody}' is not registered and no worker of it is polling")
+    waited = await cli(cli_env, "start", "--to", nobody, "--task", "t", "--schedule-to-start", "1", "--wait")
+    assert waited.returncode == 1, "with --wait, the failure"
+    assert "warning: agent" in waited.stderr and "unreachable" in waited.stdout
 
 
 async def test_start_reads_context_from_a_file(client, cli_env, uid, tmp_path):
