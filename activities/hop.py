@@ -34,6 +34,11 @@ ENV_LOG_TASK_TEXT = "HANDOFF_LOG_TASK_TEXT"
 """`off`: hop log lines leave out the task text (they always carry ids, agents and errors)."""
 
 
+CANCEL_WITHIN_S = 1.0
+"""A running hop heartbeats at least this often (and its worker sends heartbeats this often):
+a cancel reaches the handler within about this much, plus a round trip."""
+
+
 class _Heartbeat:
     """Heartbeats every `interval_s` until stopped, so a hop whose worker died is retried within
     the heartbeat timeout. A timer callback, not a task: most hops end before the first beat."""
@@ -93,7 +98,7 @@ def hop_activity(agent: Agent):
             attempt=attempt,
         )
         hop_log.info("hop_started", **({"task": ctx.task_description[:200]} if task_text else {}))
-        beat = _Heartbeat(hop.heartbeat_interval_s, attempt)
+        beat = _Heartbeat(min(hop.heartbeat_interval_s, CANCEL_WITHIN_S), attempt)
         started = time.perf_counter()
         outcome = "failed"
         try:

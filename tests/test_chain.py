@@ -338,6 +338,38 @@ async def test_cancel_cancels_the_current_hop(client, uid):
         await cancel_chain(client, chain_id)
 
 
+async def test_a_cancel_reaches_a_handler_past_its_first_heartbeat_at_once(client, uid):
+    """With the default 10 s heartbeat timeout, the SDK would send a heartbeat at most every 8 s:
+    a cancel sent 3 s into an 8 s handler would arrive after the handler had finished."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    outcome: dict[str, float] = {}
+
+    async def eight_seconds(ctx):
+        started.set()
+        try:
+            await asyncio.sleep(8)
+        except asyncio.CancelledError:
+            outcome["cancelled_at"] = time.monotonic()
+            cancelled.set()
+            raise
+        outcome["finished_at"] = time.monotonic()
+        return ctx.complete({})
+
+    agent = make_agent(f"eight-{uid}", eight_seconds)
+    async with running(client, agent):
+        chain_id = await start_chain(client, to_agent=agent.id, task_description="t")
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(3)  # past the first heartbeats
+        asked = time.monotonic()
+        await cancel_chain(client, chain_id)
+        await asyncio.wait_for(cancelled.wait(), 10)
+        record = await asyncio.wait_for(wait_chain(client, chain_id), 20)
+    assert "finished_at" not in outcome, "the handler was cancelled, not run to its end"
+    assert outcome["cancelled_at"] - asked < 4.5, "well before the 8 s handler would have ended"
+    assert record.status is ChainStatus.CANCELLED
+    assert record.hops[0].status is HopStatus.CANCELLED and record.hops[0].attempts == 1
+
+
 async def test_running_chain_is_rebuilt_from_history_without_workers(client, uid):
     chain_id = await start_chain(client, to_agent=f"absent-{uid}", task_description="wait",
                                  context_data={"n": 1})

@@ -15,7 +15,7 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from handoff.activities.hop import hop_activity
+from handoff.activities.hop import CANCEL_WITHIN_S, hop_activity
 from handoff.agent import Agent
 from handoff.registry import leave_registry, register_agent, registration_of
 from handoff.versioning import current_build_id, deployment_config, set_current_build_id
@@ -34,6 +34,10 @@ def agent_worker(client: Client, agent: Agent, *, versioned: bool = False, **opt
     gets hops only while that version is current (see `handoff rollout`).
     """
     options.setdefault("graceful_shutdown_timeout", timedelta(seconds=5))
+    # A cancel reaches a handler with the answer to its next heartbeat: the SDK sends them at most
+    # every 80 % of the heartbeat timeout (8 s by default) unless told otherwise.
+    options.setdefault("max_heartbeat_throttle_interval", timedelta(seconds=CANCEL_WITHIN_S))
+    options.setdefault("default_heartbeat_throttle_interval", timedelta(seconds=CANCEL_WITHIN_S))
     if versioned:
         options["deployment_config"] = deployment_config(agent)
     return Worker(
