@@ -81,7 +81,7 @@ def hop_activity(agent: Agent):
         nonlocal handler_ms
         if handler_ms is None:
             handler_ms = activity.metric_meter().create_histogram_float(
-                "handoff_handler_duration", "time an agent's handler took for one hop attempt", "ms")
+                "handoff_handler_duration", "time an agent's handler took for one hop attempt, in milliseconds", "ms")
         handler_ms.record(elapsed_s * 1000, {"agent": agent.id, "outcome": outcome})
 
     @activity.defn(name=HOP_ACTIVITY)

@@ -67,6 +67,12 @@ class Telemetry:
             self.tracer_provider.force_flush()
 
 
+DURATION_METRICS = ("handoff_hop_duration", "handoff_handler_duration")
+DURATION_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 30000, 60000)
+"""Buckets (milliseconds) that tell a 15 ms hop from a 40 ms one, up to the 60 s hop timeout (the
+SDK's default buckets start at 50)."""
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -75,7 +81,8 @@ def metrics_runtime(bind: str) -> Runtime:
     """A runtime serving Prometheus metrics on http://BIND/metrics (BIND is HOST:PORT).
     Create one per process and pass it to `connect(runtime=...)`."""
     try:
-        return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind)))
+        return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(
+            bind_address=bind, histogram_bucket_overrides=dict.fromkeys(DURATION_METRICS, DURATION_BUCKETS_MS))))
     except Exception as err:  # the core reports a bad or busy address as a plain runtime error
         raise TelemetryUnavailable(f"cannot serve metrics on {bind}: {err}") from None
 

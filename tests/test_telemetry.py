@@ -34,7 +34,7 @@ from handoff import ChainRecord, ChainStatus, PermanentError
 from handoff.client import build_request, connect, wait_chain
 from handoff.constants import CHAIN_WORKFLOW
 from handoff.server import free_port
-from handoff.telemetry import Telemetry, TelemetryUnavailable, span_exporter
+from handoff.telemetry import DURATION_BUCKETS_MS, Telemetry, TelemetryUnavailable, span_exporter
 from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
@@ -72,6 +72,11 @@ def parse_metrics(text: str) -> dict[str, list[Sample]]:
             labels = dict(LABEL_RE.findall(match["labels"] or ""))
             metrics.setdefault(match["name"], []).append((labels, float(match["value"])))
     return metrics
+
+
+def help_of(url: str, name: str) -> str:
+    """The HELP line of metric `name`."""
+    return next((line for line in fetch(url).splitlines() if line.startswith(f"# HELP {name} ")), "")
 
 
 def value(metrics: dict[str, list[Sample]], name: str, **labels: str) -> float | None:
@@ -138,6 +143,12 @@ async def test_worker_metrics_count_hops_fallbacks_and_refusals(address, uid):
     buckets = [labels["le"] for labels, _ in m["handoff_hop_duration_bucket"]
                if hop.items() <= labels.items()]
     assert buckets[-1] == "+Inf" and len(buckets) > 1
+    # buckets that resolve hops of milliseconds, up to the 60 s hop timeout
+    assert [float(b) for b in buckets[:-1]] == list(DURATION_BUCKETS_MS)
+    handler_buckets = [labels["le"] for labels, _ in m["handoff_handler_duration_bucket"] if labels.get("agent") == spare]
+    assert [float(b) for b in handler_buckets[:-1]] == list(DURATION_BUCKETS_MS)
+    for name in ("handoff_hop_duration", "handoff_handler_duration"):
+        assert "milliseconds" in await asyncio.to_thread(help_of, telemetry.metrics_url, name)
     assert value(m, "handoff_hop_duration_bucket", le="+Inf", **hop) == 1
     assert value(m, "handoff_hop_duration_count", **hop) == 1
     assert value(m, "handoff_hop_duration_sum", **hop) > 0

@@ -231,7 +231,7 @@ class HandoffChainWorkflow:
         self._hops_metric = meter.create_counter(
             "handoff_hops", "hops by from/to agent and outcome")
         self._hop_ms_metric = meter.create_histogram_float(
-            "handoff_hop_duration", "hop duration from scheduling to outcome", "ms")
+            "handoff_hop_duration", "hop duration from scheduling to outcome, in milliseconds", "ms")
         self._fallbacks_metric = meter.create_counter(
             "handoff_fallbacks", "hops retried on another agent after a failure")
         self._refusals_metric = meter.create_counter(
