@@ -96,6 +96,7 @@ def hop_activity(agent: Agent):
             from_agent=ctx.from_agent,
             to_agent=agent.id,
             attempt=attempt,
+            build_id=agent.version,
         )
         hop_log.info("hop_started", **({"task": ctx.task_description[:200]} if task_text else {}))
         beat = _Heartbeat(min(hop.heartbeat_interval_s, CANCEL_WITHIN_S), attempt)
@@ -120,7 +121,7 @@ def hop_activity(agent: Agent):
             beat.stop()
             elapsed = time.perf_counter() - started
             record_handler_duration(outcome, elapsed)
-        output, payload = _checked_output(result, hop, agent.id, attempt, elapsed)
+        output, payload = _checked_output(result, hop, agent.id, attempt, elapsed, agent.version)
         hop_log.info(
             "hop_completed",
             success=output.result.success,
@@ -139,7 +140,7 @@ def hop_activity(agent: Agent):
 
 
 def _checked_output(
-    result: object, hop: HopInput, agent_id: str, attempt: int, elapsed: float
+    result: object, hop: HopInput, agent_id: str, attempt: int, elapsed: float, build_id: str | None = None
 ) -> tuple[HopOutput, RawValue]:
     """Validate what the handler returned; a malformed or oversized result is not retried."""
     if not isinstance(result, HandoffResult):
@@ -167,7 +168,7 @@ def _checked_output(
     result = result.model_copy(
         update={"handoff_id": hop.context.handoff_id, "execution_time_seconds": elapsed}
     )
-    output = HopOutput(result=result, attempt=attempt, agent_id=agent_id)
+    output = HopOutput(result=result, attempt=attempt, agent_id=agent_id, build_id=build_id)
     try:
         payload, size = sized_payload(output)
     except PydanticSerializationError as err:

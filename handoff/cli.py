@@ -347,18 +347,24 @@ def list_chains(
 
 @app.command()
 def agents(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Registered agents: capabilities, live/down, load."""
+    """Registered agents: capabilities, live/down, load, and for versioned agents the version hops
+    go to (current, and ramping)."""
     from handoff.registry import agent_statuses
+    from handoff.versioning import routing_of
 
     async def go():
-        return await agent_statuses(await connect())
+        client = await connect()
+        statuses = await agent_statuses(client)
+        routings = await asyncio.gather(*(routing_of(client, s.card.agent_id) for s in statuses))
+        return statuses, dict(zip((s.card.agent_id for s in statuses), routings))
 
-    statuses = _run(go)
+    statuses, routings = _run(go)
     if as_json:
-        print(json.dumps([{**s.card.model_dump(mode="json"), **s.stats.model_dump(mode="json"),
-                           "load": s.load} for s in statuses], indent=2))
+        print(json.dumps([{**s.card.model_dump(mode="json"), **s.stats.model_dump(mode="json"), "load": s.load,
+                           "routing": dataclasses.asdict(r) if (r := routings[s.card.agent_id]) else None}
+                          for s in statuses], indent=2))
     else:
-        out.print(agents_table(statuses))
+        out.print(agents_table(statuses, routings))
 
 
 async def _connect_patiently(timeout_s: float, **options: Any) -> Client:

@@ -609,6 +609,9 @@ class HopOutput(BaseModel):
     result: HandoffResult
     attempt: int
     agent_id: str
+    build_id: str | None = None
+    """The version (build id) of the worker that ran the hop: `Agent.version`, the Worker
+    Deployment version of a versioned worker. None in histories from before it was recorded."""
 
 
 def sized_payload(model: BaseModel) -> tuple[RawValue, int]:
@@ -753,6 +756,9 @@ class HopRecord(BaseModel):
     decision: AgentDecision | None = None
     """Set when a language model chose this hop's outcome: the model, the tools offered, the one
     it called with its arguments and reason, token usage and model calls."""
+    build_id: str | None = None
+    """The version (build id) of the agent's worker that completed the hop (after `handoff
+    rollout`, which version ran it)."""
 
     def close(self, status: HopStatus, error: str | None, when: datetime, *,
               attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from handoff.models import BranchRecord, ChainRecord, ChainStatus, HopKind, HopRecord, HopStatus
 from handoff.registry import AgentStatus
+from handoff.versioning import Routing
 
 STATUS_STYLE = {
     ChainStatus.COMPLETED: "green", HopStatus.COMPLETED: "green",
@@ -94,6 +95,8 @@ def _hop_cells(hop: HopRecord) -> tuple[Text, Text, str, Text]:
         route.append(f"\n{hop.capability.value}", style="dim")
     status = Text(hop.status.value, style=STATUS_STYLE.get(hop.status, "red"))
     status.append(f"\n{hop.attempts} attempt{'s' if hop.attempts != 1 else ''}", style="dim")
+    if hop.build_id is not None:
+        status.append(f"\nbuild {hop.build_id}", style="dim")
     detail = Text(hop.task_description)
     if hop.kind is HopKind.JOIN:
         detail = Text.assemble(("join: ", "bold"), detail)
@@ -121,9 +124,10 @@ def _branch_cells(branch: BranchRecord) -> tuple[Text, Text, str, Text]:
     return route, status, _ms(branch.duration_ms), detail
 
 
-def agents_table(statuses: list[AgentStatus]) -> Table:
+def agents_table(statuses: list[AgentStatus], routings: dict[str, Routing | None] | None = None) -> Table:
     """Agents, laid out so ids and capabilities stay whole in 80 columns: name and version under
-    the id, one capability a line, the queue (live, queued/max, pollers) in one short column."""
+    the id (for a versioned agent, the version hops go to and a ramping one), one capability a
+    line, the queue (live, queued/max, pollers) in one short column."""
     table = Table(title="registered agents", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("agent / name, version", no_wrap=True)
     table.add_column("capabilities", no_wrap=True)
@@ -131,6 +135,11 @@ def agents_table(statuses: list[AgentStatus]) -> Table:
     for s in statuses:
         agent = Text(s.card.agent_id)
         agent.append(f"\n{s.card.name}, v{s.card.version}", style="dim")
+        routing = (routings or {}).get(s.card.agent_id)
+        if routing is not None:
+            agent.append(f"\ncurrent {routing.current or '-'}", style="dim")
+            if routing.ramping:
+                agent.append(f", ramping {routing.ramping} {routing.ramping_percentage:g}%", style="dim")
         queue = Text("live" if s.stats.live else "down", style="green" if s.stats.live else "red")
         queue.append(f" {s.stats.backlog}/{s.card.max_concurrent}")
         queue.append(f"\n{s.stats.pollers} poller{'s' if s.stats.pollers != 1 else ''}", style="dim")

@@ -9,8 +9,13 @@ import subprocess
 
 import pytest
 
-from handoff import ChainStatus, run_chain
-from handoff.versioning import current_build_id
+from rich.console import Console
+
+from handoff import AgentCapability, ChainStatus, run_chain
+from handoff.models import AgentCard
+from handoff.registry import AgentStatus, QueueStats
+from handoff.render import agents_table
+from handoff.versioning import Routing, current_build_id, routing_of
 from handoff.workers.agent_worker import run_agent
 from tests.support import HANDOFF, make_agent
 
@@ -62,7 +67,20 @@ async def test_rollout_moves_later_hops_of_a_running_chain_to_the_new_version(cl
 
     assert record.status is ChainStatus.COMPLETED
     assert [h.result_data["version"] for h in record.hops] == ["v1", "v2"]
+    assert [h.build_id for h in record.hops] == ["v1", "v2"], "the record names the version that ran each hop"
     assert await current_build_id(client, agent_id) == "v2"
+    routing = await routing_of(client, agent_id)
+    assert routing.current == "v2" and set(routing.versions) == {"v1", "v2"} and routing.ramping is None
+
+    # a rollout that cannot apply is refused, and changes nothing
+    for args, fragment in (([agent_id, "v9"], "no worker of that version has polled"),
+                           ([f"never-versioned-{uid}", "v2"], "has no versioned workers")):
+        refused = await asyncio.to_thread(subprocess.run, [HANDOFF, "rollout", *args], env=cli_env,
+                                          capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    assert await current_build_id(client, agent_id) == "v2"
+    assert await routing_of(client, f"never-versioned-{uid}") is None
 
 
 async def test_rollout_of_a_bad_agent_id_is_a_usage_error(cli_env):
@@ -71,3 +89,16 @@ async def test_rollout_of_a_bad_agent_id_is_a_usage_error(cli_env):
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
+
+
+def test_handoff_agents_shows_the_version_hops_go_to_and_a_ramping_one():
+    card = AgentCard(agent_id="reviewer", name="Reviewer", capabilities=[AgentCapability.TESTING],
+                     task_queue="agent.reviewer", version="v3")
+    status = AgentStatus(card=card, stats=QueueStats(pollers=2, live=True, backlog=0))
+    console = Console(width=80, record=True)
+    console.print(agents_table([status], {"reviewer": Routing(current="v2", ramping="v3", ramping_percentage=20,
+                                                               versions=("v2", "v3"))}))
+    shown = console.export_text()
+    assert "current v2, ramping v3 20%" in shown
+    console.print(agents_table([status], {"reviewer": None}))
+    assert console.export_text().count("current") == 0, "an unversioned agent shows no routing"

@@ -114,7 +114,7 @@ async def run_agent(
     worker = agent_worker(client, agent, versioned=versioned)
     async with worker:
         if versioned and await current_build_id(client, agent.id) is None:
-            await set_current_build_id(client, agent.id, agent.version)
+            await set_current_build_id(client, agent.id, agent.version, checked=False)
             log.info("agent_version_current", agent_id=agent.id, build_id=agent.version)
         if register:
             async with registered(client, agent):

@@ -721,6 +721,7 @@ class HandoffChainWorkflow:
                 return record, None
         result = output.result
         record.decision = result.decision
+        record.build_id = output.build_id
         self._close_hop(
             record,
             HopStatus.COMPLETED if result.success else HopStatus.FAILED,
