@@ -12,6 +12,7 @@ import subprocess
 from uuid import uuid4
 
 import pytest
+import typer
 
 from handoff import (
     AgentCapability,
@@ -26,7 +27,8 @@ from handoff import (
     start_chain,
 )
 from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
-from tests.support import HANDOFF, assert_usage_error, cli, make_agent, running
+from handoff.cli import app
+from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
 
@@ -376,3 +378,19 @@ async def test_approve_and_reject_refuse_bad_input_in_one_line(cli_env):
     assert_usage_error(await cli(cli_env, "reject", chain_id, "--by", "a", "--reason", " "), "needs a reason")
     assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "a"), "no chain")
     assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "a", "--hop", "nope"), "UUID")
+
+
+def test_the_readme_cli_table_names_every_command_and_flag_and_no_other():
+    """The README's CLI table cannot drift from the CLI: each command has a row, and each row
+    names exactly the flags its command takes."""
+    group = typer.main.get_command(app)
+    rows: dict[str, set[str]] = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        found = re.match(r"\| `handoff ([a-z0-9-]+)", line)
+        if found:
+            usage = line.split("` |")[0]
+            rows.setdefault(found.group(1), set()).update(re.findall(r"--[a-z0-9-]+", usage))
+    assert set(rows) == set(group.commands), "one row per command"
+    for name, command in group.commands.items():
+        flags = {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} - {"--help"}
+        assert rows[name] == flags, (name, sorted(flags - rows[name]), sorted(rows[name] - flags))
