@@ -195,17 +195,19 @@ class Directory:
     """The registry as a process reads it for every capability hop (the resolve activity), every
     LLM agent's hop and the A2A server's cards: one per client (`Directory.of`), cached.
 
-    Cards are at most `cards_ttl_s` old. An agent's task-queue stats are refreshed once they are
-    `live_ttl_s` old (`down_ttl_s` for a down one) when a lookup ranks it first (where the hop
-    goes), and once they are `sweep_ttl_s` old otherwise: a background refresh, at most
-    `rate_per_s` descriptions a second, replaces them while the old ones serve. A lookup waits
-    only for agents never described (at most `sample`), or, when it knows no live candidate, for
-    up to `sample` re-descriptions. Among equally loaded live agents the least recently returned
-    of the first `SPREAD` comes first, so hops spread over a few of a capability's agents instead
-    of piling onto one whose backlog the cache does not show yet. So a lookup costs no RPC in the steady state however
-    many agents are registered, a fleet of hundreds does not flood the server, and a stale
-    registration is never chosen. Liveness itself allows 70 s of poller silence: the seconds of
-    cache add nothing a hop would notice."""
+    Cards are at most `cards_ttl_s` old. The stats of a lookup's first candidate (where the hop
+    goes) are refreshed once `live_ttl_s` old (`down_ttl_s` for a down agent), the other returned
+    candidates' once `sweep_ttl_s` old, by a background refresh of at most `rate_per_s`
+    descriptions a second while the old ones serve; the first is never judged on stats older than
+    `sweep_ttl_s` (described at once). Agents ranked below the best `MAX_CANDIDATES` are not
+    described again until they rise among them, and agents never described are described only
+    while fewer than `MAX_CANDIDATES` known ones are live and idle (see `_known`). Among the first
+    `SPREAD` equally loaded live agents the least recently returned comes first, so hops take
+    turns over a few agents instead of piling onto one whose backlog the cache does not show yet.
+    So a lookup costs no RPC in the steady state however many agents are registered, a fleet of
+    hundreds costs the server nothing while idle, and a stale registration (no pollers) is never
+    first. Liveness itself allows 70 s of poller silence: the seconds of cache add nothing a hop
+    would notice."""
 
     _by_client: weakref.WeakKeyDictionary[Client, Directory] = weakref.WeakKeyDictionary()
 
