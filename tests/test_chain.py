@@ -256,11 +256,12 @@ async def test_a_hop_whose_attempts_all_went_silent_is_scheduled_again(client, u
             run_chain(client, to_agent=agent.id, task_description="t",
                       policy={**FAST, "heartbeat_timeout_s": 1, "max_attempts": 3}), 60)
     assert record.status is ChainStatus.COMPLETED, record.error
-    assert record.hops[0].result_data == {"run": 4}, "the fourth run, past the first round, completed"
-    # every run is in the attempts; an attempt handed to the worker while its loop was stalled may
-    # have timed out before its handler ran, so there can be more attempts than runs
-    assert 4 <= record.hops[0].attempts <= 9
-    assert len(set(runs)) == 1, "one hop, run four times"
+    # a run past the first round completed (before silent rounds, the hop failed after its 3
+    # attempts). Under load a stalled loop can also delay a later run past its heartbeat timeout,
+    # or time out an attempt before its handler ran: every run is in the attempts, never beyond 9
+    assert record.hops[0].result_data["run"] >= 4
+    assert len(runs) <= record.hops[0].attempts <= 9
+    assert len(set(runs)) == 1, "one hop"
 
 
 async def test_unreachable_agent_falls_back_to_the_configured_agent(client, uid):
