@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 from uuid import uuid4
@@ -28,6 +29,7 @@ from handoff import (
 )
 from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
 from handoff.cli import app
+from handoff.server import temporal_binary
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
@@ -394,3 +396,40 @@ def test_the_readme_cli_table_names_every_command_and_flag_and_no_other():
     for name, command in group.commands.items():
         flags = {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} - {"--help"}
         assert rows[name] == flags, (name, sorted(flags - rows[name]), sorted(rows[name] - flags))
+
+
+def readme_session() -> list[str]:
+    """The operator's session the README's CLI section shows, line by line."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("An operator's session"):text.index("## Client API")]
+    block = section.split("```")[1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+async def test_the_readme_operator_session_runs_as_written(client, cli_env, uid):
+    agent = make_agent(f"readme-{uid}", echo_context([]))
+    lines = readme_session()
+    assert len(lines) >= 5 and lines[0] == "handoff agents"
+    chain_id = None
+    async with running(client, agent):
+        for line in lines:
+            argv = shlex.split(line.replace("AGENT", agent.id).replace("CHAIN_ID", str(chain_id)))
+            if argv[0] == "temporal":
+                proc = await asyncio.to_thread(subprocess.run, [temporal_binary(), *argv[1:]], env=cli_env,
+                                               capture_output=True, text=True, timeout=60)
+            elif argv[1] == "list":  # visibility catches up with a chain that just ended
+                for _ in range(50):
+                    proc = await cli(cli_env, *argv[1:])
+                    if str(chain_id) in proc.stdout:
+                        break
+                    await asyncio.sleep(0.2)
+            else:
+                proc = await cli(cli_env, *argv[1:])
+            assert proc.returncode == 0, (line, proc.stdout[-500:], proc.stderr[-500:])
+            if argv[1] == "start":
+                chain_id = re.search(rf"chain ({UUID_RE}) started", proc.stdout).group(1)
+            if chain_id is not None and argv[1] in ("list", "show"):
+                assert chain_id in proc.stdout, line
+            if argv[0] == "temporal":
+                assert "handoff.hop" in proc.stdout and "ActivityTaskCompleted" in proc.stdout.replace(" ", ""), line
+    assert chain_id is not None
