@@ -117,6 +117,10 @@ def test_the_server_reads_the_names_its_image_knows_and_handoffs_tuning(services
                    "TEMPORAL_BROADCAST_ADDRESS"):
         assert unread not in server
     assert server["POSTGRES_PWD"].startswith("${POSTGRES_PASSWORD:?"), "no silent default password"
+    assert server["VISIBILITY_POSTGRES_SEEDS"] == server["POSTGRES_SEEDS"] == "postgresql"
+    assert server["VISIBILITY_POSTGRES_PWD"] == server["POSTGRES_PWD"]
+    assert server["VISIBILITY_DBNAME"] == "temporal_visibility"
+    assert "temporal_visibility" in services["temporal-setup-schema"]["command"][0]
     assert services["postgresql"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     assert server["DYNAMIC_CONFIG_FILE_PATH"] == "config/dynamicconfig/handoff.yaml"
     assert "./deploy/dynamicconfig:/etc/temporal/config/dynamicconfig:ro" in services["temporal"]["volumes"]
@@ -187,11 +191,18 @@ compose_missing = pytest.mark.skipif(
 
 
 @compose_missing
-def test_docker_compose_config_validates():
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+def test_docker_compose_config_validates_and_resolves_the_pinned_versions():
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config"],
                             env={**os.environ, "POSTGRES_PASSWORD": "set-by-the-operator"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]
+    versions = dotenv()
+    assert resolved["temporal"]["image"] == f"temporalio/server:{versions['TEMPORAL_VERSION']}"
+    assert resolved["temporal-ui"]["image"] == f"temporalio/ui:{versions['TEMPORAL_UI_VERSION']}"
+    for setup in ("temporal-setup-schema", "temporal-setup-namespace"):
+        assert resolved[setup]["image"] == f"temporalio/admin-tools:{versions['TEMPORAL_ADMINTOOLS_VERSION']}"
+    assert resolved["temporal"]["environment"]["POSTGRES_PWD"] == "set-by-the-operator"
 
 
 @compose_missing
