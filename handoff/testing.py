@@ -68,7 +68,7 @@ async def wait_live(client: Client, agent_ids: set[str], timeout_s: float = 20.0
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         cards = [c for c in await directory.cards(max_age_s=0) if c.agent_id in agent_ids]
-        await directory.forget_stats([c.agent_id for c in cards if c.agent_id in agent_ids])
+        await directory.forget_stats([c.agent_id for c in cards])
         live = {s.card.agent_id for s in await directory.statuses(cards, unknown=len(cards)) if s.stats.live}
         if agent_ids <= live:
             return

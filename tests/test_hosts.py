@@ -43,7 +43,7 @@ class Deployment:
     bed: Bed
     work: Path
     suffix: str
-    server: subprocess.Popen | None = None
+    server: EmbeddedServer | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -62,18 +62,16 @@ class Deployment:
         embedded = EmbeddedServer(ip="0.0.0.0", port=PORT, ui_port=PORT + 1000,
                                   db=str(self.work / "temporal.db"))
         embedded.extra_args = ["--headless"]
-        self.server = self.bed.popen("server", embedded.argv(), stdin=subprocess.DEVNULL,
-                                     stdout=self._log("server"), stderr=subprocess.STDOUT)
+        # started on the server's host (`EmbeddedServer.start` would wait for it on this one);
+        # stopped as any embedded server is
+        embedded.process = self.bed.popen("server", embedded.argv(), stdin=subprocess.DEVNULL,
+                                          stdout=self._log("server"), stderr=subprocess.STDOUT)
+        self.server = embedded
         wait_port(self.bed, "starter", self.bed["server"].ip, PORT)
 
     def stop_server(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        if self.server is not None:
+            self.server.stop()
 
     def worker(self, name: str, host: str, *args: str, address: str | None = None) -> None:
         env = {**os.environ, "TEMPORAL_ADDRESS": address or self.address, "PYTHONPATH": str(ROOT),
