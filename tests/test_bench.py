@@ -19,9 +19,18 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     results = json.loads(out.read_text())
     assert sorted(results["latency_by_hops"]) == ["1", "2", "3", "4", "5"]
     five = results["latency_by_hops"]["5"]
-    assert five["handoff"]["n"] == five["bare"]["n"] == five["bare_unsandboxed"]["n"] == 2
+    systems = ("handoff", "bare", "bare_unsandboxed", "peer", "peer_unsandboxed")
+    assert all(five[name]["n"] == 2 for name in systems)
     assert [level["concurrency"] for level in results["throughput_5_hops"]] == [1, 20, 50]
-    assert all(level["handoff"]["chains"] == level["bare"]["chains"] for level in results["throughput_5_hops"])
+    for level in results["throughput_5_hops"]:
+        assert all(level[name]["chains"] == level["handoff"]["chains"] for name in systems)
+        for name in systems:  # every system's chains cost the server and its own workers something
+            spent = level[name]["cpu_ms_per_chain"]
+            assert spent["server"] > 0 and spent["workers"] > 0, (name, spent)
+    # the peer's history: 5 model calls as activities, 6 workflow tasks; handoff's: 5 hops as activities
+    history = results["history_5_hops"]
+    assert history["peer_unsandboxed"]["events"] == history["bare_unsandboxed"]["events"] == 35
+    assert 35 <= history["handoff"]["events"] <= 38 and history["handoff"]["bytes"] > history["bare"]["bytes"]
     assert set(results["context_transfer"]) == {"10KB", "1MB", "10MB", "20MB"}
     assert results["fan_out"]["fan_out_8"]["n"] == results["fan_out"]["fan_out_1"]["n"] == 2
     assert results["approval"]["decision_to_hop_ms"]["n"] == 2
@@ -32,8 +41,8 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     assert scale["sizes"] == [2, 5] and [scale[n]["live"] for n in ("n2", "n5")] == [2, 5]
     assert scale["n5"]["lookup"]["samples"] == 8 and scale["n5"]["lookup"]["candidates"] == 5
     assert scale["stale"]["stale"] == 6 and scale["stale"]["lookup"]["first_was_stale"] == 0
-    assert len(results["targets"]) == 12 and all(isinstance(t["met"], bool) for t in results["targets"].values())
+    assert len(results["targets"]) == 16 and all(isinstance(t["met"], bool) for t in results["targets"].values())
     table = out.with_suffix(".md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 14 and "hub-and-spoke" in table  # header + one row per measure (no default server)
+    assert len(rows) == 1 + 19 and "hub-and-spoke" in table and "OpenAI Agents SDK" in table  # header + one row per measure (no default server)
     assert "fan-out to 8 agents" in table and "approval" in table and "stale registrations" in table
