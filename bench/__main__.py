@@ -31,7 +31,17 @@ from bench.agents import FAN_OUT, LEAD
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
-from bench.race import CLIENT, PROCESSES, SERVER, Cpu, cpu_per_chain, history_size, race_rows, race_targets
+from bench.race import (
+    CLIENT,
+    PROCESSES,
+    SERVER,
+    Cpu,
+    cpu_per_chain,
+    history_size,
+    phases,
+    race_rows,
+    race_targets,
+)
 from bench.registry import registry_rows, registry_targets, run_registry_scale
 from handoff.client import approve_chain, connect, run_chain, start_chain, wait_chain
 from handoff.models import ChainRecord, ChainStatus
@@ -49,6 +59,8 @@ HANDOFF = str(Path(sys.executable).parent / "handoff")
 CONTEXT_SIZES = {"10KB": 10 * 1024, "1MB": 1024 * 1024, "10MB": 10 * 1024 * 1024, "20MB": 20 * 1024 * 1024}
 
 Measure = Callable[[], Awaitable[None]]
+PHASE_CHAINS = 20
+"""Sequential chains of each system whose histories `bench.race.phases` reads."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,6 +114,7 @@ class Bench:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.last: dict[str, str] = {}  # the workflow id of each system's latest chain (its history)
+        self.sampled: dict[str, list[str]] = {}  # the workflow ids of each system's latest sequential chains
 
     def handoff(self, hops: int, context: dict | None = None) -> Measure:
         async def one() -> None:
@@ -165,14 +178,17 @@ async def latencies(measure: Measure, count: int) -> list[float]:
     return samples
 
 
-async def interleaved(measures: dict[str, Measure], count: int) -> dict[str, dict]:
-    """Latency of each measure, taking turns, so drift on a shared machine hits all alike."""
+async def interleaved(measures: dict[str, Measure], count: int, keep: Bench | None = None) -> dict[str, dict]:
+    """Latency of each measure, taking turns, so drift on a shared machine hits all alike. With
+    `keep`, each system's workflow ids of its last `PHASE_CHAINS` samples go to `keep.sampled`."""
     samples: dict[str, list[float]] = {name: [] for name in measures}
     for name, measure in measures.items():
         await measure()  # warm-up
-    for _ in range(count):
+    for turn in range(count):
         for name, measure in measures.items():
             samples[name] += await latencies(measure, 1)
+            if keep is not None and turn >= count - PHASE_CHAINS:
+                keep.sampled.setdefault(name, []).append(keep.last[name])
     return {name: summary(values) for name, values in samples.items()}
 
 
@@ -230,7 +246,7 @@ async def race(bench: Bench, args: argparse.Namespace, cpu: Cpu) -> dict:
     with the CPU every process spent per chain, and the size of one chain's history."""
     measures = {"handoff": bench.handoff(5), "bare": bench.bare(5), "bare_unsandboxed": bench.bare(5, sandboxed=False),
                 "peer": bench.peer(), "peer_unsandboxed": bench.peer(sandboxed=False)}
-    five = await interleaved(measures, args.samples)
+    five = await interleaved(measures, args.samples, keep=bench)
     for other, key in (("bare", "ratio_p50"), ("bare_unsandboxed", "ratio_p50_unsandboxed"),
                        ("peer", "ratio_p50_peer"), ("peer_unsandboxed", "ratio_p50_peer_unsandboxed")):
         five[key] = ratio(five["handoff"]["p50"], five[other]["p50"])
@@ -243,6 +259,8 @@ async def race(bench: Bench, args: argparse.Namespace, cpu: Cpu) -> dict:
             for other, key in (("bare", "ratio_per_s"), ("bare_unsandboxed", "ratio_per_s_unsandboxed"),
                                ("peer", "ratio_per_s_peer"), ("peer_unsandboxed", "ratio_per_s_peer_unsandboxed"))}})
     history = {name: await history_size(bench.client, bench.last[name]) for name in FIVE_HOPS}
+    for name in FIVE_HOPS:
+        history[name]["phases_ms"] = await phases(bench.client, bench.sampled[name])
     return {"five_hops": five, "throughput_5_hops": levels, "history_5_hops": history}
 
 

@@ -98,6 +98,10 @@ def race_rows(five: dict, levels: dict[int, dict], history: dict[str, dict], goa
     def kept(name: str) -> str:
         return f"{history[name]['events']} events, {history[name]['bytes'] / 1024:.1f} KB"
 
+    def phased(name: str) -> str:
+        spent = history[name]["phases_ms"]
+        return " / ".join(f"{spent[phase]:.1f}" for phase in PHASES) + " ms"
+
     server = levels[20]["handoff"]["cpu_ms_per_chain"][SERVER] / levels[20]["peer_unsandboxed"]["cpu_ms_per_chain"][SERVER]
     return [
         f"| 5-hop chain p50 / p95 / p99 against the OpenAI Agents SDK on Temporal | {ms(five['handoff'])} | "
@@ -112,7 +116,40 @@ def race_rows(five: dict, levels: dict[int, dict], history: dict[str, dict], goa
         f"{server:.2f} (server) | {goal(PEER_SERVER_CPU, '<= {}')} |",
         f"| one 5-hop chain's history | {kept('handoff')} | peer {kept('peer_unsandboxed')}; "
         f"bare {kept('bare_unsandboxed')} | | | |",
+        "| a 5-hop chain's time by the server's event times: workflow tasks dispatched / run, activities "
+        f"dispatched / run | {phased('handoff')} | peer, sandbox off {phased('peer_unsandboxed')}; bare, sandbox "
+        f"off {phased('bare_unsandboxed')} | | | |",
         f"| 5-hop chains/s at concurrency 50, against bare Temporal (sandbox off) | {levels[50]['handoff']['per_s']:.1f} | "
         f"{levels[50]['bare_unsandboxed']['per_s']:.1f} | {levels[50]['ratio_per_s_unsandboxed']:.2f} | "
         f"{goal(OVERLOAD, '>= {}')} |",
     ]
+
+
+# History event types, by number (temporal.api.enums.v1.EventType), that `phases` measures between.
+_WFT_SCHEDULED, _WFT_STARTED, _WFT_COMPLETED = 5, 6, 7
+_ACT_SCHEDULED, _ACT_STARTED, _ACT_COMPLETED = 10, 11, 12
+PHASES = {
+    "workflow_task_dispatch": (_WFT_SCHEDULED, _WFT_STARTED),
+    "workflow_task_run": (_WFT_STARTED, _WFT_COMPLETED),
+    "activity_dispatch": (_ACT_SCHEDULED, _ACT_STARTED),
+    "activity_run": (_ACT_STARTED, _ACT_COMPLETED),
+}
+"""Where a chain's time goes, by the server's own event times: a task from scheduled to picked up
+by a worker (through matching, or handed back with the workflow task's answer: eager activity
+dispatch), and from picked up to its answer recorded (the worker's run and the round trip)."""
+
+
+async def phases(client: Client, workflow_ids: list[str]) -> dict[str, float]:
+    """Milliseconds per chain in each of `PHASES`, the mean over the chains of `workflow_ids`."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for workflow_id in workflow_ids:
+        events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
+        opened: dict[int, object] = {}  # the start of each kind of phase under way (one at a time in a linear chain)
+        for event in events:
+            for name, (start, end) in PHASES.items():
+                if event.event_type == start:
+                    opened[start] = event.event_time.ToDatetime()
+                elif event.event_type == end and start in opened:
+                    began = opened.pop(start)
+                    totals[name] += (event.event_time.ToDatetime() - began).total_seconds() * 1000
+    return {name: round(total / max(1, len(workflow_ids)), 2) for name, total in totals.items()}

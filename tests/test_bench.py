@@ -31,6 +31,9 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     history = results["history_5_hops"]
     assert history["peer_unsandboxed"]["events"] == history["bare_unsandboxed"]["events"] == 35
     assert 35 <= history["handoff"]["events"] <= 38 and history["handoff"]["bytes"] > history["bare"]["bytes"]
+    # the peer's model calls go back to the worker that scheduled them (eager dispatch); hops go through matching
+    assert history["peer_unsandboxed"]["phases_ms"]["activity_dispatch"] < history["handoff"]["phases_ms"]["activity_dispatch"]
+    assert all(history[name]["phases_ms"]["workflow_task_run"] > 0 for name in systems)
     assert set(results["context_transfer"]) == {"10KB", "1MB", "10MB", "20MB"}
     assert results["fan_out"]["fan_out_8"]["n"] == results["fan_out"]["fan_out_1"]["n"] == 2
     assert results["approval"]["decision_to_hop_ms"]["n"] == 2
@@ -44,5 +47,5 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     assert len(results["targets"]) == 16 and all(isinstance(t["met"], bool) for t in results["targets"].values())
     table = out.with_suffix(".md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 19 and "hub-and-spoke" in table and "OpenAI Agents SDK" in table  # header + one row per measure (no default server)
+    assert len(rows) == 1 + 20 and "hub-and-spoke" in table and "OpenAI Agents SDK" in table  # header + one row per measure (no default server)
     assert "fan-out to 8 agents" in table and "approval" in table and "stale registrations" in table
