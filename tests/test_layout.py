@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import zipfile
@@ -83,15 +84,30 @@ def test_the_floor_check_would_catch_an_arrow_upwards():
     assert floor_of("handoff.cli") > floor_of("handoff.workers.agent_worker")
 
 
+# The benchmark's peer (`bench/peer.py`) is built on the OpenAI Agents SDK, whose import name is `agents`.
+OPENAI_AGENTS_SDK_USERS = {"bench/peer.py"}
+
+
 def test_no_module_imports_the_folders_by_their_own_names():
-    """`workflows`, `activities`, `workers`, `examples` and `agents` are not import names."""
+    """`workflows`, `activities`, `workers`, `examples` and `agents` are not import names (but
+    `agents`, the OpenAI Agents SDK's, in the module that runs it)."""
     bare = {"workflows", "activities", "workers", "examples", "agents"}
     offenders = []
     for path in [*module_files().values(), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]:
+        name = str(path.relative_to(ROOT))
         for imported in imports_of(path):
-            if imported.split(".")[0] in bare:
-                offenders.append(f"{path.relative_to(ROOT)} imports {imported}")
+            top = imported.split(".")[0]
+            if top in bare and not (top == "agents" and name in OPENAI_AGENTS_SDK_USERS):
+                offenders.append(f"{name} imports {imported}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_agents_is_the_openai_agents_sdk():
+    """What `bench/peer.py` imports as `agents` is the OpenAI Agents SDK installed beside handoff,
+    never a folder of this repository."""
+    sdk = importlib.import_module("agents")
+    origin = Path(sdk.__file__).resolve()
+    assert "site-packages" in origin.parts and hasattr(sdk, "Runner") and hasattr(sdk, "handoff"), origin
 
 
 @pytest.fixture(scope="module")
