@@ -18,12 +18,24 @@ import os
 import sys
 from datetime import timedelta
 
-os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
-
-from temporalio import workflow  # noqa: E402
+from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from agents import Agent, Runner
+
+TRACING_OFF = "OPENAI_AGENTS_DISABLE_TRACING"
+
+
+def quiet_tracing() -> None:
+    """The SDK's tracing off, and no trace processor left: its default one exports to OpenAI over
+    the network. The plugin installs a trace provider of its own when its worker runs, which reads
+    the variable, so it stays off there too."""
+    os.environ[TRACING_OFF] = "1"
+    from agents import set_trace_processors, set_tracing_disabled
+
+    set_trace_processors([])
+    set_tracing_disabled(True)
+
 
 QUEUES = {"sandboxed": "bench.peer", "unsandboxed": "bench.peer.unsandboxed"}
 NAMES = ["A", "B", "C", "D", "E"]
@@ -74,12 +86,11 @@ def model_provider():
 
 
 async def serve(address: str, mode: str) -> None:
-    from agents import set_tracing_disabled
     from temporalio.client import Client
     from temporalio.openai_agents import ModelActivityParameters, OpenAIAgentsPlugin
     from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-    set_tracing_disabled(True)
+    quiet_tracing()
     plugin = OpenAIAgentsPlugin(
         model_params=ModelActivityParameters(start_to_close_timeout=timedelta(seconds=60)),
         model_provider=model_provider(), add_temporal_spans=False)

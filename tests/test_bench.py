@@ -49,3 +49,22 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 20 and "hub-and-spoke" in table and "OpenAI Agents SDK" in table  # header + one row per measure (no default server)
     assert "fan-out to 8 agents" in table and "approval" in table and "stale registrations" in table
+
+
+def test_the_peer_sends_no_traces_anywhere(monkeypatch):
+    """The peer's worker runs with the SDK's tracing off and no trace processor to export with,
+    also under the trace provider the Temporal plugin installs when its worker runs (a fresh one,
+    which reads the environment)."""
+    from agents import trace
+    from agents.tracing import get_trace_provider
+    from agents.tracing.provider import DefaultTraceProvider
+    from agents.tracing.traces import NoOpTrace
+
+    from bench.peer import TRACING_OFF, quiet_tracing
+
+    monkeypatch.delenv(TRACING_OFF, raising=False)
+    assert not isinstance(DefaultTraceProvider().create_trace("before"), NoOpTrace)  # the check can fail
+    quiet_tracing()
+    assert isinstance(trace("bench"), NoOpTrace)
+    assert isinstance(DefaultTraceProvider().create_trace("plugin's provider"), NoOpTrace)
+    assert get_trace_provider()._multi_processor._processors == ()
