@@ -235,32 +235,32 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
-FIVE_HOPS = ("handoff", "bare", "bare_unsandboxed", "peer", "peer_unsandboxed")
-"""The systems that run the 5-hop chain: handoff, bare Temporal and the OpenAI Agents SDK on
-Temporal (`bench/peer.py`), each with the workflow sandbox (the SDK's default) and without it (as
-handoff's chain worker runs)."""
+RATIO_SUFFIX = {"bare": "", "bare_unsandboxed": "_unsandboxed",
+                "peer": "_peer", "peer_unsandboxed": "_peer_unsandboxed"}
+"""What handoff is compared with in the race, and the suffix of each comparison's ratio keys."""
 
 
 async def race(bench: Bench, args: argparse.Namespace, cpu: Cpu) -> dict:
-    """The 5-hop chain on every system, taking turns: latency, throughput at concurrency 1/20/50
+    """The 5-hop chain on every system, taking turns: handoff, bare Temporal and the OpenAI Agents
+    SDK on Temporal (`bench/peer.py`), each of the two with the workflow sandbox (the SDK's default)
+    and without it (as handoff's chain worker runs). Latency, throughput at concurrency 1/20/50
     with the CPU every process spent per chain, and the size of one chain's history."""
     measures = {"handoff": bench.handoff(5), "bare": bench.bare(5), "bare_unsandboxed": bench.bare(5, sandboxed=False),
                 "peer": bench.peer(), "peer_unsandboxed": bench.peer(sandboxed=False)}
     five = await interleaved(measures, args.samples, keep=bench)
-    for other, key in (("bare", "ratio_p50"), ("bare_unsandboxed", "ratio_p50_unsandboxed"),
-                       ("peer", "ratio_p50_peer"), ("peer_unsandboxed", "ratio_p50_peer_unsandboxed")):
-        five[key] = ratio(five["handoff"]["p50"], five[other]["p50"])
+    for other, suffix in RATIO_SUFFIX.items():
+        five[f"ratio_p50{suffix}"] = ratio(five["handoff"]["p50"], five[other]["p50"])
     levels = []
     for concurrency in (1, 20, 50):
         chains = args.samples if concurrency == 1 else args.load_chains
         measured = await throughputs(measures, chains, concurrency, args.rounds, cpu)
         levels.append({"concurrency": concurrency, **measured, **{
-            key: ratio(measured["handoff"]["per_s"], measured[other]["per_s"])
-            for other, key in (("bare", "ratio_per_s"), ("bare_unsandboxed", "ratio_per_s_unsandboxed"),
-                               ("peer", "ratio_per_s_peer"), ("peer_unsandboxed", "ratio_per_s_peer_unsandboxed"))}})
-    history = {name: await history_size(bench.client, bench.last[name]) for name in FIVE_HOPS}
-    for name in FIVE_HOPS:
-        history[name]["phases_ms"] = await phases(bench.client, bench.sampled[name])
+            f"ratio_per_s{suffix}": ratio(measured["handoff"]["per_s"], measured[other]["per_s"])
+            for other, suffix in RATIO_SUFFIX.items()}})
+    history = {}
+    for name in measures:
+        history[name] = {**await history_size(bench.client, bench.last[name]),
+                         "phases_ms": await phases(bench.client, bench.sampled[name])}
     return {"five_hops": five, "throughput_5_hops": levels, "history_5_hops": history}
 
 
