@@ -289,7 +289,7 @@ class Directory:
             never = never[unknown:]
         while never and self._idle_live(cards) < MAX_CANDIDATES:
             chunk, never = never[:MAX_DESCRIBES], never[MAX_DESCRIBES:]
-            if self._idle_live(cards) or any(self._live(c.agent_id) for c in cards):
+            if any(self._live(c.agent_id) for c in cards):
                 self._queue(chunk)
                 break
             await self._describe(chunk)
