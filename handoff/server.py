@@ -21,6 +21,7 @@ LATENCY_TUNING = (
     "--dynamic-config-value", "history.timerProcessorMaxPollRPS=1000",
     "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
     "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
+    "--dynamic-config-value", "system.forceSearchAttributesCacheRefreshOnRead=false",
 )
 # The dev server's rate limits suit a shared cluster's namespace; one host's server for a fleet of
 # agent workers (hundreds starting at once, each with its pollers) needs more headroom.
