@@ -8,10 +8,12 @@ written straight to the stream: about 2.5x cheaper per line.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Literal, TextIO
 
+import orjson
 import structlog
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -21,6 +23,15 @@ from handoff.constants import INVALID_RESULT_ERROR, PERMANENT_ERROR, RESULT_TOO_
 LogFormat = Literal["json", "console"]
 
 log = structlog.get_logger("handoff")
+
+
+def _dumps(value: object, **kw) -> str:
+    """A log line's JSON by orjson (its lines cost a third of `json.dumps`'s, and every hop writes
+    two); what orjson refuses (an integer past 64 bits) by `json.dumps`, as before."""
+    try:
+        return orjson.dumps(value, default=kw.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, **kw)
 
 
 def _flatten_temporal_extra(_, __, event_dict: dict) -> dict:
@@ -72,7 +83,7 @@ def configure_logging(fmt: LogFormat = "json", level: str = "INFO", stream: Text
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
