@@ -208,14 +208,17 @@ async def load(measure: Measure, chains: int, concurrency: int) -> tuple[float, 
 
 async def throughputs(measures: dict[str, Measure], chains: int, concurrency: int, rounds: int,
                       cpu: Cpu | None = None) -> dict[str, dict]:
-    """Chains per second of each measure at `concurrency`: `rounds` turns of `chains` each, the
-    order reversed every round, so drift on a shared machine hits all alike; with `cpu`, also the
-    CPU each process spent per chain during each system's own turns (`bench.race`)."""
+    """Chains per second of each measure at `concurrency`: `rounds` turns of `chains` each, each
+    round starting one system later, so drift on a shared machine hits all alike, and so does the
+    server's work left from the turns before (timers that fire seconds after a chain: a fixed order
+    gave it all to the system that opened each round); with `cpu`, also the CPU each process spent
+    per chain during each system's own turns (`bench.race`)."""
     seconds = {name: 0.0 for name in measures}
     samples: dict[str, list[float]] = {name: [] for name in measures}
     spent: dict[str, dict[str, float]] = {name: {} for name in measures}
     for turn in range(rounds):
-        names = list(measures) if turn % 2 == 0 else list(reversed(measures))
+        shift = turn % len(measures)
+        names = [*list(measures)[shift:], *list(measures)[:shift]]
         for name in names:
             before = cpu.read() if cpu else {}
             took, latency = await load(measures[name], chains, concurrency)
