@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import structlog
 
 from handoff import ChainRecord, ChainStatus, InvalidRequest, run_chain
 from handoff.client import start_chain, wait_chain
@@ -135,6 +136,16 @@ def json_logs():
 
     yield lines
     root.handlers[:], root.level = saved[0], saved[1]
+
+
+def test_log_lines_stay_json_whatever_the_values(json_logs):
+    # orjson renders the lines; what it refuses (an integer past 64 bits) falls back to json.dumps,
+    # and what neither knows is written as its repr: a log call never fails a hop.
+    structlog.get_logger("handoff.test").info("odd_values", big=2**70, keys={1: "one"}, thing=object())
+    logging.getLogger("handoff.test.stdlib").info("stdlib_line", extra={"chain_id": "c-1"})
+    odd, stdlib = json_logs()
+    assert odd["big"] == 2**70 and odd["keys"] == {"1": "one"} and odd["thing"].startswith("<object")
+    assert (stdlib["event"], stdlib["chain_id"], stdlib["level"]) == ("stdlib_line", "c-1", "info")
 
 
 async def test_hop_logs_are_json_bound_to_the_hop_and_not_repeated_on_replay(json_logs, uid):
