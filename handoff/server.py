@@ -21,6 +21,8 @@ LATENCY_TUNING = (
     "--dynamic-config-value", "history.timerProcessorMaxPollRPS=1000",
     "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
     "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
+    # `start-dev` turns the search-attribute cache off: every search attribute written re-read the
+    # cluster's metadata from SQLite. handoff's are all registered when the server starts.
     "--dynamic-config-value", "system.forceSearchAttributesCacheRefreshOnRead=false",
 )
 # The dev server's rate limits suit a shared cluster's namespace; one host's server for a fleet of
