@@ -16,7 +16,7 @@ from temporalio import activity
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.constants import (
     HOP_ACTIVITY,
     MAX_NESTING,

@@ -43,15 +43,15 @@ from bench.race import (
     race_targets,
 )
 from bench.registry import registry_rows, registry_targets, run_registry_scale
-from handoff.client import approve_chain, connect, run_chain, start_chain, wait_chain
+from handoff.client.chains import approve_chain, connect, run_chain, start_chain, wait_chain
 from handoff.models import ChainRecord, ChainStatus
-from handoff.server import (
+from handoff.servers.embedded import (
     EmbeddedServer,
     free_port,
     search_attribute_args,
     temporal_binary,
 )
-from handoff.storage import PAYLOAD_DIR_ENV
+from handoff.payloads.storage import PAYLOAD_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -310,11 +310,11 @@ async def main_scenarios(address: str, args: argparse.Namespace, pids: dict[str,
 
 
 async def llm_overhead(client: Client, samples: int) -> dict:
-    """What `handoff.llm` itself costs per hop, the model's time excluded: an LLM agent's handler
+    """What `handoff.agents.llm` itself costs per hop, the model's time excluded: an LLM agent's handler
     against an instant scripted model, its transfer tools built from the live registry (the
     benchmark's 17 agents), minus the time spent waiting for the model. Also the registry read
     on its own, which the agent repeats once its view is 2 s old."""
-    from handoff.llm import llm_agent
+    from handoff.agents.llm import llm_agent
     from handoff.models import HandoffContext
     from handoff.registry import agent_statuses
     from handoff.testing import ScriptedModel, call
@@ -345,7 +345,7 @@ async def llm_overhead(client: Client, samples: int) -> dict:
 async def local_model_speed(requests: int = 5) -> dict:
     """Tokens per second of the local model (SmolLM2-135M on llama.cpp's server) on this machine,
     where the `llm-local` extra is installed; else why not."""
-    from handoff.local_model import LocalModel, LocalModelUnavailable
+    from handoff.servers.local_model import LocalModel, LocalModelUnavailable
 
     try:
         local = LocalModel().start()

@@ -26,10 +26,10 @@ from pathlib import Path
 from temporalio.client import Client
 
 from bench.fleet import CAPABILITY, REFERENCE, fleet
-from handoff.client import connect, run_chain
+from handoff.client.chains import connect, run_chain
 from handoff.models import ChainStatus
 from handoff.registry import Directory, agent_statuses, forget_agents, register_agent, registered_agents
-from handoff.server import EmbeddedServer, free_port
+from handoff.servers.embedded import EmbeddedServer, free_port
 
 LIVE_WITHIN_S = 30.0
 """The target: every agent of a fleet starting together registered and live within this."""

@@ -10,7 +10,7 @@ hand on in a line: auditor -> dba -> tester -> deployer.
 
 from __future__ import annotations
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.examples.analyzer import analyzer
 from handoff.examples.auditor import auditor
 from handoff.examples.dba import dba

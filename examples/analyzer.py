@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.examples._source import (
     MAX_ITEMS,
     clip,

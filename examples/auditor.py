@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.examples._source import MAX_ITEMS, latest, parse, plural, source_of
 from handoff.examples.analyzer import scan
 from handoff.models import AgentCapability, HandoffContext, HandoffResult

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.examples._source import (
     MAX_ITEMS,
     PLACEHOLDER_RE,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.examples._source import latest, parse, source_of
 from handoff.examples.analyzer import scan
 from handoff.examples.auditor import rate

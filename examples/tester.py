@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.examples._source import (
     MAX_ITEMS,
     functions,

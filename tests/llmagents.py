@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 from handoff import AgentCapability, HandoffContext, HandoffResult
-from handoff.agent import Agent
-from handoff.llm import llm_agent
-from handoff.local_model import MODEL_NAME as MODEL
+from handoff.agents.agent import Agent
+from handoff.agents.llm import llm_agent
+from handoff.servers.local_model import MODEL_NAME as MODEL
 
 SUFFIX = os.environ.get("HANDOFF_TEST_SUFFIX", "local")
 MARKS = Path(os.environ.get("HANDOFF_TEST_MARKS", "/tmp"))

@@ -22,10 +22,10 @@ from a2a.types import CancelTaskRequest, GetTaskRequest, Message, Part, Role, Se
 from google.protobuf import struct_pb2
 
 from handoff import AgentCapability, ChainStatus, HopStatus, get_chain, run_chain, start_chain, wait_chain
-from handoff.a2a_agent import remote_agent
-from handoff.a2a_server import A2AServer
-from handoff.http_auth import AuthRefused, BearerAuth
-from handoff.server import free_port
+from handoff.agents.remote import remote_agent
+from handoff.a2a.server import A2AServer
+from handoff.servers.http import AuthRefused, BearerAuth
+from handoff.servers.embedded import free_port
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running, wait_live
 
 pytestmark = pytest.mark.usefixtures("chains")

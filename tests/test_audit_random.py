@@ -9,7 +9,7 @@ chains are cancelled or terminated while a hop runs.
 
 One source of truth: for every chain, the record the chain workflow holds (its `chain_state`,
 answered by the real chain worker, and its result) equals, field by field, the record
-`handoff.audit` rebuilds by replaying the same history.
+`handoff.client.audit` rebuilds by replaying the same history.
 
 A second run covers the handoff patterns: random fan-outs (joined when every branch ends, at the
 first k, or at a deadline), delegations returning to their caller, and joins a person approves,
@@ -54,7 +54,7 @@ from handoff import (
     start_chain,
     wait_chain,
 )
-from handoff.audit import record_from_history
+from handoff.client.audit import record_from_history
 from tests.support import HANDOFF, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
@@ -351,7 +351,7 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
 
 async def held_and_replayed(client: Client, chain_id: UUID) -> tuple[ChainRecord, ChainRecord]:
     """The record the chain workflow holds (its `chain_state`, answered by the real chain worker
-    after the chain ended) and the one `handoff.audit` rebuilds by replaying the same history."""
+    after the chain ended) and the one `handoff.client.audit` rebuilds by replaying the same history."""
     handle = client.get_workflow_handle(str(chain_id))
     held = await handle.query("chain_state", result_type=ChainRecord)
     history = await handle.fetch_history()

@@ -28,8 +28,8 @@ from handoff import (
     start_chain,
 )
 from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
-from handoff.cli import app
-from handoff.server import temporal_binary
+from handoff.cli.commands import app
+from handoff.servers.embedded import temporal_binary
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")

@@ -19,8 +19,8 @@ from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from handoff import ChainStatus
-from handoff.client import build_request, connect
-from handoff.codec import (
+from handoff.client.chains import build_request, connect
+from handoff.payloads.codec import (
     ENCODING_ENCRYPTED,
     ENCODING_ZLIB,
     ENV_KEY_ID,
@@ -34,11 +34,11 @@ from handoff.codec import (
     codec_from_env,
     data_converter,
 )
-from handoff.codec_server import start_codec_server
+from handoff.servers.codec import start_codec_server
 from handoff.constants import CHAIN_WORKFLOW
 from handoff.errors import HandoffError
 from handoff.models import ChainRecord
-from handoff.server import EmbeddedServer, free_port, port_open, temporal_binary
+from handoff.servers.embedded import EmbeddedServer, free_port, port_open, temporal_binary
 from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, make_agent, running
 

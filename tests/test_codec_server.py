@@ -23,14 +23,14 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.api.common.v1 import Payload
 
-from handoff.codec import ENCODING_ZLIB, ENV_KEY_ID, ENV_KEYS, codec_from_env
-from handoff.codec_server import (
+from handoff.payloads.codec import ENCODING_ZLIB, ENV_KEY_ID, ENV_KEYS, codec_from_env
+from handoff.servers.codec import (
     ENV_TOKENS,
     CodecAuth,
     CodecServerRefused,
     start_codec_server,
 )
-from handoff.server import free_port
+from handoff.servers.embedded import free_port
 from tests.support import HANDOFF, assert_usage_error
 
 UI = "http://localhost:8233"

@@ -13,10 +13,10 @@ import tomllib
 import pytest
 import yaml
 
-from handoff.cli import load_agents
+from handoff.cli.commands import load_agents
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.examples import ALL_AGENTS
-from handoff.server import LATENCY_TUNING, LIVENESS_TUNING, search_attribute_args, temporal_binary
+from handoff.servers.embedded import LATENCY_TUNING, LIVENESS_TUNING, search_attribute_args, temporal_binary
 from tests.support import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -30,13 +30,13 @@ from handoff import (
     start_chain,
 )
 from handoff.activities.hop import ENV_LOG_TASK_TEXT, hop_activity
-from handoff.client import connect, wait_chain
-from handoff.codec import ENV_KEY_ID, ENV_KEYS, CodecConfigError, CodecSettings
+from handoff.client.chains import connect, wait_chain
+from handoff.payloads.codec import ENV_KEY_ID, ENV_KEYS, CodecConfigError, CodecSettings
 from handoff.constants import MAX_NESTING
-from handoff.log import configure_logging
+from handoff.observability.log import configure_logging
 from handoff.models import HandoffContext, HopInput
-from handoff.search import chain_query, find_chains
-from handoff.server import EmbeddedServer, free_port
+from handoff.client.search import chain_query, find_chains
+from handoff.servers.embedded import EmbeddedServer, free_port
 from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, assert_usage_error, cli, make_agent, running
 
@@ -99,7 +99,7 @@ async def test_with_keys_failure_messages_reach_history_encrypted(address, uid, 
     queue = f"sealed-chains-{uid}"  # the session's chain worker has no keys
     agent = make_agent(f"leaky-{uid}", leak)
     async with chain_worker(sealed, task_queue=queue), running(sealed, agent):
-        from handoff.client import build_request
+        from handoff.client.chains import build_request
         from handoff.constants import CHAIN_WORKFLOW
         from handoff.models import ChainRecord
 
@@ -295,7 +295,7 @@ async def test_with_keys_a_chain_started_without_them_is_refused_not_run(client,
         ran.append(ctx.task_description)
         return ctx.complete()
 
-    from handoff.client import build_request
+    from handoff.client.chains import build_request
     from handoff.constants import CHAIN_WORKFLOW
 
     queue = f"strict-chains-{uid}"

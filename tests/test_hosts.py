@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from handoff.server import EmbeddedServer
+from handoff.servers.embedded import EmbeddedServer
 from handoff.testbed import Bed, BedError, main, nft_unavailable, unavailable, wait_port
 from tests.bedstarter import MARK
 from tests.support import HANDOFF, ROOT

@@ -1,4 +1,4 @@
-"""LLM agents (`handoff.llm`) against a deterministic OpenAI-compatible server on loopback: which
+"""LLM agents (`handoff.agents.llm`) against a deterministic OpenAI-compatible server on loopback: which
 transfer tools are offered (from the live registry, never what the chain would refuse), how the
 model's call becomes the chain's next handoff, how unusable answers and model errors are handled,
 and what the audit records. The real model is in tests/test_llm_model.py."""
@@ -11,7 +11,7 @@ import json
 import pytest
 
 from handoff import AgentCapability, ChainStatus, HandoffContext, HopStatus, get_chain, run_chain
-from handoff.llm import fit_prompt, llm_agent, transfers
+from handoff.agents.llm import fit_prompt, llm_agent, transfers
 from handoff.models import AgentCard, HopLimits
 from handoff.testing import Reply, ScriptedModel, call, offered
 from tests.support import cli, make_agent, running

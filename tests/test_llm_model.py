@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from handoff import AgentCapability, ChainStatus, HopStatus, run_chain, start_chain, wait_chain
-from handoff.llm import llm_agent
-from handoff.local_model import LocalModel
+from handoff.agents.llm import llm_agent
+from handoff.servers.local_model import LocalModel
 from handoff.registry import deregister_agent
 from tests.llmagents import MODEL, router
 from tests.support import HANDOFF, running, wait_live
@@ -109,7 +109,7 @@ async def test_a_worker_killed_mid_model_call_is_retried_without_a_duplicate_hop
 
 async def test_make_run_llm_runs_the_demo_from_an_llm_triage_agent(cli_env):
     """What `make run-llm` does, stopping after the demo: the local model picks the specialist."""
-    from handoff.server import free_port
+    from handoff.servers.embedded import free_port
     from tests.support import ROOT
 
     result = await asyncio.to_thread(

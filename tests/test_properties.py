@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from handoff.cli import Usage, _context_arg
-from handoff.client import build_request
+from handoff.cli.commands import Usage, _context_arg
+from handoff.client.chains import build_request
 from handoff.errors import InvalidRequest
 from handoff.models import (
     AGENT_ID_RE,

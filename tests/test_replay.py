@@ -18,7 +18,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
-from handoff.audit import record_from_history
+from handoff.client.audit import record_from_history
 from handoff.constants import CHAIN_WORKFLOW, REGISTRY_WORKFLOW_ID
 from handoff.models import ChainRecord, ChainRequest, ChainStatus, HopStatus
 from handoff.workers.chain_worker import sandboxed_runner

@@ -20,14 +20,14 @@ from temporalio.converter import (
 )
 
 from handoff import ChainRecord, ChainStatus, ContextTooLarge
-from handoff.client import build_request, connect, context_limit
+from handoff.client.chains import build_request, connect, context_limit
 from handoff.constants import (
     CHAIN_WORKFLOW,
     MAX_CONTEXT_BYTES,
     MAX_EXTERNAL_CONTEXT_BYTES,
 )
-from handoff.server import free_port, port_open
-from handoff.storage import (
+from handoff.servers.embedded import free_port, port_open
+from handoff.payloads.storage import (
     PAYLOAD_DIR_ENV,
     S3_BUCKET_ENV,
     S3_ENDPOINT_ENV,

@@ -1,4 +1,4 @@
-"""Operator telemetry (handoff.telemetry): Prometheus metrics from a worker's runtime and
+"""Operator telemetry (handoff.observability.telemetry): Prometheus metrics from a worker's runtime and
 OpenTelemetry traces, one per chain, against the session's real server.
 
 Chains here run on this file's own chain worker, on a private task queue: the session's chain
@@ -31,10 +31,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from temporalio.client import Client
 
 from handoff import ChainRecord, ChainStatus, PermanentError
-from handoff.client import build_request, connect, wait_chain
+from handoff.client.chains import build_request, connect, wait_chain
 from handoff.constants import CHAIN_WORKFLOW
-from handoff.server import free_port
-from handoff.telemetry import DURATION_BUCKETS_MS, Telemetry, TelemetryUnavailable, span_exporter
+from handoff.servers.embedded import free_port
+from handoff.observability.telemetry import DURATION_BUCKETS_MS, Telemetry, TelemetryUnavailable, span_exporter
 from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 

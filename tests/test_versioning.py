@@ -14,8 +14,8 @@ from rich.console import Console
 from handoff import AgentCapability, ChainStatus, run_chain
 from handoff.models import AgentCard
 from handoff.registry import AgentStatus, QueueStats
-from handoff.render import agents_table
-from handoff.versioning import Routing, current_build_id, routing_of
+from handoff.cli.render import agents_table
+from handoff.client.versioning import Routing, current_build_id, routing_of
 from handoff.workers.agent_worker import run_agent
 from tests.support import HANDOFF, make_agent
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from handoff import Branch, ChainRecord, ChainStatus, Join, approve_chain, run_chain, start_chain, wait_chain
-from handoff.client import connect
-from handoff.server import EmbeddedServer, free_port
+from handoff.client.chains import connect
+from handoff.servers.embedded import EmbeddedServer, free_port
 from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running
 
@@ -161,8 +161,8 @@ async def test_timeline_names_each_hops_agents(tmp_path, uid):
 async def test_ui_shows_encrypted_context_decoded_through_the_codec_server(tmp_path, uid, monkeypatch):
     """With encryption on, history holds ciphertext; the UI, pointed at `handoff codec-server`,
     shows the chain's input in the clear."""
-    from handoff.codec import ENV_KEY_ID, ENV_KEYS, codec_from_env
-    from handoff.codec_server import start_codec_server
+    from handoff.payloads.codec import ENV_KEY_ID, ENV_KEYS, codec_from_env
+    from handoff.servers.codec import start_codec_server
 
     monkeypatch.setenv(ENV_KEYS, f"k1:{base64.b64encode(os.urandom(32)).decode()}")
     monkeypatch.setenv(ENV_KEY_ID, "k1")
@@ -265,7 +265,7 @@ async def test_a_chain_started_through_a2a_is_the_web_uis_workflow_of_that_id(tm
     from a2a.client import ClientConfig, create_client
     from a2a.types import Message, Part, Role, SendMessageRequest
 
-    from handoff.a2a_server import A2AServer
+    from handoff.a2a.server import A2AServer
 
     first, second = f"ui-a2a-first-{uid}", f"ui-a2a-second-{uid}"
 

@@ -14,9 +14,9 @@ import urllib.parse
 import pytest
 
 from handoff import ChainStatus, HopStatus, PermanentError, run_chain
-from handoff.client import connect
+from handoff.client.chains import connect
 from handoff.models import AgentCapability
-from handoff.server import EmbeddedServer, free_port
+from handoff.servers.embedded import EmbeddedServer, free_port
 from handoff.workers.chain_worker import chain_worker
 from tests.support import HANDOFF, ROOT, cli, make_agent, running, wait_live
 from tests.test_web_ui import BROWSER, render, visible_text, wait_http_ok

@@ -16,9 +16,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from handoff.activities.hop import CANCEL_WITHIN_S, hop_activity
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.registry import leave_registry, register_agent, registration_of
-from handoff.versioning import current_build_id, deployment_config, set_current_build_id
+from handoff.client.versioning import current_build_id, deployment_config, set_current_build_id
 
 log = structlog.get_logger("handoff.worker")
 

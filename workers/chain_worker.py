@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pkgutil
 from datetime import timedelta
+
+import handoff
 
 from temporalio.client import Client
 from temporalio.worker import PollerBehaviorSimpleMaximum, UnsandboxedWorkflowRunner, Worker
@@ -46,14 +49,10 @@ RUNNER = UnsandboxedWorkflowRunner()
 # Every part of handoff but its workflows, passed through the sandbox: the workflow modules are
 # loaded afresh and checked; the rest (the `handoff` package they live in included) is the one
 # already imported, which also keeps the sandbox from re-importing native extensions it cannot.
-SANDBOX_PASSTHROUGH = (
-    "handoff.a2a_agent", "handoff.a2a_server", "handoff.activities", "handoff.agent", "handoff.audit",
-    "handoff.cli", "handoff.client", "handoff.codec", "handoff.codec_server", "handoff.constants",
-    "handoff.dev", "handoff.errors", "handoff.examples", "handoff.http_auth", "handoff.llm",
-    "handoff.local_model", "handoff.log", "handoff.models", "handoff.registry", "handoff.render",
-    "handoff.search", "handoff.server", "handoff.service", "handoff.storage", "handoff.telemetry",
-    "handoff.testing", "handoff.versioning", "handoff.workers",
-)
+SANDBOX_PASSTHROUGH = tuple(
+    f"handoff.{m.name}" for m in pkgutil.iter_modules(handoff.__path__) if m.name != "workflows"
+) + ("handoff.activities", "handoff.workers", "handoff.examples")
+"""Every module and subpackage of `handoff` (its children included) but `handoff.workflows`."""
 
 
 def sandboxed_runner() -> SandboxedWorkflowRunner:

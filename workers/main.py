@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import structlog
 from temporalio.client import Client
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.workers.agent_worker import run_agent
 from handoff.workers.chain_worker import chain_worker
 

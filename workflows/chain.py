@@ -247,7 +247,7 @@ class HandoffChainWorkflow:
     @property
     def record(self) -> ChainRecord:
         """The chain's record as this run holds it (what `chain_state` answers); the rebuild
-        of a record from history (`handoff.audit`) replays the history and reads it here."""
+        of a record from history (`handoff.client.audit`) replays the history and reads it here."""
         return self._record
 
     @workflow.run

@@ -39,7 +39,7 @@ from handoff import (
     Join,
     PermanentError,
 )
-from handoff.client import (
+from handoff.client.chains import (
     approve_chain,
     cancel_chain,
     get_chain,

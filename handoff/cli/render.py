@@ -14,7 +14,7 @@ from rich.text import Text
 
 from handoff.models import BranchRecord, ChainRecord, ChainStatus, HopKind, HopRecord, HopStatus
 from handoff.registry import AgentStatus
-from handoff.versioning import Routing
+from handoff.client.versioning import Routing
 
 STATUS_STYLE = {
     ChainStatus.COMPLETED: "green", HopStatus.COMPLETED: "green",

@@ -11,12 +11,12 @@ from uuid import UUID
 from rich.console import Console
 from temporalio.client import Client
 
-from handoff.client import approve_chain, connect, reject_chain, start_chain, wait_chain
+from handoff.client.chains import approve_chain, connect, reject_chain, start_chain, wait_chain
 from handoff.models import AgentCapability, ChainRecord, ChainStatus, HopStatus
 from handoff.registry import agent_statuses
-from handoff.render import chain_table, ui_url
-from handoff.server import EmbeddedServer
-from handoff.telemetry import Telemetry
+from handoff.cli.render import chain_table, ui_url
+from handoff.servers.embedded import EmbeddedServer
+from handoff.observability.telemetry import Telemetry
 from handoff.workers.main import run_workers, stop_on_signals
 
 DEMO_TASK = "Review {name} before release"
@@ -125,7 +125,7 @@ async def run_dev(
         console.print(f"local model: {llm_url}")
     a2a = None
     if a2a_port is not None:
-        from handoff.a2a_server import CARD_PATH, A2AServer
+        from handoff.a2a.server import CARD_PATH, A2AServer
 
         a2a = await A2AServer(client, port=a2a_port).start()
         console.print(f"A2A server: {a2a.url} (card {a2a.url}{CARD_PATH})", soft_wrap=True)

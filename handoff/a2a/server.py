@@ -72,10 +72,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from temporalio.client import Client
 
-from handoff.client import approve_chain, build_request, cancel_chain, get_chain, reject_chain, start_request
+from handoff.client.chains import approve_chain, build_request, cancel_chain, get_chain, reject_chain, start_request
 from handoff.constants import MAX_NESTING
 from handoff.errors import ChainNotFound, InvalidRequest
-from handoff.http_auth import BearerAuth, BearerVerifier
+from handoff.servers.http import BearerAuth, BearerVerifier
 from handoff.models import AgentCapability, ChainRecord, ChainStatus, HopStatus, nesting_problem
 from handoff.models import AgentCard as HandoffCard
 from handoff.registry import Directory

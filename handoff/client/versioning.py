@@ -17,7 +17,7 @@ from temporalio.common import WorkerDeploymentVersion
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import WorkerDeploymentConfig
 
-from handoff.agent import Agent
+from handoff.agents.agent import Agent
 from handoff.errors import InvalidRequest, unless_missing
 from handoff.models import check_agent_id
 

@@ -27,8 +27,8 @@ try:
 except ImportError:  # not on Windows
     uvloop = None
 
-from handoff.agent import Agent
-from handoff.client import (
+from handoff.agents.agent import Agent
+from handoff.client.chains import (
     build_request,
     cancel_chain,
     decide_approval,
@@ -39,10 +39,10 @@ from handoff.client import (
 )
 from handoff.constants import DEFAULT_UI_ORIGINS, SA_STATUS
 from handoff.errors import HandoffError, ServerUnreachable
-from handoff.log import configure_logging
+from handoff.observability.log import configure_logging
 from handoff.models import ChainRecord, ChainStatus, check_agent_id
-from handoff.render import agents_table, chain_table, chains_table, ui_url
-from handoff.telemetry import DEFAULT_METRICS_HOST, Telemetry
+from handoff.cli.render import agents_table, chain_table, chains_table, ui_url
+from handoff.observability.telemetry import DEFAULT_METRICS_HOST, Telemetry
 
 T = TypeVar("T")
 
@@ -343,7 +343,7 @@ def list_chains(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Find chains through search attributes (newest first)."""
-    from handoff.search import chain_query, find_chains, parse_since
+    from handoff.client.search import chain_query, find_chains, parse_since
 
     async def go() -> list[dict[str, Any]]:
         query = chain_query(agent=agent, status=status,
@@ -362,7 +362,7 @@ def agents(as_json: bool = typer.Option(False, "--json")) -> None:
     """Registered agents: capabilities, live/down, load, and for versioned agents the version hops
     go to (current, and ramping)."""
     from handoff.registry import agent_statuses
-    from handoff.versioning import routing_of
+    from handoff.client.versioning import routing_of
 
     async def go():
         client = await connect()
@@ -423,8 +423,8 @@ def load_agents(spec: str, app_dir: str = ".") -> list[Agent]:
 
 def _remote(url: str, agent_id: str | None, capabilities: list[str], then: str | None,
             token_env: str | None) -> Agent:
-    from handoff.a2a_agent import remote_agent
-    from handoff.client import _capability
+    from handoff.agents.remote import remote_agent
+    from handoff.client.chains import _capability
 
     if not url.startswith(("http://", "https://")):
         raise Usage(f"--a2a takes the A2A agent's http(s) URL, got {url!r}")
@@ -504,7 +504,7 @@ def rollout(
     build_id: str = typer.Argument(..., help="the version (build id) of its versioned workers"),
 ) -> None:
     """Route every later hop to AGENT (running chains included) to its workers of BUILD_ID."""
-    from handoff.versioning import set_current_build_id
+    from handoff.client.versioning import set_current_build_id
 
     async def go() -> None:
         await set_current_build_id(await connect(), agent_id, build_id)
@@ -522,7 +522,7 @@ def server(
     codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
     """The embedded Temporal server alone (tuned, search attributes registered)."""
-    from handoff.server import EmbeddedServer
+    from handoff.servers.embedded import EmbeddedServer
 
     embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, ip=ip, codec_endpoint=codec_endpoint)
     with _one_line_errors():
@@ -560,9 +560,9 @@ def dev(
 ) -> None:
     """Embedded server + chain worker + every example agent + the A2A server in one process
     (Ctrl-C stops)."""
-    from handoff.codec import CodecSettings
-    from handoff.dev import run_dev
-    from handoff.server import EmbeddedServer
+    from handoff.payloads.codec import CodecSettings
+    from handoff.cli.dev import run_dev
+    from handoff.servers.embedded import EmbeddedServer
 
     configure_logging("console" if log_format == "console" else "json", level="WARNING")
     embedded = EmbeddedServer(port=port, ui_port=ui_port, db=db or None, codec_endpoint=codec_endpoint)
@@ -570,7 +570,7 @@ def dev(
     with _one_line_errors():
         CodecSettings.from_env()  # bad codec settings: one line, before anything starts
         if llm:
-            from handoff.local_model import LocalModel
+            from handoff.servers.local_model import LocalModel
 
             model = LocalModel().start()
             os.environ["OPENAI_BASE_URL"], os.environ["OPENAI_API_KEY"] = model.url, "local"
@@ -602,8 +602,8 @@ def a2a_server(
 ) -> None:
     """Serve A2A: agent cards from the registry, and chains as A2A tasks. Bearer tokens it accepts:
     HANDOFF_A2A_TOKENS (comma separated)."""
-    from handoff.a2a_server import ENV_TOKENS, A2AServer
-    from handoff.http_auth import BearerAuth
+    from handoff.a2a.server import ENV_TOKENS, A2AServer
+    from handoff.servers.http import BearerAuth
 
     async def go() -> None:
         tokens = tuple(t.strip() for t in os.environ.get(ENV_TOKENS, "").split(",") if t.strip())
@@ -642,8 +642,8 @@ def codec_server(
 ) -> None:
     """Decode payloads for the Web UI and `temporal --codec-endpoint`, with the codec the HANDOFF_*
     variables configure. Bearer tokens it accepts: HANDOFF_CODEC_TOKENS (comma separated)."""
-    from handoff.codec import codec_from_env
-    from handoff.codec_server import ENV_TOKENS, CodecAuth, start_codec_server
+    from handoff.payloads.codec import codec_from_env
+    from handoff.servers.codec import ENV_TOKENS, CodecAuth, start_codec_server
 
     async def go() -> None:
         tokens = tuple(t.strip() for t in os.environ.get(ENV_TOKENS, "").split(",") if t.strip())

@@ -2,7 +2,7 @@
 `temporal workflow show --codec-endpoint` show compressed and encrypted payloads in the clear.
 
 POST /decode (and, when enabled, POST /encode) take and return JSON `Payloads` (protobuf JSON, as
-the UI and the CLI send it) and run them through the same codec chain as `handoff.client.connect`.
+the UI and the CLI send it) and run them through the same codec chain as `handoff.client.chains.connect`.
 It holds the decryption keys, so every request is checked before anything is decoded, as
 Temporal's guidance for codec servers asks:
 
@@ -25,9 +25,9 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
-from handoff.codec import PayloadDecodeError
+from handoff.payloads.codec import PayloadDecodeError
 from handoff.constants import DEFAULT_UI_ORIGINS
-from handoff.http_auth import LOOPBACK_NAMES, AuthRefused, BearerAuth, BearerVerifier
+from handoff.servers.http import LOOPBACK_NAMES, AuthRefused, BearerAuth, BearerVerifier
 
 DEFAULT_PORT = 8081
 ALLOWED_HEADERS = "content-type, x-namespace, authorization"
@@ -40,7 +40,7 @@ Transform = Callable[[Sequence[Payload]], Awaitable[list[Payload]]]
 
 
 CodecAuth = BearerAuth
-"""Who may use the codec server (`handoff.http_auth.BearerAuth`)."""
+"""Who may use the codec server (`handoff.servers.http.BearerAuth`)."""
 CodecServerRefused = AuthRefused
 
 

@@ -25,8 +25,8 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 from typing_extensions import Unpack
 
-from handoff.audit import record_from_history, record_in_failure
-from handoff.codec import data_converter
+from handoff.client.audit import record_from_history, record_in_failure
+from handoff.payloads.codec import data_converter
 from handoff.constants import (
     APPROVAL_UPDATE,
     CHAIN_PROTOCOL,
@@ -54,8 +54,8 @@ from handoff.models import (
     ChainRequest,
     HopRecord,
 )
-from handoff.storage import storage_configured, storage_from_env
-from handoff.telemetry import tracing_interceptor
+from handoff.payloads.storage import storage_configured, storage_from_env
+from handoff.observability.telemetry import tracing_interceptor
 
 DEFAULT_ADDRESS = "localhost:7233"
 
@@ -73,11 +73,11 @@ async def connect(
     TEMPORAL_NAMESPACE, TLS, API key, profiles), defaulting to localhost:7233, with the
     pydantic data converter every part of handoff uses.
 
-    `runtime`: e.g. `handoff.telemetry.metrics_runtime(port)`, so this client and the workers
+    `runtime`: e.g. `handoff.observability.telemetry.metrics_runtime(port)`, so this client and the workers
     built from it report metrics there. `tracing`: attach OpenTelemetry tracing to the client
     and its workers (needs the `otel` extra; raises `TelemetryUnavailable` without it).
     `codec`: the payload codec (compression, encryption) of the client and its workers; by
-    default the one the `HANDOFF_*` variables describe (`handoff.codec`; bad settings raise
+    default the one the `HANDOFF_*` variables describe (`handoff.payloads.codec`; bad settings raise
     `CodecConfigError`), None for none.
     """
     converter = data_converter(codec)
@@ -296,7 +296,7 @@ async def _ended(client: Client, handle: WorkflowHandle) -> ChainRecord:
 
 async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
     """The chain's record, read back from its workflow history: in any state, with no worker
-    (`handoff.audit`)."""
+    (`handoff.client.audit`)."""
     history = await unless_missing(client.get_workflow_handle(str(_uuid(chain_id))).fetch_history())
     if history is None:
         raise ChainNotFound(str(chain_id))

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from handoff.errors import HandoffError
-from handoff.server import free_port
+from handoff.servers.embedded import free_port
 
 MODEL_NAME = "smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,0 +1,106 @@
+"""The data model: what travels between agents, and the audit record of a chain.
+
+Every model round-trips through Temporal with the pydantic data converter, so the same classes
+are the workflow's input and result, the hop activity's input and result, and the CLI's JSON.
+One module per kind of thing; this package re-exports them all.
+"""
+
+from handoff.models.checks import (
+    AGENT_ID_RE,
+    address_problem,
+    aware_utc,
+    check_agent_id,
+    nesting_problem,
+    task_problem,
+    utc_now,
+)
+from handoff.models.statuses import (
+    AgentCapability,
+    ChainStatus,
+    HopKind,
+    HopStatus,
+)
+from handoff.models.directives import (
+    Addressed,
+    AgentDecision,
+    Branch,
+    FanOut,
+    HandoffDirective,
+    HandoffResult,
+    Join,
+)
+from handoff.models.context import (
+    BranchOutcome,
+    BranchPosition,
+    HandoffContext,
+    HopLimits,
+)
+from handoff.models.policy import (
+    ApprovalDecision,
+    ChainPolicy,
+    ChainRequest,
+)
+from handoff.models.wire import (
+    AgentCard,
+    Candidate,
+    Deregistration,
+    HopInput,
+    HopOutput,
+    Registration,
+    ResolveRequest,
+    load,
+    sized_payload,
+)
+from handoff.models.record import (
+    ApprovalRecord,
+    BranchRecord,
+    ChainRecord,
+    FanOutRecord,
+    HopRecord,
+    walk_branches,
+    walk_hops,
+)
+
+__all__ = [
+    "AGENT_ID_RE",
+    "Addressed",
+    "AgentCapability",
+    "AgentCard",
+    "AgentDecision",
+    "ApprovalDecision",
+    "ApprovalRecord",
+    "Branch",
+    "BranchOutcome",
+    "BranchPosition",
+    "BranchRecord",
+    "Candidate",
+    "ChainPolicy",
+    "ChainRecord",
+    "ChainRequest",
+    "ChainStatus",
+    "Deregistration",
+    "FanOut",
+    "FanOutRecord",
+    "HandoffContext",
+    "HandoffDirective",
+    "HandoffResult",
+    "HopInput",
+    "HopKind",
+    "HopLimits",
+    "HopOutput",
+    "HopRecord",
+    "HopStatus",
+    "Join",
+    "Registration",
+    "ResolveRequest",
+    "address_problem",
+    "aware_utc",
+    "check_agent_id",
+    "load",
+    "nesting_problem",
+    "sized_payload",
+    "task_problem",
+    "utc_now",
+    "walk_branches",
+    "walk_hops",
+]

@@ -1,0 +1,113 @@
+"""What travels between the chain workflow, the hop activity and the registry: the hop's input
+and output, registrations, cards and the candidates a capability lookup returns."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_core import to_json
+from temporalio.api.common.v1 import Payload
+from temporalio.common import RawValue
+
+from handoff.constants import MAX_CONTEXT_BYTES
+from handoff.models.checks import check_agent_id, utc_now
+from handoff.models.context import HandoffContext
+from handoff.models.directives import HandoffResult
+from handoff.models.statuses import AgentCapability
+
+
+def load(backlog: int, max_concurrent: int) -> float:
+    """An agent's load: the hops waiting on its queue per hop it runs at once."""
+    return backlog / max(max_concurrent, 1)
+
+
+class HopInput(BaseModel):
+    """The hop activity's input. `hop` and `fallback_for` let the audit be rebuilt from history."""
+
+    hop: int
+    context: HandoffContext
+    heartbeat_interval_s: float
+    fallback_for: str | None = None
+    max_result_bytes: int = MAX_CONTEXT_BYTES
+    withheld_context_keys: list[str] = Field(default_factory=list)
+    previous_results_shown: int | None = None
+
+
+class HopOutput(BaseModel):
+    """The hop activity's result: the handler's result plus what the worker observed."""
+
+    result: HandoffResult
+    attempt: int
+    agent_id: str
+    build_id: str | None = None
+    """The version (build id) of the worker that ran the hop: `Agent.version`, the Worker
+    Deployment version of a versioned worker. None in histories from before it was recorded."""
+
+
+def sized_payload(model: BaseModel) -> tuple[RawValue, int]:
+    """`model` serialized once, exactly as the pydantic data converter would, and its size in
+    bytes: a hop's input and result are size-checked without being serialized a second time."""
+    data = to_json(model)
+    return RawValue(Payload(metadata={"encoding": b"json/plain"}, data=data)), len(data)
+
+
+class Registration(BaseModel):
+    """An agent worker's registration (the registry's `register` Update). Loosely typed on
+    purpose: the registry's validator explains what is wrong with it."""
+
+    agent_id: str
+    name: str
+    capabilities: list[str]
+    max_concurrent: int = 5
+    version: str = "1"
+    instance: str = ""
+    """The registering worker's identity; an agent with several replicas has several instances."""
+    description: str = ""
+    """What the agent does, in a sentence (language models choosing a handoff read it)."""
+
+
+class Deregistration(BaseModel):
+    """The registry's `deregister` Update."""
+
+    agent_id: str
+    instance: str = ""
+    all_instances: bool = False
+    """Remove the card whatever instances it has (an operator clearing an agent that was killed)."""
+
+
+class AgentCard(BaseModel):
+    """An agent as the registry knows it."""
+
+    agent_id: str
+    name: str
+    capabilities: list[AgentCapability]
+    max_concurrent: int = Field(default=5, ge=1)
+    task_queue: str
+    version: str = "0"
+    description: str = ""
+    registered_at: datetime = Field(default_factory=utc_now)
+    last_seen: datetime = Field(default_factory=utc_now)
+
+    _valid_id = field_validator("agent_id")(check_agent_id)
+
+
+class Candidate(BaseModel):
+    """An agent considered for a capability hop, with what its task queue said."""
+
+    agent_id: str
+    live: bool
+    pollers: int = 0
+    backlog: int = 0
+    max_concurrent: int = 1
+
+    @property
+    def load(self) -> float:
+        return load(self.backlog, self.max_concurrent)
+
+
+class ResolveRequest(BaseModel):
+    capability: AgentCapability | None = None
+    like_agent: str | None = None
+    """Resolve the capabilities of this agent (a fallback for a hop addressed by name)."""
+    exclude: list[str] = Field(default_factory=list)
