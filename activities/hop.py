@@ -7,7 +7,6 @@ workflow routes a hop to an agent purely by task queue (`agent.<id>`).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import structlog
@@ -23,15 +22,14 @@ from handoff.constants import (
     INVALID_RESULT_ERROR,
     PERMANENT_ERROR,
     RESULT_TOO_LARGE_ERROR,
-    switched_on,
 )
 from handoff.errors import PermanentError
+from handoff.settings import Settings, settings, switched_on
 from handoff.models import HandoffResult, HopInput, HopOutput, nesting_problem, sized_payload
 
 log = structlog.get_logger("handoff.hop")
 
-ENV_LOG_TASK_TEXT = "HANDOFF_LOG_TASK_TEXT"
-"""`off`: hop log lines leave out the task text (they always carry ids, agents and errors)."""
+ENV_LOG_TASK_TEXT = Settings.env_name("log_task_text")
 
 
 CANCEL_WITHIN_S = 1.0
@@ -71,7 +69,7 @@ def _outcome(result: object) -> str:
 
 def hop_activity(agent: Agent):
     """The `handoff.hop` activity implementation for `agent`."""
-    task_text = switched_on(os.environ.get(ENV_LOG_TASK_TEXT))
+    task_text = switched_on(settings().log_task_text)  # off: no task text (ids, agents, errors stay)
     handler_ms = None  # created on the first hop: the activity metric meter exists only inside one
 
     def record_handler_duration(outcome: str, elapsed_s: float) -> None:

@@ -43,7 +43,7 @@ from bench.race import (
     race_targets,
 )
 from bench.registry import registry_rows, registry_targets, run_registry_scale
-from handoff.client.chains import approve_chain, connect, run_chain, start_chain, wait_chain
+from handoff.client import approve_chain, connect, run_chain, start_chain, wait_chain
 from handoff.models import ChainRecord, ChainStatus
 from handoff.servers.embedded import (
     EmbeddedServer,

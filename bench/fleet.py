@@ -13,7 +13,7 @@ import sys
 import structlog
 
 from handoff.agents.agent import Agent
-from handoff.client.chains import connect
+from handoff.client import connect
 from handoff.models import AgentCapability, HandoffContext, HandoffResult
 from handoff.workers.main import run_workers, stop_on_signals
 

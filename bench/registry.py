@@ -26,7 +26,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from bench.fleet import CAPABILITY, REFERENCE, fleet
-from handoff.client.chains import connect, run_chain
+from handoff.client import connect, run_chain
 from handoff.models import ChainStatus
 from handoff.registry import Directory, agent_statuses, forget_agents, register_agent, registered_agents
 from handoff.servers.embedded import EmbeddedServer, free_port

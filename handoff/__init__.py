@@ -4,7 +4,7 @@ The front door: the public API of every floor (docs/design.md, "Layout and floor
 """
 
 from handoff.agents.agent import Agent, Handler
-from handoff.client.chains import (
+from handoff.client import (
     approve_chain,
     cancel_chain,
     connect,

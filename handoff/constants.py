@@ -22,9 +22,14 @@ REGISTER_SIGNAL = "register_agents"
 DEREGISTER_SIGNAL = "deregister_agents"
 REGISTRATION_QUERY = "registration_of"
 """The registry's signals: registrations and deregistrations, however many arrive at once."""
+REGISTER_UPDATE = "register"
+DEREGISTER_UPDATE = "deregister"
+"""The registry's Updates: one registration or deregistration, answered at once (an operator's tool)."""
 HOP_ACTIVITY = "handoff.hop"
 APPROVAL_UPDATE = "decide_approval"
 """The chain workflow's Update that approves or rejects a hop waiting for a person."""
+CHAIN_STATE_QUERY = "chain_state"
+"""The chain workflow's query: its record as it stands."""
 RESOLVE_ACTIVITY = "handoff.resolve_candidates"
 
 STARTER_AGENT = "starter"
@@ -43,9 +48,9 @@ DEFAULT_MAX_VISITS_PER_AGENT = 2
 # chain has run this long; a chain that ends sooner gets them in one write at its end. Each
 # upsert is a visibility write, and the timer that starts them wakes the workflow once: worth it
 # for a chain of slow agents, not for one that ends within seconds. Visibility itself lags about
-# a second on a cluster, and the Web UI shows the running hop live either way. 10 s rather than 2:
-# under overload (50 five-hop chains at once on 2 cores) a chain of fast agents takes 2-3 s, and at
-# a 2 s mark every chain then paid the wake-up and the upserts just when the server was busiest.
+# a second on a cluster, and the Web UI shows the running hop live either way. The mark is well
+# past what a chain of fast agents takes on a loaded server, so those never pay the wake-up and
+# the upserts when the server is busiest (docs/figures.md).
 DEFAULT_PROGRESS_AFTER_S = 10.0
 
 DEFAULT_MAX_BRANCHES = 8
@@ -67,10 +72,27 @@ MAX_CONTEXT_BYTES = 1_900_000
 """Largest hop input we schedule: a little under the payload limit, leaving room for the envelope."""
 MAX_EXTERNAL_CONTEXT_BYTES = 32 * 1024 * 1024
 """With external payload storage, the largest hop input or result a chain accepts."""
+MAX_PAYLOAD_BYTES = MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024
+"""No payload a chain carries is larger (a context at its limit, plus its envelope): a compressed
+payload that would inflate past it, or a stored one that is larger, is refused."""
+LARGE_PAYLOAD_BYTES = 256 * 1024
+"""Payloads over this many bytes are compressed (by default) and stored externally (when storage
+is configured): smaller ones stay readable in the Web UI as they are."""
+
+RETRIED_HTTP_STATUSES = frozenset({408, 409, 429})
+"""HTTP answers worth asking again (a timeout, a conflict, a rate limit), with every 5xx: a model's
+or a remote agent's; any other 4xx is not retried."""
+
+
+def retried_status(status: int) -> bool:
+    """Whether an HTTP status from a model or a remote agent is worth a retry."""
+    return status in RETRIED_HTTP_STATUSES or status >= 500
 
 MAX_NESTING = 64
 """How deep a context or result may nest lists and objects (pydantic's decoder stops near 250)."""
 
+DEFAULT_UI_URL = "http://localhost:8233"
+"""The embedded Temporal Web UI, where links point unless `HANDOFF_UI_URL` says otherwise."""
 DEFAULT_UI_ORIGINS = ("http://localhost:8233", "http://127.0.0.1:8233")
 """The embedded Web UI's origins, both spellings: the codec server answers them by default."""
 
@@ -85,19 +107,16 @@ SA_DEPTH = SearchAttributeKey.for_int("HandoffDepth")
 SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH)
 
 
-def switched_on(value: str | None) -> bool:
-    """An on/off environment setting: on unless it says off (`off`, `0`, `false`, `no`)."""
-    return (value or "on").strip().lower() not in ("off", "0", "false", "no")
-
-
 def agent_task_queue(agent_id: str) -> str:
     """The task queue an agent's worker polls: `agent.<agent_id>`."""
     return f"{AGENT_TASK_QUEUE_PREFIX}{agent_id}"
 
-CHAIN_PROTOCOL = 2
-"""The chain behaviour new requests ask for (`ChainRequest.protocol`). 1: every chain completes
-its workflow, whatever its status. 2: a chain that ends unsuccessfully fails its workflow, with
-its record in the failure's details, so the Web UI lists it as Failed (or Canceled)."""
+CHAIN_PROTOCOL = 3
+"""The chain behaviour new requests ask for (`ChainRequest.protocol`; `handoff.workflows.versions`
+reads it): 1, every chain completes its workflow whatever its status; 2, a chain that ends
+unsuccessfully fails its workflow, its record in the failure's details, so the Web UI lists it as
+Failed; 3, every behaviour keyed on the protocol alone (silent rounds unmarked, the hop budget and
+deferred progress whatever fields the policy carries)."""
 UNSUCCESSFUL_CHAIN_ERROR = "UnsuccessfulChain"
 """The failure type of a chain workflow that ended unsuccessfully (its details: the record)."""
 

@@ -11,10 +11,8 @@ T = TypeVar("T")
 
 
 class HandoffError(Exception):
-    """Base class of the errors this package raises on purpose. The CLI prints one line and
-    exits with `exit_code`: 2, bad input or configuration, unless a subclass says otherwise."""
-
-    exit_code = 2
+    """Base class of the errors this package raises on purpose: each says in one line what a user
+    needs to know (the CLI prints it, and maps the error to its exit code)."""
 
 
 class InvalidRequest(HandoffError, ValueError):
@@ -39,15 +37,18 @@ class UnknownAgent(InvalidRequest):
 
 
 class ServerUnreachable(HandoffError):
-    """The Temporal server cannot be reached (not bad input: the CLI exits 1)."""
-
-    exit_code = 1
+    """The Temporal server cannot be reached."""
 
 
 class ChainNotFound(HandoffError, LookupError):
     def __init__(self, chain_id: str) -> None:
         super().__init__(f"no chain with id {chain_id}")
         self.chain_id = chain_id
+
+
+class Unavailable(HandoffError):
+    """Something a hop depends on cannot answer now (a model, a remote agent): the hop's retry
+    policy tries again."""
 
 
 class PermanentError(HandoffError):

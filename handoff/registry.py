@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from pydantic import BaseModel
@@ -22,17 +23,18 @@ from handoff.agents.agent import Agent
 from handoff.constants import (
     CHAIN_TASK_QUEUE,
     DEREGISTER_SIGNAL,
+    DEREGISTER_UPDATE,
     LIVE_POLLER_WINDOW_S,
     REGISTER_SIGNAL,
+    REGISTER_UPDATE,
     REGISTRATION_QUERY,
     REGISTRY_MEMO_KEY,
-    REGISTRY_REJECTED_MEMO_KEY,
     REGISTRY_WORKFLOW,
     REGISTRY_WORKFLOW_ID,
     agent_task_queue,
 )
 from handoff.errors import unless_missing
-from handoff.models import AgentCapability, AgentCard, Candidate, Deregistration
+from handoff.models import AgentCapability, AgentCard, Candidate, Deregistration, load
 
 RPC_TIMEOUT = timedelta(seconds=5)
 
@@ -52,13 +54,13 @@ class AgentStatus(BaseModel):
 
     @property
     def load(self) -> float:
-        return self.stats.backlog / max(self.card.max_concurrent, 1)
+        return load(self.stats.backlog, self.card.max_concurrent)
 
 
 async def register_agent(client: Client, agent: Agent, instance: str) -> None:
     """Register `agent` (creating the registry workflow if it does not exist yet): one
-    signal-with-start, which the registry applies however many arrive at once. A registration it
-    refuses is in `rejected_registrations`."""
+    signal-with-start, which the registry applies however many arrive at once. Whether it took the
+    registration or refused it, and why: `registration_of`."""
     await client.start_workflow(
         REGISTRY_WORKFLOW,
         None,
@@ -85,7 +87,7 @@ async def register_agent_checked(client: Client, agent: Agent, instance: str) ->
         static_summary="handoff capability registry",
     )
     return await client.execute_update_with_start_workflow(
-        "register", agent.registration(instance), start_workflow_operation=start, result_type=AgentCard
+        REGISTER_UPDATE, agent.registration(instance), start_workflow_operation=start, result_type=AgentCard
     )
 
 
@@ -111,21 +113,12 @@ async def registration_of(client: Client, agent_id: str) -> str:
     return await handle.query(REGISTRATION_QUERY, agent_id, result_type=str, rpc_timeout=RPC_TIMEOUT)
 
 
-async def rejected_registrations(client: Client) -> dict[str, str]:
-    """The registrations the registry refused (by agent id: why), as its memo publishes them."""
-    description = await unless_missing(client.get_workflow_handle(REGISTRY_WORKFLOW_ID).describe(
-        rpc_timeout=RPC_TIMEOUT))
-    if description is None:
-        return {}
-    return await description.memo_value(REGISTRY_REJECTED_MEMO_KEY, {}, type_hint=dict[str, str])
-
-
 async def deregister_agent(client: Client, agent_id: str, instance: str | None = None) -> bool:
     """Remove one instance of an agent (its card goes with the last one); with no instance,
     remove the card outright. False if the agent was not registered."""
     handle = client.get_workflow_handle(REGISTRY_WORKFLOW_ID)
     request = Deregistration(agent_id=agent_id, instance=instance or "", all_instances=instance is None)
-    return await handle.execute_update("deregister", request, result_type=bool, rpc_timeout=RPC_TIMEOUT)
+    return await handle.execute_update(DEREGISTER_UPDATE, request, result_type=bool, rpc_timeout=RPC_TIMEOUT)
 
 
 async def registered_agents(client: Client) -> list[AgentCard]:
@@ -327,7 +320,8 @@ class Directory:
 
     async def candidates(self, capability: AgentCapability | None, *, like_agent: str | None = None,
                          exclude: list[str] = (), limit: int = MAX_CANDIDATES) -> list[Candidate]:
-        """As `candidates_for`, from the cache, at most `limit` (the best ranked; among equally
+        """The agents that can take a hop: those with `capability` (or with the primary capability
+        of `like_agent`), minus `exclude`, ranked (`rank`), from the cache, at most `limit` (the best ranked; among equally
         loaded live agents, the least recently returned first); when nothing is live, the cards
         are read again (an agent may have registered a moment ago)."""
         found = await self._candidates(await self.cards(), capability, like_agent, exclude, limit)
@@ -361,21 +355,25 @@ class Directory:
                           max_concurrent=c.max_concurrent) for c, s in best]
 
     def _ranked(self, cards: list[AgentCard]) -> list[tuple[AgentCard, QueueStats]]:
-        """Live first, least loaded next; among the first `SPREAD` live agents as little loaded
-        as the best, the least recently returned goes first: hops spread over a few agents (whose
-        queues stay warm on the server: spreading over hundreds cost 15 % of its throughput)
-        until their backlog shows. On plain tuples: hundreds of agents cost microseconds."""
-        def load(cs: tuple[AgentCard, QueueStats]) -> float:
-            return cs[1].backlog / max(cs[0].max_concurrent, 1)
+        return rank([(c, self._stats[c.agent_id][1]) for c in cards], self._returned)
 
-        ranked = sorted(((c, self._stats[c.agent_id][1]) for c in cards),
-                        key=lambda cs: (not cs[1].live, load(cs), cs[0].agent_id))
-        ties = [cs for cs in ranked[:SPREAD] if cs[1].live and load(cs) == load(ranked[0])]
-        if len(ties) > 1:
-            first = min(ties, key=lambda cs: self._returned.get(cs[0].agent_id, float("-inf")))
-            ranked.remove(first)
-            ranked.insert(0, first)
-        return ranked
+
+def rank(agents: list[tuple[AgentCard, QueueStats]], returned: Mapping[str, float]) -> list[tuple[AgentCard, QueueStats]]:
+    """Agents in the order a hop tries them: live first, least loaded next, then by id; among the
+    first `SPREAD` live agents as little loaded as the best, the least recently returned (by
+    `returned`: when a lookup last put each first) goes first, so hops spread over a few agents
+    (whose queues stay warm on the server) until their backlog shows. On plain tuples: hundreds of
+    agents cost microseconds."""
+    def load_of(cs: tuple[AgentCard, QueueStats]) -> float:
+        return load(cs[1].backlog, cs[0].max_concurrent)
+
+    ranked = sorted(agents, key=lambda cs: (not cs[1].live, load_of(cs), cs[0].agent_id))
+    ties = [cs for cs in ranked[:SPREAD] if cs[1].live and load_of(cs) == load_of(ranked[0])]
+    if len(ties) > 1:
+        first = min(ties, key=lambda cs: returned.get(cs[0].agent_id, float("-inf")))
+        ranked.remove(first)
+        ranked.insert(0, first)
+    return ranked
 
 
 def _capability_of(cards: list[AgentCard], capability: AgentCapability | None,
@@ -386,35 +384,18 @@ def _capability_of(cards: list[AgentCard], capability: AgentCapability | None,
     return capability
 
 
-async def candidates_for(
-    client: Client,
-    capability: AgentCapability | None,
-    *,
-    like_agent: str | None = None,
-    exclude: list[str] = (),
-) -> list[Candidate]:
-    """Agents that can take a hop: those with `capability` (or with the primary capability of
-    `like_agent`), minus `exclude`; live ones first, least loaded first, then by id."""
-    cards = await registered_agents(client)
-    capability = _capability_of(cards, capability, like_agent)
-    if capability is None:
-        return []
-    matching = [
-        c for c in cards if capability in c.capabilities and c.agent_id not in exclude
-    ]
-    return rank(await agent_statuses(client, matching))
-
-
-def rank(statuses: list[AgentStatus]) -> list[Candidate]:
-    """Candidates in the order to try them: live first, then least loaded, then by id."""
-    candidates = [
-        Candidate(
-            agent_id=s.card.agent_id,
-            live=s.stats.live,
-            pollers=s.stats.pollers,
-            backlog=s.stats.backlog,
-            max_concurrent=s.card.max_concurrent,
-        )
-        for s in statuses
-    ]
-    return sorted(candidates, key=lambda c: (not c.live, c.load, c.agent_id))
+async def wait_live(client: Client, agent_ids: set[str], timeout_s: float = 20.0) -> None:
+    """Wait until every agent is registered and polling its queue, as this process's cached
+    `Directory` sees it (the one its resolve activity and LLM agents read: it is read afresh
+    here); TimeoutError naming the agents that are not, if not in time."""
+    directory = Directory.of(client)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        cards = [c for c in await directory.cards(max_age_s=0) if c.agent_id in agent_ids]
+        await directory.forget_stats([c.agent_id for c in cards])
+        live = {s.card.agent_id for s in await directory.statuses(cards, unknown=len(cards)) if s.stats.live}
+        if agent_ids <= live:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"agents not live after {timeout_s:g}s: {sorted(agent_ids - live)}")
+        await asyncio.sleep(0.1)

@@ -19,7 +19,7 @@ from temporalio.client import Client
 
 from handoff.agents.agent import Agent, Handler
 from handoff.client.audit import hop_contexts
-from handoff.client.chains import (
+from handoff.client import (
     build_request,
     checked,
     connect,
@@ -37,7 +37,7 @@ from handoff.models import (
     HandoffResult,
     HopStatus,
 )
-from handoff.registry import candidates_for, queue_stats, registered_agents
+from handoff.registry import Directory, queue_stats, registered_agents
 from handoff.workers.agent_worker import run_agent
 from handoff.workers.main import run_chain_worker
 
@@ -133,7 +133,7 @@ class PeerHandoffService:
         ]
         if local:
             return min(local, key=lambda a: (self._load[a.id] / a.max_concurrent, a.id)).id
-        remote = await candidates_for(self.client, AgentCapability(capability), exclude=sorted(exclude))
+        remote = await Directory.of(self.client).candidates(AgentCapability(capability), exclude=sorted(exclude))
         live = [c for c in remote if c.live and c.agent_id not in self._agents]
         return live[0].agent_id if live else None
 

@@ -25,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from handoff.agents.agent import Agent
 from handoff.payloads.codec import data_converter
 from handoff.constants import SEARCH_ATTRIBUTES
-from handoff.registry import Directory
+from handoff.registry import wait_live
 from handoff.servers.embedded import free_port, temporal_binary, tuning_args
 from handoff.workers.agent_worker import agent_worker, registered
 from handoff.workers.chain_worker import chain_worker
@@ -58,23 +58,6 @@ async def running(client: Client, *agents: Agent, register: bool = False) -> Asy
         if register:
             await wait_live(client, {a.id for a in agents})
         yield
-
-
-async def wait_live(client: Client, agent_ids: set[str], timeout_s: float = 20.0) -> None:
-    """Wait until every agent is registered and polling its queue, as this process's cached
-    `Directory` sees it (the one its resolve activity and LLM agents read: it is read afresh
-    here); AssertionError if not in time."""
-    directory = Directory.of(client)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        cards = [c for c in await directory.cards(max_age_s=0) if c.agent_id in agent_ids]
-        await directory.forget_stats([c.agent_id for c in cards])
-        live = {s.card.agent_id for s in await directory.statuses(cards, unknown=len(cards)) if s.stats.live}
-        if agent_ids <= live:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"agents not live after {timeout_s:g}s: {sorted(agent_ids - live)}")
-        await asyncio.sleep(0.1)
 
 
 # -- a scripted OpenAI-compatible model ------------------------------------------------------

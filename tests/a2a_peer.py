@@ -28,7 +28,6 @@ from a2a.types import (
     AgentSkill,
     Message,
     Part,
-    Role,
     Task,
     TaskState,
     TaskStatus,

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from handoff.client.chains import connect, get_chain, start_chain, wait_chain
+from handoff.client import connect, get_chain, start_chain, wait_chain
 from handoff.errors import ChainNotFound
 from handoff.testing import wait_live
 

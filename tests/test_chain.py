@@ -22,7 +22,7 @@ from handoff import (
     run_chain,
     start_chain,
 )
-from handoff.client.chains import cancel_chain, wait_chain
+from handoff.client import cancel_chain, wait_chain
 from handoff.constants import CHAIN_TASK_QUEUE, CHAIN_WORKFLOW, MAX_CONTEXT_BYTES
 from tests.support import make_agent, running
 

@@ -28,7 +28,7 @@ from handoff import (
     start_chain,
 )
 from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
-from handoff.cli.commands import app
+from handoff.cli import app
 from handoff.servers.embedded import temporal_binary
 from tests.support import HANDOFF, ROOT, assert_usage_error, cli, make_agent, running
 
@@ -176,7 +176,7 @@ TO = ["start", "--to", "cli-x", "--task", "t", "--id", "{id}"]
 BAD_INPUT = [
     pytest.param([*TO, "--context", "{bad"], "not valid JSON", id="malformed-context"),
     pytest.param([*TO, "--context", "[1, 2]"], "must be a JSON object", id="context-list"),
-    pytest.param([*TO, "--context", "@{tmp}/missing.json"], "cannot read context file", id="missing-file"),
+    pytest.param([*TO, "--context", "@{tmp}/missing.json"], "cannot read --context file", id="missing-file"),
     pytest.param([*TO, "--context", "@{big}"], "limit", id="oversized-context"),
     pytest.param([*TO, "--max-depth", "9"], "max_depth", id="max-depth-9"),
     pytest.param([*TO, "--hop-timeout", "-1"], "hop_timeout_s", id="negative-hop-timeout"),
@@ -382,12 +382,12 @@ async def test_approve_and_reject_refuse_bad_input_in_one_line(cli_env):
     assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "a", "--hop", "nope"), "UUID")
 
 
-def test_the_readme_cli_table_names_every_command_and_flag_and_no_other():
-    """The README's CLI table cannot drift from the CLI: each command has a row, and each row
-    names exactly the flags its command takes."""
+def test_the_cli_reference_names_every_command_and_flag_and_no_other():
+    """The CLI reference's table (docs/cli.md) cannot drift from the CLI: each command has a row,
+    and each row names exactly the flags its command takes."""
     group = typer.main.get_command(app)
     rows: dict[str, set[str]] = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / "docs" / "cli.md").read_text().splitlines():
         found = re.match(r"\| `handoff ([a-z0-9-]+)", line)
         if found:
             usage = line.split("` |")[0]
@@ -399,10 +399,10 @@ def test_the_readme_cli_table_names_every_command_and_flag_and_no_other():
 
 
 def readme_session() -> list[str]:
-    """The operator's session the README's CLI section shows, line by line."""
+    """The operator's session the README shows (the first code block after its introduction),
+    line by line."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("An operator's session"):text.index("## Client API")]
-    block = section.split("```")[1]
+    block = text[text.index("An operator's session"):].split("```")[1]
     return [line for line in block.splitlines() if line.strip()]
 
 

@@ -19,7 +19,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from handoff import ChainStatus
-from handoff.client.chains import build_request, connect
+from handoff.client import build_request, connect
 from handoff.payloads.codec import (
     ENCODING_ENCRYPTED,
     ENCODING_ZLIB,

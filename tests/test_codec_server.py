@@ -24,12 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.api.common.v1 import Payload
 
 from handoff.payloads.codec import ENCODING_ZLIB, ENV_KEY_ID, ENV_KEYS, codec_from_env
-from handoff.servers.codec import (
-    ENV_TOKENS,
-    CodecAuth,
-    CodecServerRefused,
-    start_codec_server,
-)
+from handoff.servers.codec import ENV_TOKENS, start_codec_server
+from handoff.servers.http import AuthRefused, BearerAuth
 from handoff.servers.embedded import free_port
 from tests.support import HANDOFF, assert_usage_error
 
@@ -80,7 +76,7 @@ async def test_a_foreign_host_or_origin_is_refused_before_anything_is_decoded(ht
 
 
 async def test_with_tokens_every_request_needs_one(http):
-    runner, base = await serve(auth=CodecAuth(tokens=(TOKEN,)))
+    runner, base = await serve(auth=BearerAuth(tokens=(TOKEN,)))
     body = as_json(plain("hello"))
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
@@ -128,7 +124,7 @@ def token(key, **claims) -> str:
 async def test_a_jwt_is_checked_against_the_jwks_issuer_and_audience(http, jwks):
     key, url = jwks
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    runner, base = await serve(auth=CodecAuth(jwks_url=url, issuer=ISSUER, audience=AUDIENCE))
+    runner, base = await serve(auth=BearerAuth(jwks_url=url, issuer=ISSUER, audience=AUDIENCE))
     body = as_json(plain("hello"))
 
     async def status(credential: str) -> int:
@@ -147,14 +143,14 @@ async def test_a_jwt_is_checked_against_the_jwks_issuer_and_audience(http, jwks)
 
 
 async def test_it_does_not_listen_beyond_loopback_without_authentication(cli_env):
-    with pytest.raises(CodecServerRefused, match="beyond loopback"):
+    with pytest.raises(AuthRefused, match="beyond loopback"):
         await start_codec_server(None, host="0.0.0.0", port=free_port())
-    with pytest.raises(CodecServerRefused, match="issuer and audience"):
-        CodecAuth(jwks_url="http://127.0.0.1:1/jwks.json")
+    with pytest.raises(AuthRefused, match="issuer and audience"):
+        BearerAuth(jwks_url="http://127.0.0.1:1/jwks.json")
     refused = subprocess.run([HANDOFF, "codec-server", "--host", "0.0.0.0", "--port", str(free_port())],
                              env={**cli_env, ENV_TOKENS: ""}, capture_output=True, text=True, timeout=60)
     assert_usage_error(refused, "beyond loopback")
-    runner = await start_codec_server(None, host="0.0.0.0", port=free_port(), auth=CodecAuth(tokens=(TOKEN,)))
+    runner = await start_codec_server(None, host="0.0.0.0", port=free_port(), auth=BearerAuth(tokens=(TOKEN,)))
     await runner.cleanup()
 
 

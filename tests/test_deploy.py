@@ -13,7 +13,7 @@ import tomllib
 import pytest
 import yaml
 
-from handoff.cli.commands import load_agents
+from handoff.cli.workers import load_agents
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.examples import ALL_AGENTS
 from handoff.servers.embedded import LATENCY_TUNING, LIVENESS_TUNING, search_attribute_args, temporal_binary

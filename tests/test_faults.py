@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from handoff import ChainStatus, HopStatus, approve_chain, get_chain, start_chain, wait_chain
-from handoff.client.chains import connect
+from handoff.client import connect
 from handoff.servers.embedded import EmbeddedServer, free_port
 from tests.support import HANDOFF, ROOT, make_agent, running
 

@@ -30,7 +30,7 @@ from handoff import (
     start_chain,
 )
 from handoff.activities.hop import ENV_LOG_TASK_TEXT, hop_activity
-from handoff.client.chains import connect, wait_chain
+from handoff.client import connect, wait_chain
 from handoff.payloads.codec import ENV_KEY_ID, ENV_KEYS, CodecConfigError, CodecSettings
 from handoff.constants import MAX_NESTING
 from handoff.observability.log import configure_logging
@@ -99,7 +99,7 @@ async def test_with_keys_failure_messages_reach_history_encrypted(address, uid, 
     queue = f"sealed-chains-{uid}"  # the session's chain worker has no keys
     agent = make_agent(f"leaky-{uid}", leak)
     async with chain_worker(sealed, task_queue=queue), running(sealed, agent):
-        from handoff.client.chains import build_request
+        from handoff.client import build_request
         from handoff.constants import CHAIN_WORKFLOW
         from handoff.models import ChainRecord
 
@@ -295,7 +295,7 @@ async def test_with_keys_a_chain_started_without_them_is_refused_not_run(client,
         ran.append(ctx.task_description)
         return ctx.complete()
 
-    from handoff.client.chains import build_request
+    from handoff.client import build_request
     from handoff.constants import CHAIN_WORKFLOW
 
     queue = f"strict-chains-{uid}"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_no_module_imports_a_floor_above_its_own():
 def test_the_floor_check_would_catch_an_arrow_upwards():
     assert floor_of("handoff.workflows.chain") > floor_of("handoff.models")
     assert floor_of("handoff.workers.main") > floor_of("handoff.client.chains")
-    assert floor_of("handoff.cli.commands") > floor_of("handoff.workers.agent_worker")
+    assert floor_of("handoff.cli.chains") > floor_of("handoff.workers.agent_worker")
 
 
 # The benchmark's peer (`bench/peer.py`) is built on the OpenAI Agents SDK, whose import name is
@@ -145,3 +146,86 @@ def test_the_openai_agents_sdk_installs_beside_handoff(tmp_path):
     assert Path(location).parent.parent.name == "site-packages", location  # not this repository's folder
     assert kinds.startswith("agents.") and kinds.endswith("Runner")
     assert count == "5"
+
+
+# -- what the README and docs/ show --------------------------------------------------------
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Dotted `handoff.` names in the documents that are not modules or attributes: the hop activity,
+# the chain task queue, the resolve activity and the storage driver's type.
+NOT_CODE = {"handoff.hop", "handoff.chains", "handoff.resolve_candidates", "handoff.filesystem", "handoff.yaml"}
+
+
+def documented_imports() -> set[str]:
+    """Every `from handoff... import a, b` line the README and docs/ show."""
+    found = set()
+    for document in DOCUMENTS:
+        for match in re.finditer(r"from (handoff[\w.]*) import ([\w, ]+(?: as \w+)?(?:, [\w ]+)*)",
+                                 document.read_text()):
+            found.add(f"from {match.group(1)} import {match.group(2).strip()}")
+    return found
+
+
+def documented_names() -> set[str]:
+    """Every dotted `handoff.x.y` name the README and docs/ mention, between backticks or after
+    `python -m`."""
+    found = set()
+    for document in DOCUMENTS:
+        text = document.read_text()
+        found |= set(re.findall(r"`(handoff(?:\.\w+)+)(?:\(\))?`", text))
+        found |= set(re.findall(r"python -m (handoff(?:\.\w+)+)", text))
+    return found - NOT_CODE
+
+
+def test_every_import_the_documents_show_works():
+    imports = documented_imports()
+    assert "from handoff import Agent, AgentCapability, HandoffContext, HandoffResult, PermanentError" in imports
+    assert "from handoff.llm import llm_agent" in imports
+    for line in sorted(imports):
+        exec(line.split(" as ")[0] if " as " in line and "," not in line else line, {})  # noqa: S102
+
+
+def test_every_module_and_name_the_documents_mention_exists():
+    missing = []
+    for name in sorted(documented_names()):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    assert not missing, missing
+
+
+def test_the_modules_import_no_circle():
+    """Within a floor too, no module imports one that imports it back (directly or not): each
+    folder reads from the bottom up."""
+    files = module_files()
+    graph = {name: {i for i in imports_of(path) if i in files and i != name} for name, path in files.items()
+             if name != FRONT_DOOR}
+    for name in graph:  # a package's __init__ re-exporting its own modules is not a circle
+        graph[name] = {i for i in graph[name] if not i.startswith(name + ".")}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for imported in sorted(graph.get(name, ())):
+            if state.get(imported) == 1:
+                circles.append(" -> ".join([*trail[trail.index(imported):], imported]))
+            elif imported not in state:
+                visit(imported, [*trail, imported])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not circles, "\n".join(circles)

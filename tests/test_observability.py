@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from handoff import ChainRecord, ChainStatus, InvalidRequest, run_chain
-from handoff.client.chains import start_chain, wait_chain
+from handoff.client import start_chain, wait_chain
 from handoff.constants import SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_STATUS
 from handoff.observability.log import configure_logging
 from handoff.client.search import chain_query, find_chains, parse_since

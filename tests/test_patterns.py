@@ -7,7 +7,6 @@ import asyncio
 from uuid import uuid4
 
 import pytest
-from temporalio import activity
 
 from handoff import (
     AgentCapability,

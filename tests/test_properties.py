@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from handoff.cli.commands import Usage, _context_arg
-from handoff.client.chains import build_request
+from handoff.cli.common import Usage, json_object_arg
+from handoff.client import build_request
 from handoff.errors import InvalidRequest
 from handoff.models import (
     AGENT_ID_RE,
@@ -90,7 +90,7 @@ def test_build_request_accepts_or_raises_invalid_request_only(to_agent, capabili
 @given(st.text(max_size=40).filter(lambda t: not t.startswith("@")))  # @ names a file
 def test_cli_context_is_a_json_object_or_one_line_usage_error(text):
     try:
-        value = _context_arg(text)
+        value = json_object_arg(text)
     except Usage as err:
         assert "\n" not in str(err)
         return

@@ -16,10 +16,8 @@ from handoff.registry import (
     AgentStatus,
     QueueStats,
     agent_statuses,
-    candidates_for,
     rank,
     Directory,
-    register_agent,
     register_agent_checked,
     registered_agents,
 )
@@ -118,23 +116,29 @@ async def test_registered_agent_without_a_worker_is_down(client, uid):
     await register_agent_checked(client, agent, "test")
     [status] = [s for s in await agent_statuses(client) if s.card.agent_id == agent.id]
     assert not status.stats.live and status.stats.pollers == 0
-    [candidate] = await candidates_for(client, AgentCapability.API_INTEGRATION)
+    [candidate] = await Directory(client).candidates(AgentCapability.API_INTEGRATION)
     assert candidate.agent_id == agent.id and not candidate.live
     from handoff.registry import deregister_agent
 
     assert await deregister_agent(client, agent.id, "test")
 
 
-def test_rank_prefers_live_then_least_loaded_then_id():
+def test_rank_prefers_live_then_least_loaded_then_id_and_spreads_equals_by_turns():
     def status(agent_id, live, backlog, limit=2):
         card = AgentCard(agent_id=agent_id, name=agent_id, capabilities=[SEC], max_concurrent=limit,
                          task_queue=f"agent.{agent_id}")
         return AgentStatus(card=card, stats=QueueStats(pollers=int(live), live=live, backlog=backlog,
                                                        last_poll=datetime.now(timezone.utc)))
 
-    ranked = rank([status("d", False, 0), status("c", True, 4), status("b", True, 4, limit=8),
-                   status("a", True, 4)])
-    assert [c.agent_id for c in ranked] == ["b", "a", "c", "d"]
+    def ids(ranked):
+        return [c.agent_id for c, _ in ranked]
+
+    pairs = [(s.card, s.stats) for s in (status("d", False, 0), status("c", True, 4), status("b", True, 4, limit=8),
+                                         status("a", True, 4))]
+    assert ids(rank(pairs, {})) == ["b", "a", "c", "d"]
+    equals = [(s.card, s.stats) for s in (status("x", True, 0), status("y", True, 0), status("z", False, 0))]
+    assert ids(rank(equals, {})) == ["x", "y", "z"]
+    assert ids(rank(equals, {"x": 2.0, "y": 1.0}))[0] == "y"  # the least recently returned goes first
 
 
 async def test_capability_hop_falls_back_to_another_agent_after_failure(client, uid):
@@ -208,12 +212,13 @@ async def test_discovery_succeeds_while_agents_start_and_stop(client, uid):
             n += 1
         return n
 
+    directory = Directory(client)
     async with running(client, stable, register=True):
         churner = asyncio.create_task(churn())
         lookups, found = 0, 0
         deadline = asyncio.get_running_loop().time() + 8
         while asyncio.get_running_loop().time() < deadline:
-            candidates = await candidates_for(client, cap)
+            candidates = await directory.candidates(cap)
             lookups += 1
             found += bool(candidates) and candidates[0].live
             await asyncio.sleep(0.02)

@@ -19,7 +19,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from handoff.client.audit import record_from_history
-from handoff.constants import CHAIN_WORKFLOW, REGISTRY_WORKFLOW_ID
+from handoff.constants import CHAIN_PROTOCOL, CHAIN_WORKFLOW, REGISTRY_WORKFLOW_ID
 from handoff.models import ChainRecord, ChainRequest, ChainStatus, HopStatus
 from handoff.workers.chain_worker import sandboxed_runner
 from handoff.workflows.chain import HandoffChainWorkflow
@@ -89,12 +89,14 @@ BRANCHES: dict[str, list[tuple[ChainStatus, str | None, list[tuple[str, HopStatu
 }
 
 
-# Every scenario's history as today's code records it (`linear`), and as earlier, still
-# replayable versions of the workflow recorded it (`linear.v1`: before `progress_after_s`, when
-# every hop upserted the search attributes; `linear.v2`: request protocol 1, when an unsuccessful
-# chain still completed its workflow).
-OLD_VERSIONS = (".v1", ".v2")
-CHAIN_FILES = [*(f"{name}{version}" for name in CHAIN_IDS for version in ("", *OLD_VERSIONS)), *PATTERN_IDS]
+# Every scenario's history as today's protocol records it (`linear`), and as earlier protocols,
+# whose chains still replay, recorded it (docs/design.md, "Versioning and replay safety"):
+# `linear.v1`, protocol 1 before `progress_after_s` (every hop upserted the search attributes);
+# `linear.v2`, protocol 1 (an unsuccessful chain completed its workflow); `linear.v3`, protocol 2
+# (silent rounds marked by a patch). The patterns were first recorded under protocol 2.
+OLD_VERSIONS = {**dict.fromkeys(CHAIN_IDS, (".v1", ".v2", ".v3")), **dict.fromkeys(PATTERN_IDS, (".v3",))}
+CHAIN_FILES = [f"{name}{version}" for name in IDS for version in ("", *OLD_VERSIONS[name])]
+PROTOCOL_OF = {"": CHAIN_PROTOCOL, ".v3": 2, ".v2": 1, ".v1": 1}
 
 
 def golden_history(file: str) -> WorkflowHistory:
@@ -133,6 +135,9 @@ async def test_golden_history_is_the_scenario_its_name_says(file):
     name = file.split(".")[0]
     status, hops, final_result = EXPECTED[name]
     history = golden_history(file)
+    request = ChainRequest.model_validate_json(
+        history.events[0].workflow_execution_started_event_attributes.input.payloads[0].data)
+    assert request.protocol == PROTOCOL_OF[file.removeprefix(name)], "recorded by the protocol its name says"
     record = await record_from_history(history, pydantic_data_converter, replay=True)
     assert record == await record_from_history(history, pydantic_data_converter), "replayed == carried"
     assert record.chain_id == IDS[name]
@@ -226,3 +231,10 @@ async def test_approvals_recorded_who_decided_what():
     assert "rejected by golden-approver: not today" in rejected.error
     returned = await record_from_history(golden_history("delegate"), pydantic_data_converter)
     assert [h.kind.value for h in returned.hops] == ["handoff", "return"]
+
+
+def test_only_chains_of_protocol_2_mark_their_silent_rounds_with_a_patch():
+    def markers(file: str) -> int:
+        return sum(e.HasField("marker_recorded_event_attributes") for e in golden_history(file).events)
+
+    assert markers("silent_round.v3") >= 1 and markers("silent_round") == 0

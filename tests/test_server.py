@@ -10,7 +10,7 @@ import pytest
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
 from handoff import ChainStatus, run_chain
-from handoff.client.chains import connect, get_chain
+from handoff.client import connect, get_chain
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.servers.embedded import EmbeddedServer, ServerError, free_port
 from handoff.workers.chain_worker import chain_worker

@@ -20,7 +20,7 @@ from temporalio.converter import (
 )
 
 from handoff import ChainRecord, ChainStatus, ContextTooLarge
-from handoff.client.chains import build_request, connect, context_limit
+from handoff.client import build_request, connect, context_limit
 from handoff.constants import (
     CHAIN_WORKFLOW,
     MAX_CONTEXT_BYTES,

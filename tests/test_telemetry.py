@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from temporalio.client import Client
 
 from handoff import ChainRecord, ChainStatus, PermanentError
-from handoff.client.chains import build_request, connect, wait_chain
+from handoff.client import build_request, connect, wait_chain
 from handoff.constants import CHAIN_WORKFLOW
 from handoff.servers.embedded import free_port
 from handoff.observability.telemetry import DURATION_BUCKETS_MS, Telemetry, TelemetryUnavailable, span_exporter

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from handoff import Branch, ChainRecord, ChainStatus, Join, approve_chain, run_chain, start_chain, wait_chain
-from handoff.client.chains import connect
+from handoff.client import connect
 from handoff.servers.embedded import EmbeddedServer, free_port
 from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running

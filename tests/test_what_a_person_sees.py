@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 
 from handoff import ChainStatus, HopStatus, PermanentError, run_chain
-from handoff.client.chains import connect
+from handoff.client import connect
 from handoff.models import AgentCapability
 from handoff.servers.embedded import EmbeddedServer, free_port
 from handoff.workers.chain_worker import chain_worker

@@ -24,14 +24,14 @@ from handoff.workflows.registry import AgentRegistryWorkflow
 STICKY_TIMEOUT = timedelta(seconds=1)
 
 # Workflow task polls kept open (a fifth on `handoff.chains`, the rest on the worker's sticky queue).
-# With the SDK's 5, a workflow task that finds no poll waiting is written to the task queue's backlog
-# in the database and read back: at 20 chains at once, 5 of a 5-hop chain's 6 workflow tasks were;
-# with 20, under one (bench: `CreateTasks` per chain 4.7 -> 0.6).
+# A workflow task that finds no poll waiting is written to the task queue's backlog in the database
+# and read back: with the SDK's 5 polls, most of a 5-hop chain's workflow tasks take that path at 20
+# chains at once; with 20 almost none (docs/figures.md).
 WORKFLOW_TASK_POLLS = 20
 
 # Activations run inline on the worker's event loop (the SDK's `debug_mode`), not in its thread
-# pool: that saves two thread switches and a wake-up of the loop per workflow task, about 6 % of
-# the worker's CPU and 1.2 ms of a 5-hop chain (bench). The pool's one use is the 2 s deadlock
+# pool: that saves two thread switches and a wake-up of the loop per workflow task (docs/figures.md
+# has what it saves). The pool's one use is the 2 s deadlock
 # detector, which fails the task of a workflow whose code blocks; these workflows are handoff's
 # own code and never block (agents run in activities), and a slow but finite activation (a big
 # record to fit) completes instead of failing its task again at every retry. `debug_mode` also
@@ -40,9 +40,9 @@ INLINE_ACTIVATIONS = True
 
 
 # The chain and registry workflows run without the workflow sandbox. They are handoff's own code
-# (agent code runs in activities, never here), and the sandbox costs the chain worker about a fifth
-# of its CPU: it loads the workflow modules afresh for every run and enters itself for every
-# payload of every task. Determinism is guarded by tests instead: tests/test_replay.py replays the
+# (agent code runs in activities, never here), and the sandbox costs the chain worker much of its
+# CPU: it loads the workflow modules afresh for every run and enters itself for every payload of
+# every task. Determinism is guarded by tests instead: tests/test_replay.py replays the
 # golden histories under the SDK's fully restricted sandbox (`sandboxed_runner`).
 RUNNER = UnsandboxedWorkflowRunner()
 

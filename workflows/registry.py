@@ -2,8 +2,8 @@
 
 Agent workers register on start and deregister on graceful stop, by signal: a fleet of hundreds
 starting at once is applied in arrival order, in batches, with no limit on how many arrive
-together (Updates, which the workflow still answers for older workers and operators, are limited
-to ten in flight per workflow and make such a storm retry). Registrations are validated as the
+together (Updates, which the workflow answers too for operators' tools, are limited to ten in
+flight per workflow and would make such a storm retry). Registrations are validated as the
 Update's validator does; a refused one is published in the memo's `rejected`. Liveness and load
 are not kept here: they come from each agent's task queue, read by the resolve activity. History
 stays bounded through continue-as-new.
@@ -21,8 +21,10 @@ with workflow.unsafe.imports_passed_through():
 
     from handoff.constants import (
         DEREGISTER_SIGNAL,
+        DEREGISTER_UPDATE,
         MAX_DESCRIPTION_CHARS,
         REGISTER_SIGNAL,
+        REGISTER_UPDATE,
         REGISTRATION_QUERY,
         REGISTRY_MEMO_KEY,
         REGISTRY_REJECTED_MEMO_KEY,
@@ -101,7 +103,7 @@ class AgentRegistryWorkflow:
         workflow.continue_as_new(RegistryState(
             cards=self._cards, instances=self._instances, max_history_events=self._max_history))
 
-    @workflow.update
+    @workflow.update(name=REGISTER_UPDATE)
     def register(self, reg: Registration) -> AgentCard:
         card = self._apply(reg)
         self._publish()
@@ -163,7 +165,7 @@ class AgentRegistryWorkflow:
                 "register a new version to change them"
             )
 
-    @workflow.update
+    @workflow.update(name=DEREGISTER_UPDATE)
     def deregister(self, req: Deregistration) -> bool:
         """Remove one instance; the card goes when its last instance has gone."""
         removed = self._remove(req)

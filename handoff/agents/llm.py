@@ -35,7 +35,8 @@ from typing import Any
 from pydantic import BaseModel, create_model
 
 from handoff.agents.agent import Agent
-from handoff.errors import PermanentError
+from handoff.constants import retried_status
+from handoff.errors import PermanentError, Unavailable
 from handoff.models import (
     AgentCapability,
     AgentCard,
@@ -55,14 +56,12 @@ CAPABILITY_TOOL_PREFIX = "transfer_to_any_"
 MAX_TOOL_NAME = 64  # OpenAI's limit on a function's name
 SAYS_IT_HANDS_OFF = re.compile(r"\b(transfer|hand(ing|s|ed)? ?(it |this |the work )?off|handoff|delegat)", re.I)
 
-RETRIED_STATUSES = (408, 409, 429)
-"""Answers worth asking again (a timeout, a conflict, a rate limit), with every 5xx."""
 
 Directory = Callable[[], Awaitable[list[AgentCard]]]
 """Where the live agents come from; by default the registry, through the hop's worker's client."""
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(Unavailable):
     """The model could not answer now (a rate limit, a 5xx, a lost connection): the hop's retry
     policy tries again."""
 
@@ -394,7 +393,7 @@ async def _ask(client: Any, settings: _Settings, talk: _Conversation, schemas: l
     except openai.APIConnectionError as err:  # timeouts included
         raise ModelUnavailable(f"the model cannot be reached: {err}") from None
     except openai.APIStatusError as err:
-        if err.status_code in RETRIED_STATUSES or err.status_code >= 500:
+        if retried_status(err.status_code):
             raise ModelUnavailable(f"the model is unavailable ({err.status_code}): {err.message}") from None
         raise PermanentError(f"the model refused the request ({err.status_code}): {err.message}") from None
     finally:

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from handoff.agents.agent import Agent
-from handoff.errors import PermanentError
+from handoff.constants import retried_status
+from handoff.errors import PermanentError, Unavailable
 from handoff.models import AgentCapability, HandoffContext, HandoffResult, nesting_problem
 
 TERMINAL = {"TASK_STATE_COMPLETED", "TASK_STATE_FAILED", "TASK_STATE_CANCELED", "TASK_STATE_REJECTED",
@@ -40,7 +41,7 @@ MAX_TEXT_CHARS = 100_000
 POLL_S = 0.5
 
 
-class RemoteUnavailable(Exception):
+class RemoteUnavailable(Unavailable):
     """The remote agent cannot be reached or answered 5xx: retried by the hop's retry policy."""
 
 
@@ -172,7 +173,7 @@ def _raise_for(err: Exception):
     import httpx
 
     status = getattr(getattr(err, "response", None), "status_code", None) or getattr(err, "status_code", None)
-    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+    if isinstance(status, int) and 400 <= status < 500 and not retried_status(status):
         raise PermanentError(f"the A2A agent refused the request ({status}): {err}") from None
     if isinstance(err, (httpx.HTTPError, OSError)) or isinstance(status, int) or "connect" in str(err).lower():
         raise RemoteUnavailable(f"the A2A agent is unavailable: {type(err).__name__}: {err}") from None

@@ -4,36 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
+from contextlib import aclosing
 from pathlib import Path
 from uuid import UUID
 
 from rich.console import Console
 from temporalio.client import Client
 
-from handoff.client.chains import approve_chain, connect, reject_chain, start_chain, wait_chain
-from handoff.models import AgentCapability, ChainRecord, ChainStatus, HopStatus
-from handoff.registry import agent_statuses
 from handoff.cli.render import chain_table, ui_url
-from handoff.servers.embedded import EmbeddedServer
+from handoff.client import approve_chain, connect, follow_chain, reject_chain, start_chain
+from handoff.constants import STARTER_AGENT
+from handoff.models import AgentCapability, ChainRecord, ChainStatus, HopStatus
 from handoff.observability.telemetry import Telemetry
+from handoff.registry import wait_live
+from handoff.servers.embedded import EmbeddedServer
 from handoff.workers.main import run_workers, stop_on_signals
 
 DEMO_TASK = "Review {name} before release"
 DEMO_POLICY = {"approval_required": [AgentCapability.DEPLOYMENT.value]}
 """A person approves the release decision: the demo's chain waits for it."""
 DEMO_APPROVER = "handoff dev --approve"
-
-
-async def wait_until_live(client, agent_ids: set[str], timeout_s: float = 30.0) -> None:
-    """Wait until every agent is registered and polling its queue."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        live = {s.card.agent_id for s in await agent_statuses(client) if s.stats.live}
-        if agent_ids <= live:
-            return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"agents not live after {timeout_s:g}s: {sorted(agent_ids - live)}")
+APPROVAL_POLL_S = 0.2
+"""How often the demo looks for a hop that waits for approval (one query each)."""
 
 
 async def run_demo(client, console: Console, source_file: Path, ui_base: str | None = None, *,
@@ -45,7 +37,7 @@ async def run_demo(client, console: Console, source_file: Path, ui_base: str | N
 
     policy = dict(DEMO_POLICY)
     if triage:
-        policy["allowed_handoffs"] = {"starter": ["triage"], "triage": TRIAGE_TARGETS, "*": ["*"]}
+        policy["allowed_handoffs"] = {STARTER_AGENT: ["triage"], "triage": TRIAGE_TARGETS, "*": ["*"]}
     chain_id = await start_chain(
         client,
         to_agent="triage" if triage else "analyzer",
@@ -62,22 +54,19 @@ async def run_demo(client, console: Console, source_file: Path, ui_base: str | N
 async def through_approvals(client: Client, console: Console, chain_id: UUID, *, approve: bool) -> ChainRecord:
     """Wait for the chain's end, answering each hop that waits for approval: at once with
     `approve`, at a prompt on a terminal, else by `handoff approve` from another shell."""
-    ended = asyncio.ensure_future(wait_chain(client, chain_id))
-    handle = client.get_workflow_handle(str(chain_id))
     asked: set[UUID | None] = set()
-    while not ended.done():
-        await asyncio.wait({ended}, timeout=0.2)
-        if ended.done():
-            break
-        state = await handle.query("chain_state", result_type=ChainRecord)
-        for hop in state.all_hops():
-            if hop.status is not HopStatus.AWAITING_APPROVAL or hop.handoff_id in asked:
-                continue
-            asked.add(hop.handoff_id)
-            console.print(f"hop {hop.hop}: {hop.from_agent} -> {hop.to_agent} awaits approval: "
-                          f"{hop.task_description}", markup=False, highlight=False)
-            await _answer(client, console, chain_id, hop.handoff_id, approve)
-    return ended.result()
+    async with aclosing(follow_chain(client, chain_id, every_s=APPROVAL_POLL_S)) as records:
+        async for record in records:
+            if record.status.ended:
+                return record
+            for hop in record.all_hops():
+                if hop.status is not HopStatus.AWAITING_APPROVAL or hop.handoff_id in asked:
+                    continue
+                asked.add(hop.handoff_id)
+                console.print(f"hop {hop.hop}: {hop.from_agent} -> {hop.to_agent} awaits approval: "
+                              f"{hop.task_description}", markup=False, highlight=False)
+                await _answer(client, console, chain_id, hop.handoff_id, approve)
+    raise AssertionError("a followed chain always ends with its record")
 
 
 async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: UUID | None, approve: bool) -> None:
@@ -125,11 +114,12 @@ async def run_dev(
         console.print(f"local model: {llm_url}")
     a2a = None
     if a2a_port is not None:
-        from handoff.a2a.server import CARD_PATH, A2AServer
+        from handoff.a2a.cards import CARD_PATH
+        from handoff.a2a.server import A2AServer
 
         a2a = await A2AServer(client, port=a2a_port).start()
         console.print(f"A2A server: {a2a.url} (card {a2a.url}{CARD_PATH})", soft_wrap=True)
-    await wait_until_live(client, {a.id for a in agents})
+    await wait_live(client, {a.id for a in agents}, timeout_s=30)
     console.print(f"agents live: {', '.join(a.id for a in agents)}")
     code = 0
     if demo is not None:

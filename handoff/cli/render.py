@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import timezone
 from typing import Any
 
@@ -12,6 +11,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from handoff.constants import DEFAULT_UI_URL
+from handoff.settings import settings
 from handoff.models import BranchRecord, ChainRecord, ChainStatus, HopKind, HopRecord, HopStatus
 from handoff.registry import AgentStatus
 from handoff.client.versioning import Routing
@@ -29,7 +30,7 @@ STATUS_STYLE = {
 
 def ui_url(chain_id: str, namespace: str = "default", base: str | None = None) -> str:
     """The chain's page in the Temporal Web UI (base: HANDOFF_UI_URL, default the embedded UI)."""
-    base = base or os.environ.get("HANDOFF_UI_URL", "http://localhost:8233")
+    base = base or settings().ui_url or DEFAULT_UI_URL
     return f"{base.rstrip('/')}/namespaces/{namespace}/workflows/{chain_id}"
 
 

@@ -38,6 +38,8 @@ class HopRecord(BaseModel):
     """One hop in the audit trail."""
 
     hop: int
+    """The hop's depth in the chain (`chain_depth`: 0 for the first hop): a fallback keeps its
+    hop's depth, and a branch's first hop is one deeper than the hop that fanned out."""
     handoff_id: UUID | None = None
     from_agent: str
     to_agent: str

@@ -53,8 +53,9 @@ def sized_payload(model: BaseModel) -> tuple[RawValue, int]:
 
 
 class Registration(BaseModel):
-    """An agent worker's registration (the registry's `register` Update). Loosely typed on
-    purpose: the registry's validator explains what is wrong with it."""
+    """An agent worker's registration: sent in batches by the registry's `register_agents` signal
+    (and one at a time by its `register` Update). Loosely typed on purpose: the registry says
+    what is wrong with it."""
 
     agent_id: str
     name: str
@@ -68,7 +69,8 @@ class Registration(BaseModel):
 
 
 class Deregistration(BaseModel):
-    """The registry's `deregister` Update."""
+    """An agent worker's deregistration (the registry's `deregister_agents` signal, or its
+    `deregister` Update)."""
 
     agent_id: str
     instance: str = ""

@@ -47,16 +47,17 @@ from temporalio.converter import (
     PayloadCodec,
 )
 
-from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES, switched_on
+from handoff.constants import LARGE_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES
 from handoff.errors import HandoffError
+from handoff.settings import Settings, settings, switched_on
 
-ENV_KEYS = "HANDOFF_ENCRYPTION_KEYS"
-ENV_KEY_ID = "HANDOFF_ENCRYPTION_KEY_ID"
-ENV_THRESHOLD = "HANDOFF_COMPRESSION_THRESHOLD"
-ENV_STRICT = "HANDOFF_ENCRYPTION_STRICT"
+ENV_KEYS = Settings.env_name("encryption_keys")
+ENV_KEY_ID = Settings.env_name("encryption_key_id")
+ENV_THRESHOLD = Settings.env_name("compression_threshold")
+ENV_STRICT = Settings.env_name("encryption_strict")
 
-DEFAULT_COMPRESSION_THRESHOLD = 256 * 1024
-MAX_DECOMPRESSED_BYTES = MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024
+DEFAULT_COMPRESSION_THRESHOLD = LARGE_PAYLOAD_BYTES
+MAX_DECOMPRESSED_BYTES = MAX_PAYLOAD_BYTES
 """No payload a chain carries inflates past this; a compressed payload that would is refused."""
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -96,9 +97,9 @@ class CodecSettings(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CodecSettings:
         """Read and check the `HANDOFF_*` codec variables; raises `CodecConfigError`."""
-        env = os.environ if environ is None else environ
-        keys = _parse_keys(env.get(ENV_KEYS, ""))
-        key_id = env.get(ENV_KEY_ID, "").strip() or None
+        env = settings(environ)
+        keys = _parse_keys(env.encryption_keys)
+        key_id = env.encryption_key_id.strip() or None
         if key_id is not None and not keys:
             raise CodecConfigError(f"{ENV_KEY_ID}={key_id} is set but {ENV_KEYS} is empty")
         if keys and key_id is None:
@@ -109,8 +110,8 @@ class CodecSettings(BaseModel):
             key_id = next(iter(keys))
         if key_id is not None and key_id not in keys:
             raise CodecConfigError(f"{ENV_KEY_ID}={key_id} is not among the keys in {ENV_KEYS} ({', '.join(keys)})")
-        strict = switched_on(env.get(ENV_STRICT))
-        return cls(compression_threshold=_parse_threshold(env.get(ENV_THRESHOLD)), keys=keys, key_id=key_id,
+        strict = switched_on(env.encryption_strict)
+        return cls(compression_threshold=_parse_threshold(env.compression_threshold), keys=keys, key_id=key_id,
                    strict=strict)
 
 

@@ -33,16 +33,17 @@ from temporalio.converter import (
     StorageDriverStoreContext,
 )
 
-from handoff.constants import MAX_EXTERNAL_CONTEXT_BYTES
+from handoff.constants import LARGE_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES
 from handoff.errors import HandoffError
+from handoff.settings import Settings, settings
 
-PAYLOAD_DIR_ENV = "HANDOFF_PAYLOAD_DIR"
-RETENTION_ENV = "HANDOFF_PAYLOAD_RETENTION_DAYS"
-S3_BUCKET_ENV = "HANDOFF_S3_BUCKET"
-S3_ENDPOINT_ENV = "HANDOFF_S3_ENDPOINT_URL"
-THRESHOLD = 256 * 1024
+PAYLOAD_DIR_ENV = Settings.env_name("payload_dir")
+RETENTION_ENV = Settings.env_name("payload_retention_days")
+S3_BUCKET_ENV = Settings.env_name("s3_bucket")
+S3_ENDPOINT_ENV = Settings.env_name("s3_endpoint_url")
+THRESHOLD = LARGE_PAYLOAD_BYTES
 """Payloads above this many bytes are stored externally (the SDK's default)."""
-MAX_STORED_BYTES = MAX_EXTERNAL_CONTEXT_BYTES + 1024 * 1024
+MAX_STORED_BYTES = MAX_PAYLOAD_BYTES
 """No stored payload is larger (a context at its limit, plus its envelope)."""
 DEFAULT_RETENTION_DAYS = 7.0
 SWEEP_EVERY_S = 3600.0
@@ -171,9 +172,10 @@ def is_local(address: str) -> bool:
 
 def payload_dir(address: str) -> Path | None:
     """The directory large payloads go to for a client of `address`, or None (S3, or inline)."""
-    if os.environ.get(S3_BUCKET_ENV):
+    env = settings()
+    if env.s3_bucket:
         return None
-    setting = os.environ.get(PAYLOAD_DIR_ENV, "").strip()
+    setting = env.payload_dir.strip()
     if setting.lower() == "off":
         return None
     if setting:
@@ -183,11 +185,11 @@ def payload_dir(address: str) -> Path | None:
 
 def storage_configured(address: str) -> bool:
     """Whether clients of `address` built from this environment store large payloads externally."""
-    return bool(os.environ.get(S3_BUCKET_ENV)) or payload_dir(address) is not None
+    return bool(settings().s3_bucket) or payload_dir(address) is not None
 
 
 def _retention_days() -> float:
-    value = os.environ.get(RETENTION_ENV, "").strip()
+    value = settings().payload_retention_days.strip()
     try:
         days = float(value) if value else DEFAULT_RETENTION_DAYS
     except ValueError:
@@ -231,8 +233,8 @@ async def s3_storage(bucket: str, endpoint_url: str | None = None, threshold: in
 
 async def storage_from_env(address: str) -> ExternalStorage | None:
     """The external storage for a client of the Temporal server at `address` (see the module)."""
-    bucket = os.environ.get(S3_BUCKET_ENV)
-    if bucket:
-        return await s3_storage(bucket, os.environ.get(S3_ENDPOINT_ENV) or None)
+    env = settings()
+    if env.s3_bucket:
+        return await s3_storage(env.s3_bucket, env.s3_endpoint_url or None)
     directory = payload_dir(address)
     return file_storage(directory, retention_days=_retention_days()) if directory else None

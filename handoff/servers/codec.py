@@ -27,21 +27,18 @@ from temporalio.converter import PayloadCodec
 
 from handoff.payloads.codec import PayloadDecodeError
 from handoff.constants import DEFAULT_UI_ORIGINS
-from handoff.servers.http import LOOPBACK_NAMES, AuthRefused, BearerAuth, BearerVerifier
+from handoff.servers.http import LOOPBACK_NAMES, BearerAuth, BearerVerifier
+from handoff.settings import Settings
 
 DEFAULT_PORT = 8081
 ALLOWED_HEADERS = "content-type, x-namespace, authorization"
-ENV_TOKENS = "HANDOFF_CODEC_TOKENS"
-"""Bearer tokens the codec server accepts, comma separated (kept out of the command line)."""
+ENV_TOKENS = Settings.env_name("codec_tokens")
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 """Temporal's largest inline payload is 2 MB; as base64 in JSON it is about 2.7 MB."""
 
 Transform = Callable[[Sequence[Payload]], Awaitable[list[Payload]]]
 
 
-CodecAuth = BearerAuth
-"""Who may use the codec server (`handoff.servers.http.BearerAuth`)."""
-CodecServerRefused = AuthRefused
 
 
 def _hosts_for(host: str, port: int, extra: Sequence[str]) -> set[str]:
@@ -57,7 +54,7 @@ def codec_app(
     ui_origins: Sequence[str] = DEFAULT_UI_ORIGINS,
     *,
     allowed_hosts: Sequence[str] | None = None,
-    auth: CodecAuth = CodecAuth(),
+    auth: BearerAuth = BearerAuth(),
     allow_encode: bool = False,
 ) -> web.Application:
     """The aiohttp application; `codec` None passes payloads through unchanged. `allowed_hosts`:
@@ -126,7 +123,7 @@ def codec_app(
 async def start_codec_server(
     codec: PayloadCodec | None, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     ui_origins: Sequence[str] = DEFAULT_UI_ORIGINS, allowed_hosts: Sequence[str] = (),
-    auth: CodecAuth = CodecAuth(), allow_encode: bool = False,
+    auth: BearerAuth = BearerAuth(), allow_encode: bool = False,
 ) -> web.AppRunner:
     """Serve `codec_app` on host:port until the returned runner's `cleanup()`. Beyond loopback
     only with authentication; `allowed_hosts` adds `Host` values (e.g. a DNS name and port)."""

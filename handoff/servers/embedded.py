@@ -14,8 +14,8 @@ from pathlib import Path
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.errors import HandoffError
 
-# Measured on a 2-core machine: the default transfer-queue poll rate (20/s per shard) adds
-# ~50 ms to every task dispatch; raising it brings one hop to ~14 ms.
+# The default transfer-queue poll rate (20/s per shard) makes every task dispatch wait for the
+# next poll; polling at up to 1,000/s dispatches at once (docs/figures.md has the measures).
 LATENCY_TUNING = (
     "--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000",
     "--dynamic-config-value", "history.timerProcessorMaxPollRPS=1000",

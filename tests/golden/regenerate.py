@@ -39,7 +39,7 @@ from handoff import (
     Join,
     PermanentError,
 )
-from handoff.client.chains import (
+from handoff.client import (
     approve_chain,
     cancel_chain,
     get_chain,

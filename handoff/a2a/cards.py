@@ -1,0 +1,86 @@
+"""A2A agent cards, built from the registry when asked: handoff's own card (its skills are the
+capabilities live agents serve now) and one card per registered agent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
+    HTTPAuthSecurityScheme,
+    SecurityRequirement,
+    SecurityScheme,
+)
+from a2a.utils import TransportProtocol
+from temporalio.client import Client
+
+from handoff.servers.http import BearerAuth
+from handoff.models import AgentCapability
+from handoff.models import AgentCard as HandoffCard
+from handoff.registry import Directory
+
+PROTOCOL_VERSION = "1.0"
+CARD_PATH = "/.well-known/agent-card.json"
+
+
+
+def skill_of(capability: AgentCapability, description: str = "") -> AgentSkill:
+    words = capability.value.lower().replace("_", " ")
+    return AgentSkill(id=capability.value, name=words, description=description or f"{words}, by handoff's agents",
+                      tags=[capability.value, "handoff"])
+
+
+def _secured(card: AgentCard, auth: BearerAuth) -> AgentCard:
+    if auth.configured:
+        card.security_schemes["bearer"].CopyFrom(
+            SecurityScheme(http_auth_security_scheme=HTTPAuthSecurityScheme(scheme="bearer")))
+        requirement = SecurityRequirement()
+        requirement.schemes["bearer"].SetInParent()
+        card.security_requirements.append(requirement)
+    return card
+
+
+def agent_card_of(card: HandoffCard, base_url: str, auth: BearerAuth) -> AgentCard:
+    """The A2A card of a registered agent: a message to its endpoint starts a chain at it."""
+    return _secured(AgentCard(
+        name=card.name, description=card.description or f"{card.name}, a handoff agent",
+        version=card.version, capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain", "application/json"], default_output_modes=["application/json"],
+        skills=[skill_of(c, card.description) for c in card.capabilities],
+        supported_interfaces=[AgentInterface(protocol_binding=TransportProtocol.JSONRPC,
+                                             url=f"{base_url}/agents/{card.agent_id}",
+                                             protocol_version=PROTOCOL_VERSION)],
+    ), auth)
+
+
+def handoff_card(cards: Sequence[HandoffCard], base_url: str, auth: BearerAuth, version: str) -> AgentCard:
+    """handoff's own card: its skills are the capabilities the live agents serve now."""
+    served = sorted({c for card in cards for c in card.capabilities}, key=lambda c: c.value)
+    return _secured(AgentCard(
+        name="handoff",
+        description=("Durable peer-to-peer agent handoff on Temporal: a message starts a chain at the agent or "
+                     "capability its metadata names (metadata.agent, metadata.capability)"),
+        version=version, capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain", "application/json"], default_output_modes=["application/json"],
+        skills=[skill_of(c) for c in served] or [AgentSkill(
+            id="handoff", name="handoff chain", tags=["handoff"],
+            description="Start a durable chain of handoff agents (none is live right now)")],
+        supported_interfaces=[AgentInterface(protocol_binding=TransportProtocol.JSONRPC, url=f"{base_url}/",
+                                             protocol_version=PROTOCOL_VERSION)],
+    ), auth)
+
+
+class LiveCards:
+    """The registry's cards, and the live ones, from the process's cached `Directory`."""
+
+    def __init__(self, client: Client) -> None:
+        self._directory = Directory.of(client)
+
+    async def registered(self) -> list[HandoffCard]:
+        return list(await self._directory.cards())
+
+    async def live(self) -> list[HandoffCard]:
+        return await self._directory.live_cards()

@@ -1,0 +1,72 @@
+"""handoff's environment settings: every `HANDOFF_*` variable is read here, by pydantic-settings,
+and documented once (docs/cli.md, "Environment variables"). Values are read when asked for (`settings()`),
+so a process sees its environment as it is then. Each part parses what it needs of them and says
+what is wrong in its own terms (`CodecConfigError`, `StorageError`, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "HANDOFF_"
+
+
+class Settings(BaseSettings):
+    """The `HANDOFF_*` variables, as text (empty when unset)."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
+
+    compression_threshold: str = ""
+    """zlib-compress payloads over this many bytes (default 262144); `off`: never."""
+    encryption_keys: str = Field(default="", repr=False)
+    """`id:<base64 of 32 bytes>` entries, comma separated: AES-256-GCM for every payload."""
+    encryption_key_id: str = ""
+    """The key that encrypts new payloads (required with several keys)."""
+    encryption_strict: str = ""
+    """With keys: refuse payloads that are not encrypted (default on; `off` accepts them)."""
+    payload_dir: str = ""
+    """Where payloads over 256 KiB go (content-addressed files); `off`: nowhere."""
+    payload_retention_days: str = ""
+    """Blobs neither stored nor read for this many days are swept (default 7)."""
+    s3_bucket: str = ""
+    """Large payloads go to this S3 bucket (takes precedence over the directory)."""
+    s3_endpoint_url: str = ""
+    """An S3-compatible server's endpoint."""
+    log_task_text: str = ""
+    """`off`: hop log lines leave out the task text."""
+    identity: str = ""
+    """Who `handoff approve` and `handoff reject` say decided, unless `--by` does."""
+    ui_url: str = ""
+    """The Temporal Web UI's base URL in the links handoff prints (default the embedded UI's)."""
+    a2a_tokens: str = Field(default="", repr=False)
+    """Bearer tokens the A2A server accepts, comma separated."""
+    codec_tokens: str = Field(default="", repr=False)
+    """Bearer tokens the codec server accepts, comma separated."""
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The variable a field is read from: `HANDOFF_<FIELD>`."""
+        if field not in cls.model_fields:
+            raise KeyError(field)
+        return f"{PREFIX}{field.upper()}"
+
+
+def settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings as the process's environment holds them now (or as `environ` does)."""
+    if environ is None:
+        return Settings()
+    values = {name: environ[Settings.env_name(name)] for name in Settings.model_fields
+              if Settings.env_name(name) in environ}
+    return Settings.model_validate(values)
+
+
+def switched_on(value: str | None) -> bool:
+    """An on/off setting: on unless it says off (`off`, `0`, `false`, `no`)."""
+    return (value or "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def token_list(value: str) -> tuple[str, ...]:
+    """Comma-separated tokens, blanks left out."""
+    return tuple(t.strip() for t in value.split(",") if t.strip())
