@@ -35,8 +35,12 @@ from handoff.constants import (
 )
 from handoff.errors import unless_missing
 from handoff.models import AgentCapability, AgentCard, Candidate, Deregistration, load
+from handoff.models.wire import LEASE_S
 
 RPC_TIMEOUT = timedelta(seconds=5)
+REGISTRY_START = {"lease_s": LEASE_S}
+"""The input of a registry this client creates: its `RegistryState` (in `handoff.workflows`, a
+floor above), as JSON. A registry started with a lease holds cards to their leases and bounds."""
 
 
 class QueueStats(BaseModel):
@@ -60,10 +64,11 @@ class AgentStatus(BaseModel):
 async def register_agent(client: Client, agent: Agent, instance: str) -> None:
     """Register `agent` (creating the registry workflow if it does not exist yet): one
     signal-with-start, which the registry applies however many arrive at once. Whether it took the
-    registration or refused it, and why: `registration_of`."""
+    registration or refused it, and why: `registration_of`. A running worker sends it again every
+    `LEASE_REFRESH_S`: the registry drops a card `LEASE_S` after its last registration."""
     await client.start_workflow(
         REGISTRY_WORKFLOW,
-        None,
+        REGISTRY_START,
         id=REGISTRY_WORKFLOW_ID,
         task_queue=CHAIN_TASK_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -80,7 +85,7 @@ async def register_agent_checked(client: Client, agent: Agent, instance: str) ->
     flight per workflow)."""
     start = WithStartWorkflowOperation(
         REGISTRY_WORKFLOW,
-        None,
+        REGISTRY_START,
         id=REGISTRY_WORKFLOW_ID,
         task_queue=CHAIN_TASK_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     ui_url: str = ""
     """The Temporal Web UI's base URL in the links handoff prints (default the embedded UI's)."""
     a2a_tokens: str = Field(default="", repr=False)
-    """Bearer tokens the A2A server accepts, comma separated."""
+    """Bearer tokens the A2A server accepts, comma separated: each caller sees its own tasks."""
+    a2a_operator_tokens: str = Field(default="", repr=False)
+    """Bearer tokens of A2A operators, comma separated: they see and decide every chain."""
     codec_tokens: str = Field(default="", repr=False)
     """Bearer tokens the codec server accepts, comma separated."""
 

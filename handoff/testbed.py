@@ -16,6 +16,10 @@ python -m handoff.testbed cut agent1      # pull agent1's cable; `restore agent1
 python -m handoff.testbed down
 ```
 
+A prefix (`--prefix`, default `hb`: letters and digits) names one bed, and every namespace named
+`<prefix>-...` is that bed's: `up` replaces whatever bed the prefix had, and `down` removes every
+namespace of the prefix, whatever `up` recorded, and nothing else.
+
 It needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), iproute2, and nftables for the drop rules.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +41,8 @@ PREFIX = "hb"
 SUBNET = "10.77.0"
 FAULT_TABLE = "handoff_bed"
 STATE = Path("/run/handoff-testbed")
-"""Where `up` writes the hosts it made, for `cut`, `block`, `down` run later from a shell."""
+"""Where `up` writes the hosts it made, for `status`, `cut`, `block`... run later from a shell
+(`down` goes by the namespaces themselves)."""
 
 
 class BedError(RuntimeError):
@@ -68,6 +74,29 @@ def nft_unavailable() -> str | None:
     return None if shutil.which("nft") else "nftables' `nft` is not installed"
 
 
+def _checked(prefix: str) -> str:
+    # no dash in a prefix, so a namespace `<prefix>-...` belongs to one prefix only
+    # (`hb-x` is `hb`'s, `hbx-keep` is `hbx`'s)
+    if not prefix.isalnum() or len(prefix) > 20:
+        raise BedError(f"a bed's prefix is letters and digits, at most 20: {prefix!r}")
+    return prefix
+
+
+def namespaces(prefix: str = PREFIX) -> list[str]:
+    """The namespaces named `<prefix>-...` on this machine, whatever made them."""
+    mine = f"{_checked(prefix)}-"
+    listed = (re.sub(r" \(id: \d+\)$", "", line) for line in _ip("netns", "list").stdout.splitlines())
+    return [ns for ns in listed if ns.startswith(mine)]
+
+
+def remove_bed(prefix: str = PREFIX) -> None:
+    """Remove every namespace of `prefix` (their interfaces go with them) and the record of its
+    hosts; processes still running on a host are the caller's to stop first."""
+    for ns in namespaces(prefix):
+        _ip("netns", "del", ns, check=False)
+    (STATE / f"{prefix}.json").unlink(missing_ok=True)
+
+
 @dataclass
 class Host:
     name: str
@@ -89,6 +118,7 @@ class Bed:
     hosts: dict[str, Host] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _checked(self.prefix)
         if len(self.names) > 200 or len(set(self.names)) != len(self.names):
             raise BedError("give at most 200 distinct host names")
         for i, name in enumerate(self.names, start=1):
@@ -107,7 +137,17 @@ class Bed:
             raise BedError(f"no host {name!r} on this bed: {', '.join(self.hosts)}") from None
 
     def up(self) -> Bed:
+        """Make the hosts, in place of any bed the prefix had; when one cannot be made, no
+        namespace of the prefix is left."""
         self.down()
+        try:
+            self._make()
+        except BedError:
+            self.down()
+            raise
+        return self
+
+    def _make(self) -> None:
         _ip("netns", "add", self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch, "link", "set", "br0", "up")
@@ -118,13 +158,10 @@ class Bed:
             _ip("-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
             _ip("-n", host.ns, "link", "set", "eth0", "up")
             _ip("-n", host.ns, "link", "set", "lo", "up")
-        return self
 
     def down(self) -> None:
-        """Remove the namespaces (their interfaces go with them); processes still running on a
-        host are the caller's to stop first."""
-        for ns in [self.switch, *(h.ns for h in self.hosts.values())]:
-            _ip("netns", "del", ns, check=False)
+        """`remove_bed` of this bed's prefix: its hosts and any other namespace of the prefix."""
+        remove_bed(self.prefix)
 
     def popen(self, host: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self[host].argv(argv), **kwargs)
@@ -180,7 +217,7 @@ class Bed:
     @classmethod
     def load(cls, prefix: str = PREFIX) -> Bed:
         try:
-            names = json.loads((STATE / f"{prefix}.json").read_text())["names"]
+            names = json.loads((STATE / f"{_checked(prefix)}.json").read_text())["names"]
         except (OSError, ValueError, KeyError) as err:
             raise BedError(f"no bed {prefix!r} is up (python -m handoff.testbed up NAMES...)") from err
         return cls(names, prefix=prefix)
@@ -282,12 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{host.name}\t{host.ip}\tip netns exec {host.ns} ...")
         elif args.command == "delay":
             asyncio.run(DelayProxy(args.listen, args.to, args.ms / 1000).serve_forever())
+        elif args.command == "down":
+            remove_bed(args.prefix)
         else:
             bed = Bed.load(args.prefix)
-            if args.command == "down":
-                bed.down()
-                (STATE / f"{args.prefix}.json").unlink(missing_ok=True)
-            elif args.command == "status":
+            if args.command == "status":
                 for host in bed.hosts.values():
                     print(f"{host.name}\t{host.ip}\t{host.ns}")
             elif args.command == "block":

@@ -2,10 +2,12 @@
 handoff's remote-agent hop is tested against (tests/test_a2a.py).
 
     python -m tests.a2a_peer --port PORT [--delay S] [--marks DIR] [--fail REASON] [--ask QUESTION]
+                             [--reply-mb N] [--card-endpoint URL]
 
 A "planner": it reads the message's text and data part and completes with an artifact holding a
 plan (or fails, or asks for input). It leaves a mark file when a task starts, so a test can kill it
-mid-task."""
+mid-task. `--reply-mb`: its artifact carries that many megabytes of text (a reply too large);
+`--card-endpoint`: its card names that endpoint (another origin) instead of its own."""
 
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ from starlette.applications import Starlette
 
 
 class Planner(AgentExecutor):
-    def __init__(self, delay_s: float, marks: Path | None, fail: str | None, ask: str | None) -> None:
-        self.delay_s, self.marks, self.fail, self.ask = delay_s, marks, fail, ask
+    def __init__(self, delay_s: float, marks: Path | None, fail: str | None, ask: str | None,
+                 reply_mb: float = 0.0) -> None:
+        self.delay_s, self.marks, self.fail, self.ask, self.reply_mb = delay_s, marks, fail, ask, reply_mb
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         await event_queue.enqueue_event(Task(id=context.task_id, context_id=context.context_id,
@@ -67,6 +70,8 @@ class Planner(AgentExecutor):
                                   "context_keys": sorted(data.get("context", {})),
                                   "earlier_results": len(data.get("previous_results", [])),
                                   "by": "a2a-peer"})
+        if self.reply_mb:
+            plan.struct_value.update({"padding": "x" * int(self.reply_mb * 1024 * 1024)})
         await updater.add_artifact([Part(data=plan)], name="test plan")
         await updater.complete(say(f"planned: {text}"))
 
@@ -81,8 +86,10 @@ def main() -> None:
     parser.add_argument("--marks", type=Path)
     parser.add_argument("--fail")
     parser.add_argument("--ask")
+    parser.add_argument("--reply-mb", type=float, default=0.0)
+    parser.add_argument("--card-endpoint")
     args = parser.parse_args()
-    url = f"http://127.0.0.1:{args.port}/"
+    url = args.card_endpoint or f"http://127.0.0.1:{args.port}/"
     card = AgentCard(
         name="Peer Planner", description="Plans tests (an A2A agent built without handoff)", version="1.0.0",
         capabilities=AgentCapabilities(streaming=True), default_input_modes=["text/plain"],
@@ -90,7 +97,7 @@ def main() -> None:
         skills=[AgentSkill(id="plan", name="plan tests", description="plans tests", tags=["testing"])],
         supported_interfaces=[AgentInterface(protocol_binding=TransportProtocol.JSONRPC, url=url,
                                              protocol_version="1.0")])
-    handler = DefaultRequestHandler(agent_executor=Planner(args.delay, args.marks, args.fail, args.ask),
+    handler = DefaultRequestHandler(agent_executor=Planner(args.delay, args.marks, args.fail, args.ask, args.reply_mb),
                                     task_store=InMemoryTaskStore(), agent_card=card)
     app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, rpc_url="/")])
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -185,7 +185,7 @@ async def test_a_chain_waiting_for_approval_is_input_required_and_a_message_appr
     assert state_events(answered)[-1] == TaskState.TASK_STATE_COMPLETED
     record = await get_chain(client, task_id)
     approval = record.hops[1].approval
-    assert (approval.decision, approval.by, approval.comment) == ("approved", "a2a:loopback", "looks fine")
+    assert (approval.decision, approval.by, approval.comment) == ("approved", "a2a:local", "looks fine")
 
 
 async def test_a_message_the_chain_cannot_take_is_rejected_with_the_reason(client, a2a):

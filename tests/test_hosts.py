@@ -23,11 +23,14 @@ from pathlib import Path
 import pytest
 
 from handoff.servers.embedded import EmbeddedServer
-from handoff.testbed import Bed, BedError, main, nft_unavailable, unavailable, wait_port
+from handoff.testbed import STATE, Bed, BedError, main, nft_unavailable, unavailable, wait_port
 from tests.bedstarter import MARK
 from tests.support import HANDOFF, ROOT
 
-needs_bed = pytest.mark.skipif(bool(reason := (unavailable() or nft_unavailable())),
+NAMESPACES_UNAVAILABLE = unavailable()
+needs_namespaces = pytest.mark.skipif(bool(NAMESPACES_UNAVAILABLE),
+                                      reason=f"the test bed needs network namespaces: {NAMESPACES_UNAVAILABLE}")
+needs_bed = pytest.mark.skipif(bool(reason := (NAMESPACES_UNAVAILABLE or nft_unavailable())),
                                reason=f"the multi-host test bed needs network namespaces and nft: {reason}")
 
 HOSTS = ["server", "chains", "a1", "a2", "b", "far", "wan", "starter"]
@@ -297,9 +300,41 @@ def test_the_bed_refuses_bad_hosts_and_faults_in_one_line(capsys):
         Bed(["a"])["x"]
     with pytest.raises(BedError, match="between 1 and 99"):
         Bed(["a"]).lossy("a", 100)
+    with pytest.raises(BedError, match="prefix is letters and digits"):
+        Bed(["a"], prefix="hb-a")
     assert main(["--prefix", f"nobed{os.getpid()}", "cut", "a"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no bed") and len(err.splitlines()) == 1
     with pytest.raises(SystemExit) as exit_:
         main(["delay", "--listen", "nowhere", "--to", "10.77.0.1:7233", "--ms", "1"])
     assert exit_.value.code == 2
+
+
+def netns_list() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.strip()]
+
+
+@needs_namespaces
+def test_down_removes_every_namespace_of_its_prefix_and_none_of_another():
+    prefix = f"hbt{uuid.uuid4().hex[:8]}"
+    mine = f"{prefix}-"
+    other = f"{prefix}x-keep"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        assert main(["--prefix", prefix, "up", "a", "b"]) == 0
+        assert main(["--prefix", prefix, "up", "x", "y"]) == 0
+        assert sorted(ns for ns in netns_list() if ns.startswith(mine)) == [
+            f"{prefix}-switch", f"{prefix}-x", f"{prefix}-y"], "a second `up` replaces the prefix's bed"
+        subprocess.run(["ip", "netns", "add", f"{prefix}-stray"], check=True)
+        assert main(["--prefix", prefix, "down"]) == 0
+        left = netns_list()
+        assert [ns for ns in left if ns.startswith(mine)] == []
+        assert other in left, "another prefix's namespace is not this bed's"
+        assert not (STATE / f"{prefix}.json").exists()
+        assert main(["--prefix", prefix, "down"]) == 0, "down with nothing up is done already"
+    finally:
+        for ns in netns_list():
+            if ns.startswith(prefix):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        (STATE / f"{prefix}.json").unlink(missing_ok=True)

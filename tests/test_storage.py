@@ -1,4 +1,6 @@
-"""Large contexts through external payload storage: 20 MB crosses hops intact; more is refused."""
+"""Large contexts through external payload storage: 20 MB crosses hops intact; more is refused.
+The file store works only in a directory private to its user, reads only regular files, never
+through a link, and sweeps only the files it wrote."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
+import sys
 import time
 from uuid import uuid4
 
@@ -140,6 +144,143 @@ async def test_stored_blobs_are_private_unique_per_writer_and_swept_when_unused(
     fresh = FileStorageDriver(directory, retention_days=1)
     await fresh.store(StorageDriverStoreContext(), payloads[:1])
     assert len(list(directory.iterdir())) == 1, "blobs unused past the retention are gone"
+
+
+def blob_of(text: str) -> tuple[Payload, str]:
+    """A payload and the digest the file store names it by."""
+    payload = Payload(metadata={"encoding": b"json/plain"}, data=f'"{text}"'.encode())
+    return payload, hashlib.sha256(payload.SerializeToString()).hexdigest()
+
+
+def private_dir(path):
+    path.mkdir(mode=0o700)
+    return path
+
+
+async def test_the_sweep_removes_only_old_blobs_and_partial_writes(tmp_path):
+    directory = tmp_path / "payloads"
+    old, old_digest = blob_of("old")
+    fresh, fresh_digest = blob_of("fresh")
+    await FileStorageDriver(directory).store(StorageDriverStoreContext(), [old])
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the store's")
+    planted = {
+        "partial": directory / f".{old_digest}.k2x_9qzt.tmp",
+        "notes": directory / "team-notes.txt",
+        "folder": directory / "archive",
+        "link": directory / "latest",
+    }
+    planted["partial"].write_bytes(b"half a blob")
+    planted["notes"].write_text("minutes of the last meeting")
+    planted["folder"].mkdir()
+    planted["link"].symlink_to(outside)
+    eight_days_ago = time.time() - 8 * 86400
+    for path in (directory / old_digest, outside, *planted.values()):
+        os.utime(path, (eight_days_ago, eight_days_ago), follow_symlinks=False)
+    # a driver's first store sweeps: its last sweep is set an interval in the past
+    await FileStorageDriver(directory, retention_days=7).store(StorageDriverStoreContext(), [fresh])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([fresh_digest, "team-notes.txt", "archive", "latest"])
+    assert outside.read_text() == "not the store's"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702], ids=oct)
+async def test_a_payload_directory_others_may_write_is_refused(tmp_path, mode):
+    directory = private_dir(tmp_path / "shared")
+    directory.chmod(mode)
+    driver = FileStorageDriver(directory)
+    refusal = rf"payload directory {re.escape(str(directory))} is writable by group or others .*chmod 700"
+    with pytest.raises(StorageError, match=refusal) as refused:
+        await driver.store(StorageDriverStoreContext(), [blob_of("x")[0]])
+    assert "\n" not in str(refused.value)
+    with pytest.raises(StorageError, match=refusal):
+        await driver.retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": blob_of("x")[1]})])
+    assert not any(directory.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory to another user")
+async def test_a_payload_directory_of_another_user_is_refused(tmp_path):
+    directory = private_dir(tmp_path / "theirs")
+    os.chown(directory, 12345, 12345)
+    with pytest.raises(StorageError, match=r"is owned by uid 12345, not this user"):
+        await FileStorageDriver(directory).store(StorageDriverStoreContext(), [blob_of("x")[0]])
+    assert not any(directory.iterdir())
+
+
+async def test_a_payload_directory_that_is_a_symlink_is_refused(tmp_path):
+    real = private_dir(tmp_path / "real")
+    link = tmp_path / "payloads"
+    link.symlink_to(real)
+    with pytest.raises(StorageError, match=rf"payload directory {re.escape(str(link))} is a symlink"):
+        await FileStorageDriver(link).store(StorageDriverStoreContext(), [blob_of("x")[0]])
+    assert not any(real.iterdir())
+
+
+async def test_a_blob_name_linked_to_a_file_outside_is_not_read(tmp_path):
+    directory = private_dir(tmp_path / "payloads")
+    payload, digest = blob_of("outside")
+    outside = tmp_path / "outside"
+    outside.write_bytes(payload.SerializeToString())  # the right content: only the link is wrong
+    os.utime(outside, (1_000_000, 1_000_000))
+    (directory / digest).symlink_to(outside)
+    with pytest.raises(StorageError, match="is a symlink"):
+        await FileStorageDriver(directory).retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": digest})])
+    assert outside.stat().st_mtime == 1_000_000, "the link's target was not touched"
+
+
+async def test_storing_a_blob_replaces_a_link_planted_at_its_name_not_its_target(tmp_path):
+    directory = private_dir(tmp_path / "payloads")
+    payload, digest = blob_of("planted")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    os.utime(outside, (1_000_000, 1_000_000))
+    (directory / digest).symlink_to(outside)
+    driver = FileStorageDriver(directory)
+    assert await driver.store(StorageDriverStoreContext(), [payload]) == [StorageDriverClaim({"sha256": digest})]
+    assert outside.read_bytes() == b"precious" and outside.stat().st_mtime == 1_000_000
+    blob = directory / digest
+    assert not blob.is_symlink() and blob.is_file() and stat.S_IMODE(blob.stat().st_mode) == 0o600
+    assert await driver.retrieve(StorageDriverRetrieveContext(), [StorageDriverClaim({"sha256": digest})]) == [payload]
+
+
+# Runs in a child whose address space is capped, so a store that reads without bound fails
+# with MemoryError there instead of exhausting the host's memory.
+RETRIEVE_UNDER_A_MEMORY_CAP = """
+import resource, sys, time
+from temporalio.converter import StorageDriverClaim
+from handoff.payloads.storage import FileStorageDriver, StorageError
+
+with open("/proc/self/statm") as statm:
+    mapped = int(statm.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 512 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+driver, claim = FileStorageDriver(sys.argv[1]), StorageDriverClaim({"sha256": sys.argv[2]})
+rss_before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+try:
+    driver._retrieve_all([claim])
+    outcome = "read"
+except StorageError:
+    outcome = "StorageError"
+except MemoryError:
+    outcome = "MemoryError"
+grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+print(outcome, time.monotonic() - started, grown_kib)
+"""
+
+
+@pytest.mark.parametrize("plant", ["link to /dev/zero", "fifo"])
+def test_a_blob_name_that_is_no_regular_file_is_refused_at_once(tmp_path, plant):
+    directory = private_dir(tmp_path / "payloads")
+    digest = blob_of("x")[1]
+    if plant == "fifo":
+        os.mkfifo(directory / digest, 0o600)
+    else:
+        (directory / digest).symlink_to("/dev/zero")
+    done = subprocess.run([sys.executable, "-c", RETRIEVE_UNDER_A_MEMORY_CAP, str(directory), digest],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome, seconds, grown_kib = done.stdout.split()
+    assert outcome == "StorageError"
+    assert float(seconds) < 2
+    assert int(grown_kib) < 8 * 1024, "reading the blob did not grow the process"
 
 
 @pytest.fixture

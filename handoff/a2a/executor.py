@@ -1,10 +1,12 @@
 """What an A2A message does: it starts a chain (the task id is the chain id) and follows it hop by
-hop; a follow-up message on a task that waits for approval decides it; GetTask and CancelTask are
-answered from Temporal."""
+hop while someone listens; a follow-up message on a task that waits for approval decides it;
+GetTask and CancelTask are answered from Temporal. A task belongs to the caller that started it:
+another caller is told it does not exist, unless it is an operator (`handoff.a2a.tasks.may_see`)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from contextlib import aclosing
 from dataclasses import dataclass
 import time
@@ -21,6 +23,8 @@ from a2a.types import (
     AgentCard,
     CancelTaskRequest,
     GetTaskRequest,
+    SendMessageRequest,
+    SubscribeToTaskRequest,
     Task,
     TaskState,
     TaskStatus,
@@ -29,13 +33,22 @@ from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
 from google.protobuf import json_format
 from temporalio.client import Client
 
-from handoff.client import approve_chain, build_request, cancel_chain, follow_chain, reject_chain, start_request
+from handoff.client import (
+    approve_chain,
+    build_request,
+    cancel_chain,
+    context_limit,
+    follow_chain,
+    reject_chain,
+    start_request,
+)
 from handoff.constants import MAX_NESTING
 from handoff.errors import ChainNotFound, InvalidRequest
 from handoff.models import ChainStatus, nesting_problem
 from handoff.a2a.tasks import (
     MEMO_KEY,
     ChainTaskStore,
+    caller_of,
     agent_message,
     artifact_of,
     chain_task,
@@ -45,6 +58,10 @@ from handoff.a2a.tasks import (
 
 POLL_S = 0.25
 CANCEL_WAIT_S = 5.0
+UNHEARD_POLLS = 4
+"""Polls with nobody listening after which a task's chain is no longer followed (about a second)."""
+LISTENING = "handoff_listening_to"
+"""The call context's note of the task a request listens to."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +72,9 @@ class Started:
     memo: dict[str, Any]
 
 
-def _request_of(context: RequestContext, agent_from_path: str | None) -> Started:
-    """The chain a message starts; `InvalidRequest` saying what is wrong with it."""
+def _request_of(context: RequestContext, agent_from_path: str | None, carried: int) -> Started:
+    """The chain a message starts; `InvalidRequest` saying what is wrong with it. `carried`: the
+    largest context this deployment carries (no policy may raise it)."""
     message = context.message
     if message is None:
         raise InvalidRequest("no message")
@@ -78,12 +96,12 @@ def _request_of(context: RequestContext, agent_from_path: str | None) -> Started
         raise InvalidRequest("metadata.policy must be an object of the chain's policy fields")
     try:
         request = build_request(task_description=task, to_agent=agent, capability=capability, context_data=data,
-                                chain_id=context.task_id, policy=policy)
+                                chain_id=context.task_id, policy=policy, max_context_bytes=carried)
     except InvalidRequest:
         raise
     except ValueError as err:
         raise InvalidRequest(str(err)) from None
-    memo = {"context_id": context.context_id,
+    memo = {"context_id": context.context_id, "owner": caller_of(context.call_context).name,
             "message": json_format.MessageToDict(message, preserving_proto_field_name=False)}
     return Started(request, memo)
 
@@ -102,11 +120,31 @@ def _decision(context: RequestContext) -> tuple[bool, str]:
     raise InvalidRequest("answer `approve` (optionally `approve: comment`) or `reject: reason`")
 
 
+class Listeners:
+    """How many requests listen to each task (a blocking send, a stream, a resubscription): a
+    chain is followed for its task only while someone does."""
+
+    def __init__(self) -> None:
+        self._count: Counter[str] = Counter()
+
+    def add(self, task_id: str) -> None:
+        self._count[task_id] += 1
+
+    def remove(self, task_id: str) -> None:
+        self._count[task_id] -= 1
+        if self._count[task_id] <= 0:
+            del self._count[task_id]
+
+    def __contains__(self, task_id: str) -> bool:
+        return self._count[task_id] > 0 if task_id in self._count else False
+
+
 class ChainExecutor(AgentExecutor):
     """Starts a chain per message (the task id is the chain id) and follows it hop by hop."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, listeners: Listeners) -> None:
         self._client = client
+        self._listeners = listeners
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         current = context.current_task
@@ -120,7 +158,7 @@ class ChainExecutor(AgentExecutor):
                     status=TaskStatus(state=TaskState.TASK_STATE_SUBMITTED), history=[context.message])
         await event_queue.enqueue_event(task)
         try:
-            started = _request_of(context, agent)
+            started = _request_of(context, agent, context_limit(self._client))
             await start_request(self._client, started.request, memo={MEMO_KEY: started.memo})
         except (InvalidRequest, ValueError) as err:
             await updater.reject(agent_message(f"refused: {err}"))
@@ -128,8 +166,7 @@ class ChainExecutor(AgentExecutor):
         await self._follow(UUID(context.task_id), updater, set())
 
     async def _decide(self, context: RequestContext, updater: TaskUpdater) -> None:
-        user = context.call_context.user if context.call_context else None
-        by = f"a2a:{user.user_name}" if user is not None and user.is_authenticated else "a2a:loopback"
+        by = f"a2a:{caller_of(context.call_context).name}"
         try:
             approved, comment = _decision(context)
             if approved:
@@ -140,11 +177,16 @@ class ChainExecutor(AgentExecutor):
             await updater.requires_input(agent_message(f"{err}"))
 
     async def _follow(self, chain_id: UUID, updater: TaskUpdater, shown: set[str]) -> None:
-        """Emit the chain's progress until it ends or waits for a person: a status update when
-        what it does changes, an artifact per completed hop."""
+        """Emit the chain's progress until it ends or waits for a person, or nobody listens any
+        more (the chain goes on; GetTask reads it from Temporal): a status update when what it does
+        changes, an artifact per completed hop."""
         last = ""
+        unheard = 0
         async with aclosing(follow_chain(self._client, chain_id, every_s=POLL_S)) as records:
             async for record in records:
+                unheard = 0 if str(chain_id) in self._listeners else unheard + 1
+                if unheard >= UNHEARD_POLLS and not record.status.ended:
+                    return
                 for hop in completed_hops(record):
                     if str(hop.handoff_id) not in shown:
                         shown.add(str(hop.handoff_id))
@@ -175,14 +217,51 @@ class ChainExecutor(AgentExecutor):
 
 class ChainRequestHandler(DefaultRequestHandler):
     """The SDK's handler, with `GetTask` and `CancelTask` answered from Temporal: the chain is the
-    task, wherever and whenever it was started."""
+    task, wherever and whenever it was started, for the callers who may see it. It counts the
+    requests listening to each task, so a chain is followed only while someone listens."""
 
     def __init__(self, client: Client, card: AgentCard) -> None:
-        super().__init__(agent_executor=ChainExecutor(client), task_store=ChainTaskStore(client), agent_card=card)
+        self._listeners = Listeners()
+        super().__init__(agent_executor=ChainExecutor(client, self._listeners), task_store=ChainTaskStore(client),
+                         agent_card=card)
         self._client = client
 
+    async def _setup_active_task(self, params: SendMessageRequest, call_context: ServerCallContext):
+        """The SDK's set-up of a message's task (where its task id is known), counted as a listener
+        of that task until the request ends (`on_message_send`, `on_message_send_stream`)."""
+        active, request_context = await super()._setup_active_task(params, call_context)
+        self._listeners.add(request_context.task_id)
+        call_context.state[LISTENING] = request_context.task_id
+        return active, request_context
+
+    def _done_listening(self, context: ServerCallContext) -> None:
+        task_id = context.state.pop(LISTENING, None)
+        if task_id is not None:
+            self._listeners.remove(task_id)
+
+    async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext):
+        try:
+            return await super().on_message_send(params, context)
+        finally:
+            self._done_listening(context)
+
+    async def on_message_send_stream(self, params: SendMessageRequest, context: ServerCallContext):
+        try:
+            async for event in super().on_message_send_stream(params, context):
+                yield event
+        finally:
+            self._done_listening(context)
+
+    async def on_subscribe_to_task(self, params: SubscribeToTaskRequest, context: ServerCallContext):
+        self._listeners.add(params.id)
+        try:
+            async for event in super().on_subscribe_to_task(params, context):
+                yield event
+        finally:
+            self._listeners.remove(params.id)
+
     async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
-        task = await chain_task(self._client, params.id)
+        task = await chain_task(self._client, params.id, caller_of(context))
         if task is None:
             return await super().on_get_task(params, context)
         if params.HasField("history_length"):
@@ -190,6 +269,9 @@ class ChainRequestHandler(DefaultRequestHandler):
         return task
 
     async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
+        caller = caller_of(context)
+        if await chain_task(self._client, params.id, caller) is None:
+            raise TaskNotFoundError
         try:
             await cancel_chain(self._client, params.id)
         except ChainNotFound:
@@ -198,7 +280,7 @@ class ChainRequestHandler(DefaultRequestHandler):
             raise TaskNotCancelableError(str(err)) from None
         deadline = time.monotonic() + CANCEL_WAIT_S
         while True:
-            task = await chain_task(self._client, params.id)
+            task = await chain_task(self._client, params.id, caller)
             if task is None or task.status.state == TaskState.TASK_STATE_CANCELED or time.monotonic() > deadline:
                 return task
             await asyncio.sleep(0.1)

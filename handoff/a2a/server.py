@@ -9,23 +9,30 @@
 - **Chains as tasks.** A message to `/` (with the agent or the capability in its metadata) or to
   `/agents/<id>` starts a chain whose id is the A2A task id; its text is the task, its data parts
   the context, `metadata.policy` the chain's policy. Streaming and `message:send` follow the chain
-  hop by hop (a status update per hop, an artifact per completed hop's result); `GetTask` reads
-  the chain from Temporal, so it answers for any chain, after a restart too; `CancelTask` cancels
-  the chain. A chain waiting for approval is `INPUT_REQUIRED`: a follow-up message on the task
-  saying `approve` (or `reject: <reason>`) decides, in the name of the caller.
-- **Authentication** as the SDK reads it (Starlette's authentication, the caller in the request's
-  user): bearer tokens (`HANDOFF_A2A_TOKENS`) or JWTs from a JWKS. Without them the server listens
-  on loopback only; with them every request but the cards needs a valid credential.
+  hop by hop while the caller listens (a status update per hop, an artifact per completed hop's
+  result); `GetTask` reads the chain from Temporal, so it answers for any chain, after a restart
+  too; `CancelTask` cancels the chain. A chain waiting for approval is `INPUT_REQUIRED`: a
+  follow-up message on the task saying `approve` (or `reject: <reason>`) decides, in the name of
+  the caller.
+- **Who may do what.** A task belongs to the caller that started it; to anyone else it does not
+  exist (TaskNotFound), unless the caller is an operator (a token in `HANDOFF_A2A_OPERATOR_TOKENS`,
+  or a JWT with the `handoff:operator` scope), who sees and decides every chain, those started
+  through the client API included. Without authentication the server listens on loopback only
+  and its one caller, `local`, is an operator.
+- **What every request passes first** (`handoff.servers.http.HttpGuard`): its Host and Origin, its
+  credential (with authentication on, every path but the public card `/.well-known/agent-card.json`
+  needs one), the body bound, and the caller's requests in flight.
 
 Chain statuses map onto A2A task states one for one: `running` WORKING (SUBMITTED before any hop),
 `awaiting_approval` INPUT_REQUIRED, `completed` COMPLETED, `cancelled` CANCELED, `rejected` REJECTED,
 and `failed`, `depth_exceeded`, `budget_exceeded`, `loop_detected` FAILED (the status itself in the
-task's metadata, `handoff_status`).
+task's metadata, `handoffStatus`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
@@ -35,30 +42,20 @@ from a2a.types import (
     AgentCard,
 )
 from starlette.applications import Starlette
-from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
-from starlette.middleware import Middleware
-from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from temporalio.client import Client
 
-from handoff.servers.http import BearerAuth, BearerVerifier
+from handoff.client import context_limit
+from handoff.servers.http import BearerAuth, HttpGuard, host_of_url
+from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 from handoff.a2a.cards import CARD_PATH, LiveCards, agent_card_of, handoff_card
 from handoff.a2a.executor import ChainRequestHandler
 
 DEFAULT_PORT = 8090
 ENV_TOKENS = Settings.env_name("a2a_tokens")
-
-
-class _Bearer(AuthenticationBackend):
-    def __init__(self, auth: BearerAuth) -> None:
-        self._verifier = BearerVerifier(auth)
-
-    async def authenticate(self, conn: HTTPConnection):
-        who = await self._verifier.identity(conn.headers.get("Authorization"))
-        return None if who is None else (AuthCredentials(["authenticated"]), SimpleUser(who))
 
 
 class _AgentContextBuilder(DefaultServerCallContextBuilder):
@@ -72,7 +69,8 @@ class _AgentContextBuilder(DefaultServerCallContextBuilder):
 
 
 def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), version: str = "1") -> Starlette:
-    """The A2A application: cards, the JSON-RPC endpoints, and `/agents`."""
+    """The A2A application: cards, the JSON-RPC endpoints, and `/agents` (without the checks of
+    `HttpGuard`, which `A2AServer` puts in front of it)."""
     cards = LiveCards(client)
     base_url = base_url.rstrip("/")
     card = handoff_card([], base_url, auth, version)
@@ -103,39 +101,33 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
         *create_jsonrpc_routes(handler, rpc_url="/", context_builder=builder),
         *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}", context_builder=builder),
     ]
-    middleware = []
-    if auth.configured:
-        middleware = [Middleware(AuthenticationMiddleware, backend=_Bearer(auth)),
-                      Middleware(_RequireAuth)]
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(routes=routes)
 
 
-class _RequireAuth:
-    """With authentication configured, every request but the cards' needs a valid credential."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not scope["path"].endswith(CARD_PATH):
-            user = scope.get("user")
-            if user is None or not user.is_authenticated:
-                await JSONResponse({"error": "a valid bearer credential is required"}, status_code=401,
-                                   headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+"""What a request may hold besides a context: the JSON-RPC envelope, the task text, metadata."""
 
 
 class A2AServer:
-    """The A2A application served by uvicorn in this process's event loop, until `stop()`."""
+    """The A2A application served by uvicorn in this process's event loop, until `stop()`, behind
+    `HttpGuard`: Host (its loopback names, `public_url`'s host and `allowed_hosts`), Origin
+    (`allowed_origins`, none by default: no browser page may call it), the caller (with
+    authentication configured, every path but the public card needs a credential; without it,
+    loopback only), bodies up to the largest context this deployment carries plus the envelope
+    (`max_body_bytes`), and requests in flight per caller."""
 
     def __init__(self, client: Client, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 auth: BearerAuth = BearerAuth(), public_url: str | None = None) -> None:
+                 auth: BearerAuth = BearerAuth(), public_url: str | None = None,
+                 allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = (),
+                 max_body_bytes: int | None = None) -> None:
         auth.require_on(host, "the A2A server starts chains for its callers", f"{ENV_TOKENS}, or --jwks-url")
         import uvicorn
 
         self.url = (public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}").rstrip("/")
-        app = a2a_app(client, self.url, auth=auth)
+        hosts = hosts_for(host, port, [host_of_url(self.url), *(h.lower() for h in allowed_hosts)])
+        app = HttpGuard(a2a_app(client, self.url, auth=auth), hosts=hosts, origins=allowed_origins, auth=auth,
+                        max_body_bytes=max_body_bytes or context_limit(client) + MESSAGE_OVERHEAD_BYTES,
+                        public=[CARD_PATH])
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      lifespan="off", access_log=False))
         self._task: asyncio.Task[None] | None = None

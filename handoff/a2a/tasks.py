@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 from uuid import UUID
 
 from a2a.server.context import ServerCallContext
-from a2a.server.tasks import InMemoryTaskStore
+from a2a.server.tasks import TaskStore
 from a2a.types import (
     Artifact,
+    ListTasksRequest,
+    ListTasksResponse,
     Message,
     Part,
     Role,
@@ -23,11 +26,13 @@ from google.protobuf import json_format, struct_pb2
 from temporalio.client import Client
 
 from handoff.client import get_chain
-from handoff.errors import ChainNotFound
+from handoff.errors import ChainNotFound, unless_missing
+from handoff.servers.http import Principal
 from handoff.models import ChainRecord, ChainStatus, HopStatus
 
 MEMO_KEY = "a2a"
-"""The chain's memo key for what A2A knows of it: the context id and the request's message."""
+"""The chain's memo key for what A2A knows of it: the context id, the request's message, and the
+caller that started it (its owner)."""
 STATE_OF: dict[ChainStatus, int] = {
     ChainStatus.RUNNING: TaskState.TASK_STATE_WORKING,
     ChainStatus.AWAITING_APPROVAL: TaskState.TASK_STATE_INPUT_REQUIRED,
@@ -92,7 +97,9 @@ def task_of(record: ChainRecord, a2a: dict[str, Any] | None) -> Task:
     task = Task(id=str(record.chain_id), context_id=a2a.get("context_id") or str(record.chain_id),
                 status=TaskStatus(state=state, message=agent_message(status_line(record), data)),
                 artifacts=[artifact_of(h) for h in completed_hops(record)])
-    task.metadata.update({"handoff_status": record.status.value})
+    # camelCase as the A2A data model spells keys; the snake_case key is the earlier spelling, kept
+    # for readers of it
+    task.metadata.update({"handoffStatus": record.status.value, "handoff_status": record.status.value})
     if a2a.get("message"):
         task.history.append(json_format.ParseDict(a2a["message"], Message(), ignore_unknown_fields=True))
     else:
@@ -101,27 +108,82 @@ def task_of(record: ChainRecord, a2a: dict[str, Any] | None) -> Task:
     return task
 
 
-async def chain_task(client: Client, task_id: str) -> Task | None:
-    """The A2A task of chain `task_id`, read from Temporal; None when there is no such chain."""
+def caller_of(context: ServerCallContext | None) -> Principal:
+    """Who sent an A2A request, as the server's HTTP guard named them (`handoff.servers.http`):
+    a principal, an operator when its credentials say so. A request with no caller sees nothing."""
+    if context is None or not context.user.is_authenticated:
+        return Principal("")
+    auth = context.state.get("auth")
+    return Principal(context.user.user_name, operator="operator" in getattr(auth, "scopes", ()))
+
+
+def may_see(caller: Principal, a2a: dict[str, Any] | None) -> bool:
+    """Whether `caller` may see (and decide, follow up, cancel) a chain whose A2A memo is `a2a`:
+    the caller that started it through A2A, or an operator. A chain started otherwise (the client
+    API, the CLI) has no A2A owner: operators alone see it."""
+    owner = (a2a or {}).get("owner")
+    return caller.operator or (bool(caller.name) and owner == caller.name)
+
+
+async def chain_task(client: Client, task_id: str, caller: Principal) -> Task | None:
+    """The A2A task of chain `task_id`, read from Temporal; None when there is no such chain, or
+    `caller` may not see it (the same answer: a caller cannot tell another's chains exist)."""
     try:
         UUID(task_id)
     except ValueError:
+        return None
+    description = await unless_missing(client.get_workflow_handle(task_id).describe())
+    if description is None:
+        return None
+    a2a = await description.memo_value(MEMO_KEY, None)
+    if not may_see(caller, a2a):
         return None
     try:
         record = await get_chain(client, task_id)
     except ChainNotFound:
         return None
-    description = await client.get_workflow_handle(task_id).describe()
-    return task_of(record, await description.memo_value(MEMO_KEY, None))
+    return task_of(record, a2a)
 
 
-class ChainTaskStore(InMemoryTaskStore):
-    """The SDK's store for tasks this process follows, and Temporal for the others (after a
-    restart, or chains started elsewhere)."""
+MAX_KEPT_TASKS = 1000
+"""Tasks the A2A server keeps in memory (the ones it follows now, and the latest that ended); every
+chain's task is read back from Temporal whenever it is asked for."""
+ENDED = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED, TaskState.TASK_STATE_CANCELED,
+         TaskState.TASK_STATE_REJECTED}
+
+
+class ChainTaskStore(TaskStore):
+    """Tasks by owner: in memory while this process follows them (at most `MAX_KEPT_TASKS`, an
+    ended one without its messages), and from Temporal for every other chain the caller may see
+    (after a restart, or chains started elsewhere)."""
 
     def __init__(self, client: Client) -> None:
-        super().__init__()
         self._client = client
+        self._tasks: OrderedDict[tuple[str, str], Task] = OrderedDict()
 
-    async def get(self, task_id: str, context: ServerCallContext | None = None) -> Task | None:
-        return await super().get(task_id, context) or await chain_task(self._client, task_id)
+    async def save(self, task: Task, context: ServerCallContext) -> None:
+        kept = Task()
+        kept.CopyFrom(task)
+        if kept.status.state in ENDED:
+            del kept.history[:]  # the chain's memo keeps the message; a refused one is kept nowhere
+        key = (caller_of(context).name, task.id)
+        self._tasks[key] = kept
+        self._tasks.move_to_end(key)
+        while len(self._tasks) > MAX_KEPT_TASKS:
+            self._tasks.popitem(last=False)
+
+    async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
+        kept = self._tasks.get((caller_of(context).name, task_id))
+        if kept is not None:
+            found = Task()
+            found.CopyFrom(kept)
+            return found
+        return await chain_task(self._client, task_id, caller_of(context))
+
+    async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
+        caller = caller_of(context).name
+        tasks = [t for (owner, _), t in reversed(self._tasks.items()) if owner == caller]
+        return ListTasksResponse(tasks=tasks[: params.page_size or 50], total_size=len(tasks))
+
+    async def delete(self, task_id: str, context: ServerCallContext) -> None:
+        self._tasks.pop((caller_of(context).name, task_id), None)

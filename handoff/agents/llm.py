@@ -44,12 +44,16 @@ from handoff.models import (
     HandoffContext,
     HandoffResult,
     HopLimits,
+    nesting_problem,
 )
 
 CHARS_PER_TOKEN = 4
 """How many characters a token is taken to be when fitting the prompt to its budget."""
 MAX_REASON_CHARS = 200
 MAX_ANSWER_CHARS = 4000
+MAX_ARGUMENTS_CHARS = 16_000
+"""The longest arguments a model's tool call may give (a transfer's task and reason are a few hundred
+characters; an agent's own tools take what fits here): longer ones are refused, never recorded."""
 FINISH = "finish"
 AGENT_TOOL_PREFIX = "transfer_to_"
 CAPABILITY_TOOL_PREFIX = "transfer_to_any_"
@@ -423,10 +427,22 @@ async def _run_tools(own: list[Tool], calls: list[Any], talk: _Conversation) -> 
 
 
 def _arguments(call: Any) -> dict[str, Any]:
+    """A tool call's arguments, bounded as a hop result is (size, then nesting) before they are
+    decoded or recorded: what is over the bounds is put back to the model as a miss."""
+    text = call.function.arguments or "{}"
+    if len(text) > MAX_ARGUMENTS_CHARS:
+        raise _Miss(f"the arguments of {call.function.name} are {len(text):,} characters, over the "
+                    f"{MAX_ARGUMENTS_CHARS:,} a tool call may take")
     try:
-        arguments = json.loads(call.function.arguments or "{}")
+        arguments = json.loads(text)
     except json.JSONDecodeError as err:
         raise _Miss(f"the arguments of {call.function.name} are not JSON ({err.msg})") from None
+    except RecursionError:
+        arguments = None
+    problem = nesting_problem(arguments, f"the call of {call.function.name}") if arguments is not None \
+        else f"the arguments of {call.function.name} nest too deeply to read"
+    if problem:
+        raise _Miss(problem)
     if not isinstance(arguments, dict):
         raise _Miss(f"the arguments of {call.function.name} are not a JSON object")
     return arguments

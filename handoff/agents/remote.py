@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
+
 from handoff.agents.agent import Agent
 from handoff.constants import retried_status
 from handoff.errors import PermanentError, Unavailable
@@ -39,10 +41,17 @@ TERMINAL = {"TASK_STATE_COMPLETED", "TASK_STATE_FAILED", "TASK_STATE_CANCELED", 
 """Remote task states a hop ends on (interrupted ones included: a hop cannot answer them)."""
 MAX_TEXT_CHARS = 100_000
 POLL_S = 0.5
+MAX_REPLY_BYTES = 8 * 1024 * 1024
+"""The most a remote agent's reply (one HTTP response: its card, a task, an artifact) may hold:
+read as it arrives and refused past this, before it is kept whole."""
 
 
 class RemoteUnavailable(Unavailable):
     """The remote agent cannot be reached or answered 5xx: retried by the hop's retry policy."""
+
+
+class ReplyTooLarge(PermanentError):
+    """A remote agent's reply is larger than the hop takes (not retried: it would be again)."""
 
 
 def remote_agent(
@@ -58,19 +67,24 @@ def remote_agent(
     poll_s: float = POLL_S,
     max_concurrent: int = 5,
     version: str = "1",
+    max_reply_bytes: int = MAX_REPLY_BYTES,
+    follow_card_endpoints: bool = False,
 ) -> Agent:
     """A handoff agent that is an A2A agent elsewhere (`url`: its base URL, where its card is).
 
     `then`: an agent id or capability name the chain goes to after the remote agent completed
     (`then_task`: its task, default the hop's own); without it the chain ends there. `token_env`:
-    the environment variable holding a bearer token for the remote agent."""
+    the environment variable holding a bearer token for the remote agent, sent only to `url`'s
+    origin: the hops go to the endpoints the card names on that origin, and a card naming only
+    endpoints elsewhere is refused, unless `follow_card_endpoints`. Each reply is read up to
+    `max_reply_bytes`; a larger one fails the hop, unretried, saying so."""
     target = _then(then)
     clients: dict[asyncio.AbstractEventLoop, Any] = {}
 
     async def client():
         loop = asyncio.get_running_loop()
         if loop not in clients:
-            clients[loop] = await _connect(url, token_env)
+            clients[loop] = await _connect(url, token_env, max_reply_bytes, follow_card_endpoints)
         return clients[loop]
 
     async def handle(ctx: HandoffContext) -> HandoffResult:
@@ -95,9 +109,8 @@ def _then(then: str | None) -> tuple[str | None, AgentCapability | None] | None:
         return then, None
 
 
-async def _connect(url: str, token_env: str | None):
-    import httpx
-    from a2a.client import ClientConfig, create_client
+async def _connect(url: str, token_env: str | None, max_reply_bytes: int, follow_card_endpoints: bool):
+    from a2a.client import A2ACardResolver, ClientConfig, create_client
 
     headers = {}
     if token_env:
@@ -105,11 +118,77 @@ async def _connect(url: str, token_env: str | None):
         if not token:
             raise PermanentError(f"{token_env} holds no token for the A2A agent at {url}")
         headers["Authorization"] = f"Bearer {token}"
+    http = httpx.AsyncClient(timeout=30, headers=headers,
+                             transport=BoundedTransport(httpx.AsyncHTTPTransport(), max_reply_bytes))
     try:
-        return await create_client(url, ClientConfig(streaming=False, polling=True,
-                                                     httpx_client=httpx.AsyncClient(timeout=30, headers=headers)))
+        card = await A2ACardResolver(http, url).get_agent_card()
     except Exception as err:  # its card cannot be read: maybe down for now
-        raise RemoteUnavailable(f"cannot read the A2A agent card at {url}: {type(err).__name__}: {err}") from None
+        _raise_for(err, f"cannot read the A2A agent card at {url}")
+    if not follow_card_endpoints:
+        _pin_to_origin(card, url)
+    return await create_client(card, ClientConfig(streaming=False, polling=True, httpx_client=http))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+def _pin_to_origin(card: Any, url: str) -> None:
+    """Keep only the card's endpoints on `url`'s origin (scheme, host and port): the hop's context
+    and the token go nowhere else. `PermanentError` when none is left."""
+    pinned = [i for i in card.supported_interfaces if _origin(i.url) == _origin(url)]
+    if not pinned:
+        named = ", ".join(i.url for i in card.supported_interfaces) or "none"
+        raise PermanentError(f"the A2A agent card at {url} names endpoints on other origins only ({named}): "
+                             "refused (remote_agent(..., follow_card_endpoints=True) follows them)")
+    del card.supported_interfaces[:]
+    card.supported_interfaces.extend(pinned)
+
+
+class BoundedTransport(httpx.AsyncBaseTransport):
+    """An httpx transport whose responses are read at most `limit` bytes: a larger one raises
+    `ReplyTooLarge` as soon as it passes the limit (its declared length, or its bytes as they
+    arrive), so it is never held whole."""
+
+    def __init__(self, inner: Any, limit: int) -> None:
+        self._inner, self._limit = inner, limit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._limit:
+            await response.aclose()
+            raise self._too_large(int(declared))
+        return httpx.Response(status_code=response.status_code, headers=response.headers,
+                              stream=_CappedStream(response.stream, self._limit, self._too_large),
+                              extensions=response.extensions, request=request)
+
+    def _too_large(self, size: int) -> ReplyTooLarge:
+        return ReplyTooLarge(f"the A2A agent's reply is over {self._limit:,} bytes (at least {size:,}): refused")
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    def __init__(self, stream: Any, limit: int, too_large: Any) -> None:
+        self._stream, self._limit, self._too_large = stream, limit, too_large
+
+    async def __aiter__(self):
+        read = 0
+        async for chunk in self._stream:
+            read += len(chunk)
+            if read > self._limit:
+                await self.aclose()
+                raise self._too_large(read)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 def _message(ctx: HandoffContext):
@@ -121,8 +200,11 @@ def _message(ctx: HandoffContext):
         {"context": ctx.context_data, "previous_results": ctx.previous_results}, default=str)))
     message = Message(role=Role.ROLE_USER, message_id=f"{ctx.handoff_id}-{time.time_ns()}",
                       parts=[Part(text=ctx.task_description), Part(data=data)])
-    message.metadata.update({"handoff_chain_id": str(ctx.chain_id), "handoff_id": str(ctx.handoff_id),
-                             "from_agent": ctx.from_agent, "hop": ctx.chain_depth})
+    # The hop's own id, never the chain's: the chain id names an A2A task on handoff's server, and
+    # a remote agent holding a token there is shown only what its hop shows.
+    # (the snake_case keys are the earlier spelling, kept for remote agents that read them)
+    message.metadata.update({"handoffId": str(ctx.handoff_id), "fromAgent": ctx.from_agent, "hop": ctx.chain_depth,
+                             "handoff_id": str(ctx.handoff_id), "from_agent": ctx.from_agent})
     return message
 
 
@@ -168,16 +250,26 @@ async def _call_one(awaitable):
         _raise_for(err)
 
 
-def _raise_for(err: Exception):
-    """An A2A client error as the hop's retry policy should see it."""
-    import httpx
-
+def _raise_for(err: BaseException, what: str = "the A2A call failed"):
+    """An A2A client error as the hop's retry policy should see it (`what`: what was being done)."""
+    for cause in _causes(err):
+        if isinstance(cause, PermanentError):
+            raise cause from None
     status = getattr(getattr(err, "response", None), "status_code", None) or getattr(err, "status_code", None)
     if isinstance(status, int) and 400 <= status < 500 and not retried_status(status):
         raise PermanentError(f"the A2A agent refused the request ({status}): {err}") from None
     if isinstance(err, (httpx.HTTPError, OSError)) or isinstance(status, int) or "connect" in str(err).lower():
-        raise RemoteUnavailable(f"the A2A agent is unavailable: {type(err).__name__}: {err}") from None
-    raise RemoteUnavailable(f"the A2A call failed: {type(err).__name__}: {err}") from None
+        raise RemoteUnavailable(f"{what}: the A2A agent is unavailable: {type(err).__name__}: {err}") from None
+    raise RemoteUnavailable(f"{what}: {type(err).__name__}: {err}") from None
+
+
+def _causes(err: BaseException):
+    """`err` and what it was raised from, innermost last (a wrapped error keeps its cause)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def _ended(ctx: HandoffContext, task: Any) -> HandoffResult:

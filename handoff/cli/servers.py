@@ -130,16 +130,22 @@ def a2a_server(
     jwks_url: str | None = JwksOption,
     jwt_issuer: str | None = IssuerOption,
     jwt_audience: str | None = AudienceOption,
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="another Host header to answer (e.g. a2a.example.com:443); repeatable"),
+    allowed_origin: list[str] = typer.Option(
+        [], "--allowed-origin", help="a web page origin allowed to call it from a browser (CORS); repeatable"),
 ) -> None:
     """Serve A2A: agent cards from the registry, and chains as A2A tasks. Bearer tokens it accepts:
-    HANDOFF_A2A_TOKENS (comma separated)."""
+    HANDOFF_A2A_TOKENS (each caller sees its own tasks) and HANDOFF_A2A_OPERATOR_TOKENS (every chain)."""
     from handoff.a2a.server import A2AServer
 
     async def go() -> None:
         stop = _stop_on_signals()
-        auth = BearerAuth(tokens=token_list(settings().a2a_tokens), jwks_url=jwks_url, issuer=jwt_issuer,
-                          audience=jwt_audience)
-        server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url).start()
+        env = settings()
+        auth = BearerAuth(tokens=token_list(env.a2a_tokens), operator_tokens=token_list(env.a2a_operator_tokens),
+                          jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
+        server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url,
+                                 allowed_hosts=allowed_host, allowed_origins=allowed_origin).start()
         checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
         out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; {checks}",
                   soft_wrap=True)

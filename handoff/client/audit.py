@@ -112,7 +112,26 @@ async def record_from_history(
         when = _time(last)
         record.close_running(hop_status, error, when)
         record.end(status, error, when)
+    elif kind not in _CLOSED and record.status.ended:
+        _not_ended_yet(record, history)
     return record
+
+
+_CLOSED = {*_UNSEEN_ENDS, "workflow_execution_completed_event_attributes",
+           "workflow_execution_continued_as_new_event_attributes"}
+"""The events that close a workflow execution."""
+
+
+def _not_ended_yet(record: ChainRecord, history: WorkflowHistory) -> None:
+    """A replay that ends a chain whose history has not closed: the workflow task that ends it
+    has not completed (it failed, say on a result too large for the server, or it runs now).
+    The chain is running as far as Temporal is concerned, so its record says so, and why."""
+    failed = next((e.workflow_task_failed_event_attributes for e in reversed(history.events)
+                   if e.HasField("workflow_task_failed_event_attributes")), None)
+    why = f": {failed.failure.message[:300]}" if failed is not None and failed.failure.message else ""
+    record.error = (f"its end ({record.status.value}) is not recorded: the workflow task that ends it has not "
+                    f"completed{why}")
+    record.status, record.completed_at, record.duration_ms = ChainStatus.RUNNING, None, None
 
 
 async def _replayed_record(history: WorkflowHistory, converter: DataConverter) -> ChainRecord:
@@ -122,6 +141,10 @@ async def _replayed_record(history: WorkflowHistory, converter: DataConverter) -
         data_converter=converter,
         interceptors=[holder],
         workflow_runner=UnsandboxedWorkflowRunner(),
+        # on the caller's event loop, not in a thread of the replayer's own: a record is read in
+        # processes that run other asyncio code (the A2A server), which the replay must not share
+        # a thread with
+        debug_mode=True,
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     if holder.instance is None:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from handoff.client.connect import env_context_limit
-from handoff.constants import CHAIN_PROTOCOL
+from handoff.constants import CHAIN_PROTOCOL, MAX_CONTEXT_BYTES
 from handoff.errors import ContextTooLarge, InvalidRequest
 from handoff.models import AgentCapability, ChainPolicy, ChainRequest
 
@@ -37,8 +37,10 @@ def build_request(
 
     The chain's bounds are its `policy` (a `ChainPolicy`, or a mapping of its fields);
     `hop_timeout` and `max_depth` are shorthands for its `hop_timeout_s` and `max_depth`, to
-    give one way or the other. `max_context_bytes`: the context limit, by default what this
-    environment's payload storage allows.
+    give one way or the other. `max_context_bytes`: what this deployment can carry, by default
+    what this environment's payload storage allows; a policy may lower the chain's limit, never
+    raise it past that (without external storage, no hop input or result can be larger than a
+    payload Temporal accepts, and a chain carrying one would stall).
     """
     if capability is not None:
         capability = capability_of(capability)
@@ -48,7 +50,13 @@ def build_request(
             if name in fields:
                 raise InvalidRequest(f"{name} is given twice: as an argument and in the policy")
             fields[name] = value
-    fields.setdefault("max_context_bytes", max_context_bytes or env_context_limit())
+    carried = max_context_bytes or env_context_limit()
+    asked = fields.setdefault("max_context_bytes", carried)
+    if isinstance(asked, (int, float)) and not isinstance(asked, bool) and asked > carried:
+        raise InvalidRequest(
+            f"policy.max_context_bytes {asked:,} is over the {carried:,} bytes this deployment can carry"
+            + ("" if carried > MAX_CONTEXT_BYTES else
+               " (without external payload storage: set HANDOFF_PAYLOAD_DIR or HANDOFF_S3_BUCKET)"))
     try:
         request = ChainRequest(
             protocol=CHAIN_PROTOCOL,

@@ -52,20 +52,44 @@ def sized_payload(model: BaseModel) -> tuple[RawValue, int]:
     return RawValue(Payload(metadata={"encoding": b"json/plain"}, data=data)), len(data)
 
 
+MAX_NAME_BYTES = 64
+MAX_VERSION_BYTES = 32
+MAX_INSTANCE_BYTES = 160
+"""Bounds of a registration's name, version and instance, in bytes of JSON (UTF-8, escapes
+included): the registry refuses a registration over one, saying which."""
+MAX_DESCRIPTION_BYTES = 500
+"""A card's description is cut to `MAX_DESCRIPTION_CHARS` characters and then to this many bytes
+of JSON (a description is never refused)."""
+MAX_CONCURRENT_HOPS = 10_000
+"""The largest `max_concurrent` a registration may give."""
+LEASE_REFRESH_S = 600.0
+"""How often a running agent worker sends its registration again (jittered by a fifth)."""
+LEASE_S = 3 * LEASE_REFRESH_S
+"""How long the registry keeps a card after its agent last registered: three refresh periods, so
+a worker that misses two refreshes keeps its card."""
+
+
 class Registration(BaseModel):
     """An agent worker's registration: sent in batches by the registry's `register_agents` signal
     (and one at a time by its `register` Update). Loosely typed on purpose: the registry says
-    what is wrong with it."""
+    what is wrong with it. A registration is a lease: the registry keeps the card `LEASE_S` after
+    the last one, and a running worker sends its own again every `LEASE_REFRESH_S`."""
 
     agent_id: str
     name: str
+    """At most `MAX_NAME_BYTES`."""
     capabilities: list[str]
+    """Known capabilities, each once."""
     max_concurrent: int = 5
+    """1 to `MAX_CONCURRENT_HOPS`."""
     version: str = "1"
+    """At most `MAX_VERSION_BYTES`."""
     instance: str = ""
-    """The registering worker's identity; an agent with several replicas has several instances."""
+    """The registering worker's identity; an agent with several replicas has several instances.
+    At most `MAX_INSTANCE_BYTES`."""
     description: str = ""
-    """What the agent does, in a sentence (language models choosing a handoff read it)."""
+    """What the agent does, in a sentence (language models choosing a handoff read it). Cut to
+    `MAX_DESCRIPTION_CHARS` characters and `MAX_DESCRIPTION_BYTES`."""
 
 
 class Deregistration(BaseModel):
@@ -89,7 +113,10 @@ class AgentCard(BaseModel):
     version: str = "0"
     description: str = ""
     registered_at: datetime = Field(default_factory=utc_now)
+    """When this version of the agent was first registered."""
     last_seen: datetime = Field(default_factory=utc_now)
+    """When the agent last registered (its lease runs from here). The registry's memo may show an
+    earlier time: a registration that changes nothing else is not published."""
 
     _valid_id = field_validator("agent_id")(check_agent_id)
 

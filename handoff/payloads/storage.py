@@ -10,15 +10,22 @@ Which one, from the environment (`storage_from_env`): S3 when `HANDOFF_S3_BUCKET
 this host (a loopback address), files in a per-user directory every process of this host's
 deployment shares (`default_payload_dir()`), swept of blobs unused for
 `HANDOFF_PAYLOAD_RETENTION_DAYS` (7). A server elsewhere and no setting: payloads stay inline.
+
+A payload directory must be this user's alone: one that another user owns, that group or others
+may write, or that is a symlink is refused. Blobs are read only as regular files, never through a
+link, and every blob is checked against its digest on read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import os
+import re
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -48,6 +55,10 @@ MAX_STORED_BYTES = MAX_PAYLOAD_BYTES
 DEFAULT_RETENTION_DAYS = 7.0
 SWEEP_EVERY_S = 3600.0
 CHUNK = 1024 * 1024
+BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+"""A blob's file name: the SHA-256 of its content."""
+PARTIAL_NAME = re.compile(r"\.[0-9a-f]{64}\.[a-z0-9_]+\.tmp")
+"""A blob being written (or left behind by a writer that died): `.<digest>.<random>.tmp`."""
 
 
 class StorageError(HandoffError):
@@ -56,7 +67,10 @@ class StorageError(HandoffError):
 
 class FileStorageDriver(StorageDriver):
     """Stores payloads as files named by their SHA-256 in one directory, readable by this user
-    only. A blob unused (neither stored nor read) for `retention_days` is swept away."""
+    only. The directory is created 0700 if missing, and refused (`StorageError`) unless this user
+    owns it, no one else may write it and it is not a symlink. A blob unused (neither stored nor
+    read) for `retention_days` is swept away; the sweep removes only blobs and partial writes,
+    never other files, directories or symlinks."""
 
     def __init__(self, directory: str | os.PathLike[str], name: str = "handoff-files",
                  retention_days: float = DEFAULT_RETENTION_DAYS) -> None:
@@ -86,64 +100,153 @@ class FileStorageDriver(StorageDriver):
         return await asyncio.to_thread(self._retrieve_all, claims)
 
     def _store_all(self, payloads: Sequence[Payload]) -> list[StorageDriverClaim]:
-        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        claims = []
-        for payload in payloads:
-            data = payload.SerializeToString()
-            digest = hashlib.sha256(data).hexdigest()
-            path = self._directory / digest
-            if path.exists():  # content-addressed: an unchanged context is written once
-                os.utime(path)
-            else:
-                # a name of its own per writer (threads of one process included), 0600 from birth
-                fd, partial = tempfile.mkstemp(dir=self._directory, prefix=f".{digest}.", suffix=".tmp")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(partial, path)
-            claims.append(StorageDriverClaim({"sha256": digest}))
+        self._check_directory()
+        claims = [StorageDriverClaim({"sha256": self._store(payload.SerializeToString())})
+                  for payload in payloads]
         self._sweep()
         return claims
 
+    def _store(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._directory / digest
+        if not _touch_blob(path):  # content-addressed: an unchanged context is written once
+            self._write_blob(path, digest, data)
+        return digest
+
+    def _write_blob(self, path: Path, digest: str, data: bytes) -> None:
+        # a name of its own per writer (threads of one process included), 0600 from birth; the
+        # rename replaces whatever is at the blob's name (a planted link itself, not its target)
+        fd, partial = tempfile.mkstemp(dir=self._directory, prefix=f".{digest}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(partial, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise StorageError(f"cannot store payload {digest} in {self._directory}: {error}") from None
+
     def _retrieve_all(self, claims: Sequence[StorageDriverClaim]) -> list[Payload]:
+        self._check_directory()
         return [self._retrieve(claim) for claim in claims]
 
     def _retrieve(self, claim: StorageDriverClaim) -> Payload:
         digest = claim.claim_data.get("sha256", "")
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        if not BLOB_NAME.fullmatch(digest):
             raise StorageError(f"malformed storage claim {dict(claim.claim_data)!r}")
-        path = self._directory / digest  # the claim names a digest, never a path
+        fd = self._open_blob(digest)  # the claim names a digest, never a path
         try:
-            with path.open("rb") as blob:
-                if os.fstat(blob.fileno()).st_size > MAX_STORED_BYTES:
-                    raise StorageError(f"stored payload {digest} is larger than any payload a chain carries")
-                hasher, parts = hashlib.sha256(), []
-                while chunk := blob.read(CHUNK):
-                    hasher.update(chunk)
-                    parts.append(chunk)
+            data = _read_bounded(fd, digest)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise StorageError(f"stored payload {digest} is corrupt")
+            with contextlib.suppress(OSError):
+                os.utime(fd)  # in use: not swept (the file read, whatever its name points to now)
+        finally:
+            os.close(fd)
+        payload = Payload()
+        payload.ParseFromString(data)
+        return payload
+
+    def _open_blob(self, digest: str) -> int:
+        """A descriptor of the blob `digest`, a regular file no larger than `MAX_STORED_BYTES`."""
+        path = self._directory / digest
+        try:
+            # O_NONBLOCK: a FIFO planted at a blob's name must not stall the open; it is refused below
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise StorageError(
                 f"stored payload {digest} is not in {self._directory}: the processes of this deployment "
                 "do not share one payload store (across hosts, set HANDOFF_S3_BUCKET, or "
                 "HANDOFF_PAYLOAD_DIR to a shared volume, for every process)") from None
-        if hasher.hexdigest() != digest:
-            raise StorageError(f"stored payload {digest} is corrupt")
-        with contextlib.suppress(OSError):
-            os.utime(path)  # in use: not swept
-        payload = Payload()
-        payload.ParseFromString(b"".join(parts))
-        return payload
+        except OSError as error:
+            # O_NOFOLLOW fails with ELOOP exactly when the name is a symlink
+            reason = "is a symlink, which the store never follows" if error.errno == errno.ELOOP else str(error)
+            raise StorageError(f"stored payload {digest} in {self._directory} {reason}; refused") from None
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise StorageError(f"stored payload {digest} in {self._directory} is not a regular file; refused")
+            if status.st_size > MAX_STORED_BYTES:
+                raise StorageError(f"stored payload {digest} is larger than any payload a chain carries")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_directory(self) -> None:
+        """Create the directory (0700) if it is missing; raise `StorageError` unless it is trusted."""
+        try:
+            self._directory.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise StorageError(f"cannot create payload directory {self._directory}: {error}") from None
+        try:
+            problem = _directory_problem(os.lstat(self._directory), self._directory)
+        except OSError as error:
+            problem = f"cannot be examined ({error})"
+        if problem:
+            raise StorageError(f"payload directory {self._directory} {problem}")
 
     def _sweep(self) -> None:
-        """Remove blobs unused for the retention period (at most once an hour per process)."""
+        """Remove blobs and partial writes unused for the retention period (at most once an hour
+        per process). Any other entry of the directory is left alone."""
         now = time.monotonic()
         if now - self._swept < SWEEP_EVERY_S:
             return
         self._swept = now
         cutoff = time.time() - self._retention_s
-        for path in self._directory.iterdir():
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+        with contextlib.suppress(OSError), os.scandir(self._directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if (_is_stored_name(entry.name) and entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                        os.unlink(entry.path)
+
+
+def _is_stored_name(name: str) -> bool:
+    """Whether a file name is one the file store writes: a blob or a partial write."""
+    return bool(BLOB_NAME.fullmatch(name) or PARTIAL_NAME.fullmatch(name))
+
+
+def _directory_problem(status: os.stat_result, directory: Path) -> str | None:
+    """Why a payload directory (its `lstat`) cannot be trusted, or None when it can: it must be
+    a real directory, owned by this user, that neither group nor others may write."""
+    if stat.S_ISLNK(status.st_mode):
+        return "is a symlink: set the directory it points to instead"
+    if not stat.S_ISDIR(status.st_mode):
+        return "is not a directory"
+    if status.st_uid != os.geteuid():
+        return (f"is owned by uid {status.st_uid}, not this user (uid {os.geteuid()}): "
+                "chown it or use another directory")
+    if status.st_mode & 0o022:
+        return (f"is writable by group or others (mode {stat.S_IMODE(status.st_mode):o}): "
+                f"chmod 700 {directory}")
+    return None
+
+
+def _touch_blob(path: Path) -> bool:
+    """Mark the blob at `path` as in use; False when no regular file is there (nothing, or a
+    planted link, which storing replaces)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        os.utime(path, follow_symlinks=False)  # if a link took its place since, the link is touched
+    except OSError:
+        return False
+    return True
+
+
+def _read_bounded(fd: int, digest: str) -> bytes:
+    """The content of `fd`, read in chunks; `StorageError` as soon as it passes `MAX_STORED_BYTES`
+    (a file may grow after its size was checked), so no more than that is ever held."""
+    parts, total = [], 0
+    while chunk := os.read(fd, min(CHUNK, MAX_STORED_BYTES + 1 - total)):
+        total += len(chunk)
+        if total > MAX_STORED_BYTES:
+            raise StorageError(f"stored payload {digest} is larger than any payload a chain carries")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def file_storage(directory: str | os.PathLike[str], threshold: int = THRESHOLD,

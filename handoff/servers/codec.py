@@ -27,7 +27,8 @@ from temporalio.converter import PayloadCodec
 
 from handoff.payloads.codec import PayloadDecodeError
 from handoff.constants import DEFAULT_UI_ORIGINS
-from handoff.servers.http import LOOPBACK_NAMES, BearerAuth, BearerVerifier
+from handoff.servers.http import BearerAuth, BearerVerifier, host_refusal, origin_refusal
+from handoff.servers.http import allowed_hosts as allowed_hosts_of
 from handoff.settings import Settings
 
 DEFAULT_PORT = 8081
@@ -39,14 +40,6 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 Transform = Callable[[Sequence[Payload]], Awaitable[list[Payload]]]
 
 
-
-
-def _hosts_for(host: str, port: int, extra: Sequence[str]) -> set[str]:
-    """The `Host` header values this server answers to."""
-    names = {*LOOPBACK_NAMES, *([] if host in ("0.0.0.0", "::", "") else [host])}
-    hosts = {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
-    hosts |= {h.lower() for h in extra}
-    return {h.lower() for h in hosts}
 
 
 def codec_app(
@@ -79,10 +72,11 @@ def codec_app(
 
     @web.middleware
     async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-        if hosts is not None and request.headers.get("Host", "").lower() not in hosts:
-            return web.json_response({"error": "this codec server does not answer to that host"}, status=403)
+        refused = host_refusal(request.headers.get("Host", ""), hosts) if hosts is not None else None
+        if refused:
+            return web.json_response({"error": refused}, status=403)
         origin = request.headers.get("Origin")
-        if origin is not None and origin.rstrip("/") not in origins:
+        if origin_refusal(origin, sorted(origins)):
             return web.json_response({"error": f"origin {origin} is not an allowed Web UI origin"}, status=403)
         if request.method == "OPTIONS":  # a preflight carries no credential
             return await handler(request)
@@ -129,7 +123,7 @@ async def start_codec_server(
     only with authentication; `allowed_hosts` adds `Host` values (e.g. a DNS name and port)."""
     auth.require_on(host, "the codec server holds the decryption keys",
                     f"{ENV_TOKENS}, or --jwks-url with --jwt-issuer and --jwt-audience")
-    app = codec_app(codec, ui_origins, allowed_hosts=sorted(_hosts_for(host, port, allowed_hosts)),
+    app = codec_app(codec, ui_origins, allowed_hosts=sorted(allowed_hosts_of(host, port, allowed_hosts)),
                     auth=auth, allow_encode=allow_encode)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
