@@ -46,12 +46,11 @@ keyed on the run's input: a run whose `RegistryState` has no `lease_s` (started 
 as earlier clients started the registry, or continued by earlier code) applies registrations as
 such runs were recorded (the checks of the time, no leases, the memo published after every
 workflow task with signals), and continues as new with `LEASE_S` (within a week), its cards held
-to the bounds from then on. Clients of this version start the registry with `lease_s`. So a
-registry that a flood wedged before (its memo past the server's limit) stays so: terminate it,
-and agent workers create it again at their next refresh. Agent workers that predate leases never
-register again, so their cards leave a leased registry a lease after they registered: upgrade
-agent workers with the chain workers (a refresh is an ordinary registration, which a registry of
-any version takes).
+to the bounds from then on. Clients start the registry with `lease_s`. A run without leases that
+a flood wedged (its memo past the server's limit) stays wedged: terminate it, and agent workers
+create it again at their next refresh. Agent workers without refreshes never register again, so
+their cards leave a leased registry a lease after they registered: deploy agent workers with the
+chain workers (a refresh is an ordinary registration, which a registry of any version takes).
 """
 
 from __future__ import annotations
