@@ -136,7 +136,7 @@ class Listeners:
             del self._count[task_id]
 
     def __contains__(self, task_id: str) -> bool:
-        return self._count[task_id] > 0 if task_id in self._count else False
+        return self._count.get(task_id, 0) > 0
 
 
 class ChainExecutor(AgentExecutor):
