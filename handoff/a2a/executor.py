@@ -54,6 +54,7 @@ from handoff.a2a.tasks import (
     chain_task,
     completed_hops,
     status_line,
+    visible_memo,
 )
 
 POLL_S = 0.25
@@ -270,7 +271,7 @@ class ChainRequestHandler(DefaultRequestHandler):
 
     async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
         caller = caller_of(context)
-        if await chain_task(self._client, params.id, caller) is None:
+        if await visible_memo(self._client, params.id, caller) is None:
             raise TaskNotFoundError
         try:
             await cancel_chain(self._client, params.id)

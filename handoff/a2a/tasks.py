@@ -125,9 +125,10 @@ def may_see(caller: Principal, a2a: dict[str, Any] | None) -> bool:
     return caller.operator or (bool(caller.name) and owner == caller.name)
 
 
-async def chain_task(client: Client, task_id: str, caller: Principal) -> Task | None:
-    """The A2A task of chain `task_id`, read from Temporal; None when there is no such chain, or
-    `caller` may not see it (the same answer: a caller cannot tell another's chains exist)."""
+async def visible_memo(client: Client, task_id: str, caller: Principal) -> dict[str, Any] | None:
+    """What A2A knows of chain `task_id` (its memo: `{}` for a chain started otherwise), from the
+    server's description alone; None when there is no such chain, or `caller` may not see it (the
+    same answer: a caller cannot tell another's chains exist)."""
     try:
         UUID(task_id)
     except ValueError:
@@ -135,8 +136,15 @@ async def chain_task(client: Client, task_id: str, caller: Principal) -> Task | 
     description = await unless_missing(client.get_workflow_handle(task_id).describe())
     if description is None:
         return None
-    a2a = await description.memo_value(MEMO_KEY, None)
-    if not may_see(caller, a2a):
+    a2a = await description.memo_value(MEMO_KEY, None) or {}
+    return a2a if may_see(caller, a2a) else None
+
+
+async def chain_task(client: Client, task_id: str, caller: Principal) -> Task | None:
+    """The A2A task of chain `task_id`, read from Temporal; None when there is no such chain, or
+    `caller` may not see it (`visible_memo`)."""
+    a2a = await visible_memo(client, task_id, caller)
+    if a2a is None:
         return None
     try:
         record = await get_chain(client, task_id)
