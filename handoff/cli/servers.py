@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import typer
@@ -121,6 +122,25 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def _serve_until_signalled(start: Callable[[], Awaitable[Callable[[], Awaitable[None]]]], host: str,
+                           port: int) -> None:
+    """Start a server (`start` returns how to stop it) and serve until SIGTERM or SIGINT; a port in
+    use, or not ours to bind, is one line and exit 2."""
+
+    async def go() -> None:
+        stop = _stop_on_signals()
+        close = await start()
+        try:
+            await stop.wait()
+        finally:
+            await close()
+
+    try:
+        run(go)
+    except OSError as err:
+        fail(f"cannot serve on {host}:{port}: {err.strerror or err}")
+
+
 @app.command("a2a-server")
 def a2a_server(
     port: int = typer.Option(8090, "--port", min=1, max=65535),
@@ -139,8 +159,7 @@ def a2a_server(
     HANDOFF_A2A_TOKENS (each caller sees its own tasks) and HANDOFF_A2A_OPERATOR_TOKENS (every chain)."""
     from handoff.a2a.server import A2AServer
 
-    async def go() -> None:
-        stop = _stop_on_signals()
+    async def start():
         env = settings()
         auth = BearerAuth(tokens=token_list(env.a2a_tokens), operator_tokens=token_list(env.a2a_operator_tokens),
                           jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
@@ -149,15 +168,9 @@ def a2a_server(
         checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
         out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; {checks}",
                   soft_wrap=True)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
+        return server.stop
 
-    try:
-        run(go)
-    except OSError as err:  # the port: in use, or not ours to bind
-        fail(f"cannot serve on {host}:{port}: {err.strerror or err}")
+    _serve_until_signalled(start, host, port)
 
 
 @app.command("codec-server")
@@ -179,20 +192,13 @@ def codec_server(
     from handoff.payloads.codec import codec_from_env
     from handoff.servers.codec import start_codec_server
 
-    async def go() -> None:
-        stop = _stop_on_signals()
+    async def start():
         auth = BearerAuth(tokens=token_list(settings().codec_tokens), jwks_url=jwks_url, issuer=jwt_issuer,
                           audience=jwt_audience)
         runner = await start_codec_server(codec_from_env(strict=False), host=host, port=port, ui_origins=ui_origin,
                                           allowed_hosts=allowed_host, auth=auth, allow_encode=allow_encode)
         checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
         out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {checks}")
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
+        return runner.cleanup
 
-    try:
-        run(go)
-    except OSError as err:  # the port: in use, or not ours to bind
-        fail(f"cannot serve on {host}:{port}: {err.strerror or err}")
+    _serve_until_signalled(start, host, port)
