@@ -170,6 +170,20 @@ async def test_a_plain_answer_completes_the_chain(client, uid):
     assert record.hops[0].decision.tool is None
 
 
+async def test_a_finish_without_an_answer_takes_the_text_beside_it_or_is_asked_about(client, uid):
+    def answer(request, n):
+        if n == 1:
+            return Reply(tool="finish", arguments={"reason": "done"})  # no answer, no text: asked again
+        return Reply(tool="finish", arguments={"reason": "done"}, text="All 3 tests pass.")
+    async with ScriptedModel(answer) as model:
+        lead = triage(uid, model.url)
+        async with running(client, lead):
+            record = await run_chain(client, to_agent=lead.id, task_description="run the tests")
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert record.final_result == {"answer": "All 3 tests pass."}
+    assert "finish needs an answer" in model.requests[1]["messages"][-1]["content"]
+
+
 @pytest.mark.parametrize("status, retried", [(429, True), (503, True), (400, False), (401, False)])
 async def test_model_errors_are_retried_by_the_hops_policy_only_when_worth_it(client, uid, status, retried):
     def answer(request, n):

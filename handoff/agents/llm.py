@@ -470,7 +470,8 @@ def _outcome(ctx: HandoffContext, message: Any, offered: list[Transfer], decisio
     decision.tool, decision.arguments = call.function.name, arguments
     decision.reason = _text(arguments, "reason", MAX_REASON_CHARS)
     if call.function.name == FINISH and (settings.can_finish or not offered):
-        answer = _text(arguments, "answer", MAX_ANSWER_CHARS)
+        # a model that writes its answer as the message's text beside the call is taken at its word
+        answer = _text(arguments, "answer", MAX_ANSWER_CHARS) or (message.content or "").strip()[:MAX_ANSWER_CHARS]
         if not answer:
             raise _Miss(f"{FINISH} needs an answer")
         return ctx.complete({"answer": answer}).model_copy(update={"decision": decision})
