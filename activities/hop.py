@@ -12,8 +12,10 @@ import time
 import structlog
 from pydantic_core import PydanticSerializationError
 from temporalio import activity
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCStatusCode
 
 from handoff.agents.agent import Agent
 from handoff.constants import (
@@ -26,6 +28,7 @@ from handoff.constants import (
 from handoff.errors import PermanentError
 from handoff.settings import Settings, settings, switched_on
 from handoff.models import HandoffResult, HopInput, HopOutput, nesting_problem, sized_payload
+from handoff.payloads.history import ResultMissing, fill_context, hop_results
 
 log = structlog.get_logger("handoff.hop")
 
@@ -33,26 +36,79 @@ ENV_LOG_TASK_TEXT = Settings.env_name("log_task_text")
 
 
 CANCEL_WITHIN_S = 1.0
-"""A running hop heartbeats at least this often (and its worker sends heartbeats this often):
-a cancel reaches the handler within about this much, plus a round trip."""
+"""A cancel reaches a running handler within about this much, plus a round trip: from this far
+into a hop on, its worker asks the server every this often whether the hop's cancel was asked
+(a read, not a billed action), and heartbeats at once when it was, so the cancel comes back."""
 
-
-class _Heartbeat:
-    """Heartbeats every `interval_s` until stopped, so a hop whose worker died is retried within
-    the heartbeat timeout. A timer callback, not a task: most hops end before the first beat."""
+class _Keeper:
+    """Keeps a running hop alive and cancellable: heartbeats every `interval_s`, so a hop whose
+    worker died is retried within the heartbeat timeout, and from `CANCEL_WITHIN_S` on watches
+    for a cancel (`_watch`). Timer callbacks start both: most hops end before either is due."""
 
     def __init__(self, interval_s: float, attempt: int) -> None:
         self._interval_s = interval_s
         self._details = {"attempt": attempt}
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(interval_s, self._beat)
+        self._watch_timer = self._loop.call_later(CANCEL_WITHIN_S, self._start_watch)
+        self._watching: asyncio.Task | None = None
 
     def _beat(self) -> None:
         activity.heartbeat(self._details)  # the callback runs in the activity's context
         self._timer = self._loop.call_later(self._interval_s, self._beat)
 
+    def _start_watch(self) -> None:
+        self._watching = self._loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Ask the server, every `CANCEL_WITHIN_S`, whether this hop's cancel was asked (or its
+        chain is gone); then heartbeat at once: the server's answer to it cancels the hop."""
+        try:
+            client = activity.client()
+        except RuntimeError:  # run outside a worker (ActivityEnvironment): heartbeats alone
+            return
+        info = activity.info()
+        handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+        while True:
+            try:
+                described = (await handle.describe()).raw_description
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # RPCError: not found (the chain is gone) or unreachable
+                if getattr(err, "status", None) is not RPCStatusCode.NOT_FOUND:
+                    log.debug("hop_watch_failed", error=str(err))
+                    await asyncio.sleep(CANCEL_WITHIN_S)
+                    continue
+                described = None
+            mine = next((a for a in described.pending_activities if a.activity_id == info.activity_id),
+                        None) if described is not None else None
+            if mine is None or mine.state == PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED:
+                activity.heartbeat(self._details)
+                return
+            await asyncio.sleep(CANCEL_WITHIN_S)
+
     def stop(self) -> None:
         self._timer.cancel()
+        self._watch_timer.cancel()
+        if self._watching is not None:
+            self._watching.cancel()
+
+
+async def _put_back_results(hop: HopInput, attempt: int) -> None:
+    """The earlier results the hop's input names (`HopInput.result_refs`) back in its context,
+    read from the chain's history: each is carried there once, in its own hop's activity result."""
+    info = activity.info()
+    handle = activity.client().get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+    try:
+        history = await handle.fetch_history()
+        results = await hop_results(history.events, activity.client().data_converter,
+                                    {ref for ref in hop.result_refs if ref is not None})
+        fill_context(hop.context, hop.result_refs, results)
+    except ResultMissing as err:
+        raise _failure(str(err), attempt, kind=INVALID_RESULT_ERROR, permanent=True) from None
+    except Exception as err:  # the server unreachable, say: the hop is retried
+        raise _failure(f"the chain's earlier results could not be read: {err}", attempt,
+                       kind=type(err).__name__, permanent=False) from err
 
 
 def _failure(message: str, attempt: int, *, kind: str, permanent: bool) -> ApplicationError:
@@ -97,7 +153,9 @@ def hop_activity(agent: Agent):
             build_id=agent.version,
         )
         hop_log.info("hop_started", **({"task": ctx.task_description[:200]} if task_text else {}))
-        beat = _Heartbeat(min(hop.heartbeat_interval_s, CANCEL_WITHIN_S), attempt)
+        if any(hop.result_refs):
+            await _put_back_results(hop, attempt)
+        beat = _Keeper(hop.heartbeat_interval_s, attempt)
         started = time.perf_counter()
         outcome = "failed"
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.client import Client
 
-from handoff.constants import RESOLVE_ACTIVITY
-from handoff.models import Candidate, ResolveRequest
+from handoff.constants import DIRECTORY_ACTIVITY, RESOLVE_ACTIVITY
+from handoff.models import Candidate, CapabilityCandidates, ResolveRequest
 from handoff.registry import Directory
 
 
@@ -21,3 +21,7 @@ class RegistryActivities:
     async def resolve_candidates(self, request: ResolveRequest) -> list[Candidate]:
         return await self._directory.candidates(
             request.capability, like_agent=request.like_agent, exclude=request.exclude)
+
+    @activity.defn(name=DIRECTORY_ACTIVITY)
+    async def resolve_directory(self, limit: int) -> CapabilityCandidates:
+        return CapabilityCandidates(candidates=await self._directory.every_capability(limit=limit))

@@ -3,6 +3,8 @@ the handoff machinery, not agent work."""
 
 from __future__ import annotations
 
+import base64
+import os
 import time
 
 from handoff import Agent, AgentCapability, Branch, HandoffContext, HandoffResult, Join
@@ -12,12 +14,35 @@ IDS = [f"bench-r{i}" for i in range(HOPS)]
 FAN_OUT = 8
 BRANCH_IDS = [f"bench-b{i}" for i in range(FAN_OUT)]
 LEAD, JOIN, GATE = "bench-lead", "bench-join", "bench-gate"
+RESULT_BYTES = "result_random_bytes"
+"""With this in the context, each relay's result carries that many random bytes, base64-encoded
+(incompressible text, 4/3 as long) under `data`."""
+RELAY_CAPABILITIES = [AgentCapability.CODE_ANALYSIS, AgentCapability.SECURITY_AUDIT,
+                      AgentCapability.PERFORMANCE_OPTIMIZATION, AgentCapability.DATABASE_OPERATIONS,
+                      AgentCapability.API_INTEGRATION]
+"""One capability per capability relay, none of them another bench agent's (they have TESTING),
+so each hop by capability has exactly one candidate."""
+CAPABILITY_IDS = [f"bench-c{i}" for i in range(HOPS)]
+
+
+def _result(ctx: HandoffContext, index: int) -> dict:
+    size = int(ctx.context_data.get(RESULT_BYTES, 0))
+    return {"hop": index, **({"data": base64.b64encode(os.urandom(size)).decode()} if size else {})}
 
 
 async def relay(ctx: HandoffContext) -> HandoffResult:
     index = IDS.index(ctx.to_agent)
     if index + 1 < len(IDS) and index + 1 < int(ctx.context_data.get("hops", HOPS)):
         return ctx.handoff(to_agent=IDS[index + 1], task_description=f"hop {index + 1}",
+                           result_data=_result(ctx, index))
+    return ctx.complete(_result(ctx, index))
+
+
+async def capability_relay(ctx: HandoffContext) -> HandoffResult:
+    """Hands the chain on to the next capability of `RELAY_CAPABILITIES`; the last completes."""
+    index = CAPABILITY_IDS.index(ctx.to_agent)
+    if index + 1 < len(CAPABILITY_IDS):
+        return ctx.handoff(capability=RELAY_CAPABILITIES[index + 1], task_description=f"hop {index + 1}",
                            result_data={"hop": index})
     return ctx.complete({"hop": index})
 
@@ -48,3 +73,6 @@ def _agent(agent_id: str, handler) -> Agent:
 
 ALL = [_agent(i, relay) for i in IDS] + [_agent(LEAD, lead), _agent(JOIN, done), _agent(GATE, gate)] + [
     _agent(b, done) for b in BRANCH_IDS]
+BY_CAPABILITY = [Agent(id=agent_id, name=agent_id, capabilities=[capability], handler=capability_relay,
+                       max_concurrent=100) for agent_id, capability in zip(CAPABILITY_IDS, RELAY_CAPABILITIES)]
+"""Kept out of `ALL`: the main benchmark's LLM figures offer a tool per live agent."""

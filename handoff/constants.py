@@ -31,6 +31,17 @@ APPROVAL_UPDATE = "decide_approval"
 CHAIN_STATE_QUERY = "chain_state"
 """The chain workflow's query: its record as it stands."""
 RESOLVE_ACTIVITY = "handoff.resolve_candidates"
+DIRECTORY_ACTIVITY = "handoff.resolve_directory"
+"""Every capability's best candidates in one lookup, which a chain reuses while it is fresh."""
+DIRECTORY_FRESH_S = 2.0
+"""How long a chain reuses its lookup of every capability's candidates (the registry's own cache
+refreshes the stats of where a hop goes as often)."""
+DIRECTORY_CANDIDATES = 8
+"""Of each capability, how many candidates that lookup keeps (a fallback asks afresh, for up to 32)."""
+INLINE_RESULT_BYTES = 1024
+"""A hop result over this many bytes (as JSON) is carried once, in its hop's activity result in
+the chain's history: later hops' inputs and the record the workflow returns name it instead, and
+the agent's worker and the client read it back from there."""
 
 STARTER_AGENT = "starter"
 """`from_agent` of the first hop: the chain was started by a person or a program, not an agent."""
@@ -41,6 +52,9 @@ MAX_CHAIN_DEPTH = 5
 DEFAULT_HOP_TIMEOUT_S = 60.0
 DEFAULT_SCHEDULE_TO_START_S = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
+BEAT_SHARE = 0.8
+"""A running hop heartbeats every this share of its heartbeat timeout (the SDK's own default):
+each recorded heartbeat is a billed action, so a 30 s hop with the default timeout records three."""
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_RETRY_INITIAL_S = 1.0
 DEFAULT_MAX_VISITS_PER_AGENT = 2
@@ -111,12 +125,13 @@ def agent_task_queue(agent_id: str) -> str:
     """The task queue an agent's worker polls: `agent.<agent_id>`."""
     return f"{AGENT_TASK_QUEUE_PREFIX}{agent_id}"
 
-CHAIN_PROTOCOL = 3
+CHAIN_PROTOCOL = 4
 """The chain behaviour new requests ask for (`ChainRequest.protocol`; `handoff.workflows.versions`
 reads it): 1, every chain completes its workflow whatever its status; 2, a chain that ends
 unsuccessfully fails its workflow, its record in the failure's details, so the Web UI lists it as
 Failed; 3, every behaviour keyed on the protocol alone (silent rounds unmarked, the hop budget and
-deferred progress whatever fields the policy carries)."""
+deferred progress whatever fields the policy carries); 4, at the cost floor: no progress timer, one
+registry lookup serves a chain's capability hops while fresh, large results carried once."""
 UNSUCCESSFUL_CHAIN_ERROR = "UnsuccessfulChain"
 """The failure type of a chain workflow that ended unsuccessfully (its details: the record)."""
 

@@ -336,6 +336,13 @@ class Directory:
             self._returned[found[0].agent_id] = time.monotonic()
         return found
 
+    async def every_capability(self, *, limit: int) -> dict[AgentCapability, list[Candidate]]:
+        """`candidates` of every capability a registered agent has, at most `limit` of each."""
+        capabilities = {capability for card in await self.cards() for capability in card.capabilities}
+        found = {capability: await self.candidates(capability, limit=limit)
+                 for capability in sorted(capabilities, key=lambda c: c.value)}
+        return {capability: candidates for capability, candidates in found.items() if candidates}
+
     async def _candidates(self, cards: list[AgentCard], capability: AgentCapability | None,
                           like_agent: str | None, exclude: list[str], limit: int) -> list[Candidate]:
         capability = _capability_of(cards, capability, like_agent)

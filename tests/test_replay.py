@@ -93,10 +93,12 @@ BRANCHES: dict[str, list[tuple[ChainStatus, str | None, list[tuple[str, HopStatu
 # whose chains still replay, recorded it (docs/design.md, "Versioning and replay safety"):
 # `linear.v1`, protocol 1 before `progress_after_s` (every hop upserted the search attributes);
 # `linear.v2`, protocol 1 (an unsuccessful chain completed its workflow); `linear.v3`, protocol 2
-# (silent rounds marked by a patch). The patterns were first recorded under protocol 2.
-OLD_VERSIONS = {**dict.fromkeys(CHAIN_IDS, (".v1", ".v2", ".v3")), **dict.fromkeys(PATTERN_IDS, (".v3",))}
+# (silent rounds marked by a patch); `linear.v4`, protocol 3 (a progress timer; a resolve per
+# capability hop; every result carried in every later hop and the record). The patterns were first
+# recorded under protocol 2.
+OLD_VERSIONS = {**dict.fromkeys(CHAIN_IDS, (".v1", ".v2", ".v3", ".v4")), **dict.fromkeys(PATTERN_IDS, (".v3", ".v4"))}
 CHAIN_FILES = [f"{name}{version}" for name in IDS for version in ("", *OLD_VERSIONS[name])]
-PROTOCOL_OF = {"": CHAIN_PROTOCOL, ".v3": 2, ".v2": 1, ".v1": 1}
+PROTOCOL_OF = {"": CHAIN_PROTOCOL, ".v4": 3, ".v3": 2, ".v2": 1, ".v1": 1}
 
 
 def golden_history(file: str) -> WorkflowHistory:

@@ -40,8 +40,9 @@ def agent_worker(client: Client, agent: Agent, *, versioned: bool = False, **opt
     gets hops only while that version is current (see `handoff rollout`).
     """
     options.setdefault("graceful_shutdown_timeout", timedelta(seconds=5))
-    # A cancel reaches a handler with the answer to its next heartbeat: the SDK sends them at most
-    # every 80 % of the heartbeat timeout (8 s by default) unless told otherwise.
+    # A cancel reaches a handler with the answer to a heartbeat. The hop heartbeats rarely (each
+    # recorded beat is billed) and once more as soon as it learns of a cancel; the SDK would hold
+    # that beat back for up to 80 % of the heartbeat timeout since the last one unless told otherwise.
     options.setdefault("max_heartbeat_throttle_interval", timedelta(seconds=CANCEL_WITHIN_S))
     options.setdefault("default_heartbeat_throttle_interval", timedelta(seconds=CANCEL_WITHIN_S))
     if versioned:

@@ -68,10 +68,11 @@ def chain_worker(client: Client, *, task_queue: str = CHAIN_TASK_QUEUE, **option
     options.setdefault("workflow_runner", RUNNER)
     options.setdefault("workflow_task_poller_behavior", PollerBehaviorSimpleMaximum(maximum=WORKFLOW_TASK_POLLS))
     options.setdefault("debug_mode", INLINE_ACTIVATIONS)
+    lookups = RegistryActivities(client)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[HandoffChainWorkflow, AgentRegistryWorkflow],
-        activities=[RegistryActivities(client).resolve_candidates],
+        activities=[lookups.resolve_candidates, lookups.resolve_directory],
         **options,
     )

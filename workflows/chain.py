@@ -24,12 +24,17 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
+    from pydantic_core import to_json
 
     from handoff.constants import (
         APPROVAL_UPDATE,
         CHAIN_STATE_QUERY,
         CHAIN_WORKFLOW,
+        DIRECTORY_ACTIVITY,
+        DIRECTORY_CANDIDATES,
+        DIRECTORY_FRESH_S,
         HOP_ACTIVITY,
+        INLINE_RESULT_BYTES,
         NON_RETRYABLE_ERRORS,
         RESOLVE_ACTIVITY,
         SA_STATUS,
@@ -39,7 +44,9 @@ with workflow.unsafe.imports_passed_through():
     from handoff.models import (
         ApprovalDecision,
         ApprovalRecord,
+        IN_HISTORY,
         Candidate,
+        CapabilityCandidates,
         ChainRecord,
         ChainRequest,
         ChainStatus,
@@ -93,6 +100,8 @@ class HandoffChainWorkflow(FanOuts):
             self._record, search_attributes=workflow.info().typed_search_attributes.get(SA_STATUS) is not None,
             live=True)
         self._metrics = Metrics()
+        self._in_history: dict[Any, int] = {}  # handoff id -> size of each result carried once
+        self._directory: tuple[Any, CapabilityCandidates] | None = None  # (when, every capability's candidates)
         self._retry_policy = RetryPolicy(
             initial_interval=timedelta(seconds=policy.retry_initial_s),
             backoff_coefficient=2.0,
@@ -117,8 +126,10 @@ class HandoffChainWorkflow(FanOuts):
                         task=request.task_description, from_agent=request.started_by)
         if self._visibility.enabled and self._policy.progress_after_s and self._behaviour.deferred_progress:
             self._visibility.live = False
-            # held: the event loop keeps only a weak reference to a task
-            self._progress_timer = asyncio.create_task(self._progress_after(self._policy.progress_after_s))
+            if self._behaviour.cost_floor:  # no timer: the first hop past the time turns progress on
+                self._visibility.live_from = workflow.now() + timedelta(seconds=self._policy.progress_after_s)
+            else:  # held: the event loop keeps only a weak reference to a task
+                self._progress_timer = asyncio.create_task(self._progress_after(self._policy.progress_after_s))
         try:
             problem = request.problem()
             if problem:
@@ -138,10 +149,23 @@ class HandoffChainWorkflow(FanOuts):
         fails its workflow instead, the record in the failure's details, so the Web UI lists it
         as Failed and its Failures filter finds it (`Behaviour.unsuccessful_fails`)."""
         record = self._finish(status, error)
+        returned = self._returned(record)
         if record.status is not ChainStatus.COMPLETED and self._behaviour.unsuccessful_fails:
-            raise ApplicationError(f"chain {record.status.value}: {record.error}", record,
+            raise ApplicationError(f"chain {record.status.value}: {record.error}", returned,
                                    type=UNSUCCESSFUL_CHAIN_ERROR, non_retryable=True)
-        return record
+        return returned
+
+    def _returned(self, record: ChainRecord) -> ChainRecord:
+        """The record as the workflow returns it: each result carried once in history named
+        (`IN_HISTORY`), not repeated; the client puts them back (`handoff.payloads.history`)."""
+        if not self._in_history:
+            return record
+        returned = record.model_copy(deep=True)
+        for hop in returned.all_hops():
+            size = self._in_history.get(hop.handoff_id)
+            if size is not None and hop.result_data:
+                hop.result_data = {IN_HISTORY: f"{size:,} bytes, in the hop's activity result"}
+        return returned
 
     # -- a path of handoffs ------------------------------------------------------------
 
@@ -153,7 +177,7 @@ class HandoffChainWorkflow(FanOuts):
             if refused:
                 self._refuse(path, depth, target, ChainStatus.DEPTH_EXCEEDED, refused)
             result, agent = await self._handoff(path, depth, target)
-            path.results.append(result.result_data)
+            path.add_result(result.result_data, result.handoff_id if result.handoff_id in self._in_history else None)
             self._completed += 1
             if result.fan_out is not None and result.next_handoff is None:
                 target, depth = await self._fan_out(path, depth, agent, result.fan_out)
@@ -240,28 +264,52 @@ class HandoffChainWorkflow(FanOuts):
 
     async def _candidates(self, path: Path, target: Target) -> list[Candidate]:
         """The registered agents with the target's capability (or the capability of the agent it
-        names), minus the agents that failed on this path, ranked (the resolve activity).
+        names), minus the agents that failed on this path, ranked (the resolve activity). A
+        capability hop on a path where nothing failed yet takes them from the chain's lookup of
+        every capability (`_every_capability`), when its protocol has one."""
+        if self._behaviour.cost_floor and target.capability is not None and not path.failed:
+            return (await self._every_capability(path)).candidates.get(target.capability, [])
+        request = ResolveRequest(capability=target.capability,
+                                 like_agent=None if target.capability else target.to_agent,
+                                 exclude=sorted(path.failed))
+        summary = f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}"
+        found = await self._resolve(path, RESOLVE_ACTIVITY, request, list[Candidate], summary)
+        return found if found is not None else []
+
+    async def _every_capability(self, path: Path) -> CapabilityCandidates:
+        """Every capability's best candidates, looked up at most once per `DIRECTORY_FRESH_S` of
+        the chain's time: a chain's capability hops cost one lookup, not one each. A lookup that
+        fails leaves no candidates, and is not kept."""
+        now = workflow.now()
+        if self._directory is not None and (now - self._directory[0]).total_seconds() < DIRECTORY_FRESH_S:
+            return self._directory[1]
+        found = await self._resolve(path, DIRECTORY_ACTIVITY, DIRECTORY_CANDIDATES, CapabilityCandidates,
+                                    "resolve every capability")
+        if found is None:
+            return CapabilityCandidates()
+        self._directory = (workflow.now(), found)
+        return found
+
+    async def _resolve(self, path: Path, activity: str, argument: Any, result_type: Any, summary: str) -> Any:
+        """One registry lookup; None when the registry cannot be reached (the rules then give the
+        chain a status).
 
         On the chain's own path, a local activity (no round trip through the server). Inside a
         branch, a regular activity: a local activity resolves when it finishes, outside the
         history's order of events, so with branches running side by side the live run and a
         replay could resume them in different orders and attach later results to the wrong
         branch; a regular activity's completion is an event, in the same order in both."""
-        request = ResolveRequest(capability=target.capability,
-                                 like_agent=None if target.capability else target.to_agent,
-                                 exclude=sorted(path.failed))
-        summary = f"resolve {target.capability.value if target.capability else 'like ' + target.to_agent}"
         retry = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=200))
         execute = workflow.execute_local_activity if path.position is None else workflow.execute_activity
         try:
-            return await execute(RESOLVE_ACTIVITY, request, result_type=list[Candidate],
+            return await execute(activity, argument, result_type=result_type,
                                  start_to_close_timeout=timedelta(seconds=10), retry_policy=retry, summary=summary)
-        except ActivityError as err:  # registry unreachable: no candidates, the chain ends with a status
+        except ActivityError as err:
             if isinstance(err.cause, CancelledError):  # the branch was cut or the chain cancelled
                 raise asyncio.CancelledError("resolve cancelled") from err
             workflow.logger.warning("resolve_failed", extra={"chain_id": str(self._record.chain_id),
                                                              "reason": str(err.cause or err)})
-            return []
+            return None
 
     # -- approval ----------------------------------------------------------------------
 
@@ -354,6 +402,10 @@ class HandoffChainWorkflow(FanOuts):
                 workflow.logger.warning("hop_failed", extra=self._log(record))
                 return record, None
         result = output.result
+        if self._behaviour.cost_floor:
+            size = len(to_json(result.result_data))
+            if size > INLINE_RESULT_BYTES:
+                self._in_history[record.handoff_id] = size
         record.decision = result.decision
         record.build_id = output.build_id
         self._close_hop(

@@ -98,6 +98,9 @@ class Path:
     """Where this path's hop entries go: the record's hops, or its branch's."""
     context: dict[str, Any]
     results: list[dict[str, Any]]
+    refs: list[UUID | None] = field(default_factory=list)
+    """For each of `results` (when set), the hop whose activity result in history holds it, when
+    later hops are given it by reference (None: carried inline)."""
     visits: Counter[str] = field(default_factory=Counter)
     asked: set[tuple[str, str]] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
@@ -108,7 +111,7 @@ class Path:
     def fork(self, hops: list[HopRecord], position: BranchPosition, context_data: dict[str, Any]) -> Path:
         label = f"b{position.hop}.{position.index}"
         return Path(hops=hops, context={**self.context, **context_data}, results=list(self.results),
-                    visits=Counter(self.visits), asked=set(self.asked), failed=set(self.failed),
+                    refs=list(self.refs), visits=Counter(self.visits), asked=set(self.asked), failed=set(self.failed),
                     label=f"{self.label}/{label}" if self.label else label, position=position)
 
     def merge(self, branches: list[Path]) -> None:
@@ -117,9 +120,19 @@ class Path:
         forked, base = len(self.results), Counter(self.visits)
         for branch in branches:
             self.results.extend(branch.results[forked:])
+            self.refs.extend(branch.ref_list()[forked:])
             self.visits.update(branch.visits - base)
             self.asked |= branch.asked
             self.failed |= branch.failed
+
+    def add_result(self, result: dict[str, Any], ref: UUID | None = None) -> None:
+        self.refs = self.ref_list()
+        self.results.append(result)
+        self.refs.append(ref)
+
+    def ref_list(self) -> list[UUID | None]:
+        """`refs`, one for each of `results`."""
+        return self.refs + [None] * (len(self.results) - len(self.refs))
 
     def visit(self, target: Target, agent: str) -> None:
         """`agent` takes a hop of this path: a visit, and the task asked of it (a return to the

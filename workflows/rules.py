@@ -6,7 +6,7 @@ calls them; `tests/test_rules.py` checks them with property tests, with no serve
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -17,6 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, RetryState, T
 with workflow.unsafe.imports_passed_through():
     from pydantic_core import to_json
 
+    from handoff.constants import BEAT_SHARE
     from handoff.models import (
         Candidate,
         ChainPolicy,
@@ -192,6 +193,8 @@ class View:
     results: list[dict[str, Any]]
     results_shown: int | None
     """How many results were shown, when the sender limited them (None: all)."""
+    refs: list[UUID | None] = field(default_factory=list)
+    """For each of `results`, the hop whose activity result holds it, when carried by reference."""
 
 
 def view_of(path: Path, target: Target) -> View:
@@ -199,11 +202,12 @@ def view_of(path: Path, target: Target) -> View:
     if target.visible_keys is not None:
         context = {k: v for k, v in path.context.items() if k in target.visible_keys}
         withheld = sorted(k for k in path.context if k not in target.visible_keys)
-    results, shown = path.results, None
+    results, refs, shown = path.results, path.ref_list(), None
     if target.visible_previous is not None:
         results = results[-target.visible_previous:] if target.visible_previous else []
+        refs = refs[len(refs) - len(results):]
         shown = len(results)
-    return View(context, withheld, results, shown)
+    return View(context, withheld, results, shown, list(refs))
 
 
 def limits_for(policy: ChainPolicy, path: Path, depth: int, target: Target, agent: str,
@@ -231,17 +235,20 @@ def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent
     """The hop activity's input for `agent`: the path's context and earlier results, as far as
     the sender's filter lets it see them, and what the rules leave it for its next step."""
     view = view_of(path, target)
+    refs = view.refs or [None] * len(view.results)
     context = HandoffContext(
         handoff_id=handoff_id, chain_id=chain_id, from_agent=target.from_agent, to_agent=agent,
         to_capability=target.capability, task_description=target.task, context_data=view.context,
-        previous_results=view.results, chain_depth=depth, created_at=now, branch=path.position,
+        previous_results=[{} if ref else result for result, ref in zip(view.results, refs)],
+        chain_depth=depth, created_at=now, branch=path.position,
         branches=list(target.branches), returning=target.returns_to(agent),
         limits=limits_for(policy, path, depth, target, agent, budget_room),
     )
     return HopInput(
         hop=depth, context=context, fallback_for=fallback_for,
-        heartbeat_interval_s=policy.heartbeat_timeout_s / 4, max_result_bytes=policy.max_context_bytes,
+        heartbeat_interval_s=policy.heartbeat_timeout_s * BEAT_SHARE, max_result_bytes=policy.max_context_bytes,
         withheld_context_keys=view.withheld, previous_results_shown=view.results_shown,
+        result_refs=view.refs if any(view.refs) else [],
     )
 
 

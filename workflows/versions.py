@@ -40,6 +40,10 @@ class Behaviour:
     so the Web UI lists it as Failed; before protocol 2 it completed whatever its status."""
     hop_budget: bool
     """`policy.max_total_hops` bounds the chain (requests recorded before it had no budget)."""
+    cost_floor: bool
+    """No progress timer (progress follows the hops once `progress_after_s` has passed); one
+    lookup of every capability's candidates serves the chain's capability hops while fresh; hop
+    results over `INLINE_RESULT_BYTES` are carried once, named by later hops and the record."""
 
     @classmethod
     def of(cls, request: ChainRequest) -> Behaviour:
@@ -50,6 +54,7 @@ class Behaviour:
             deferred_progress=protocol >= 3 or "progress_after_s" in carried,
             unsuccessful_fails=protocol >= 2,
             hop_budget=protocol >= 3 or "max_total_hops" in carried,
+            cost_floor=protocol >= 4,
         )
 
     def silent_rounds(self) -> bool:

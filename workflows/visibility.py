@@ -52,6 +52,8 @@ class Visibility:
         self._record = record
         self.enabled = search_attributes
         self.live = live
+        self.live_from: Any = None
+        """When `live` turns on at the next hop (a chain's time), if it is off."""
         self.agents: list[str] = []  # every agent a hop was scheduled on, in order
         self._progress: tuple[list[str], str, int] | None = None  # (agents, current agent, depth)
 
@@ -79,6 +81,8 @@ class Visibility:
         (`waiting`), the details list every open hop; else they name this one."""
         self.agents.append(agent)
         self.at(depth, agent)
+        if not self.live and self.live_from is not None and workflow.now() >= self.live_from:
+            self.live = True
         if self.live:
             self.upsert()
         if fan_outs or waiting:

@@ -30,6 +30,7 @@ from temporalio.worker import (
 
 from handoff.constants import HOP_ACTIVITY, UNSUCCESSFUL_CHAIN_ERROR
 from handoff.errors import HandoffError
+from handoff.payloads.history import fill_context, hop_results, needs_results, put_back
 from handoff.models import ChainRecord, ChainStatus, HandoffContext, HopInput, HopStatus
 from handoff.workflows.chain import HandoffChainWorkflow
 
@@ -96,12 +97,14 @@ async def record_from_history(
     if not history.events:
         raise HistoryUnreadable(f"the history of {history.workflow_id} has no events")
     last = history.events[-1]
+    carried = None
     if not replay and last.HasField("workflow_execution_completed_event_attributes"):
-        return await _decode_one(converter, last.workflow_execution_completed_event_attributes.result, ChainRecord)
+        carried = await _decode_one(converter, last.workflow_execution_completed_event_attributes.result, ChainRecord)
     if not replay and last.HasField("workflow_execution_failed_event_attributes"):
         carried = record_in_failure(await converter.decode_failure(last.workflow_execution_failed_event_attributes.failure))
-        if carried is not None:
-            return carried
+    if carried is not None:  # with the results it carries in history put back
+        wanted = needs_results(carried)
+        return put_back(carried, await hop_results(history.events, converter, wanted)) if wanted else carried
     record = await _replayed_record(history, converter)
     kind = last.WhichOneof("attributes")
     if kind in _UNSEEN_ENDS and record.status is ChainStatus.RUNNING:
@@ -164,11 +167,14 @@ def _workflow_failed(history: WorkflowHistory) -> bool:
 
 async def hop_contexts(history: WorkflowHistory, converter: DataConverter) -> list[HandoffContext]:
     """The context of every hop the chain scheduled (fallbacks included), in order."""
-    contexts = []
+    contexts, results = [], None
     for event in history.events:
         if event.HasField("activity_task_scheduled_event_attributes"):
             attrs = event.activity_task_scheduled_event_attributes
             if attrs.activity_type.name == HOP_ACTIVITY:
                 hop_input: HopInput = await _decode_one(converter, attrs.input, HopInput)
+                if any(hop_input.result_refs):  # earlier results it was given by reference
+                    results = results if results is not None else await hop_results(history.events, converter)
+                    fill_context(hop_input.context, hop_input.result_refs, results)
                 contexts.append(hop_input.context)
     return contexts

@@ -20,6 +20,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 from typing_extensions import Unpack
 
+from handoff.payloads.history import hop_results, needs_results, put_back
 from handoff.client.audit import record_from_history, record_in_failure
 from handoff.client.connect import context_limit
 from handoff.client.requests import build_request, chain_uuid, one_line
@@ -134,12 +135,15 @@ async def wait_chain(client: Client, chain_id: UUID | str) -> ChainRecord:
 
 async def _ended(client: Client, handle: WorkflowHandle) -> ChainRecord:
     try:
-        return await handle.result()
+        record = await handle.result()
     except WorkflowFailureError as err:
         record = record_in_failure(err.cause)
-        if record is not None:  # the chain ended unsuccessfully
-            return record
-        return await get_chain(client, handle.id)  # cancelled, terminated, ...: read back
+        if record is None:  # cancelled, terminated, ...: read back
+            return await get_chain(client, handle.id)
+    wanted = needs_results(record)  # the ended chain's results carried once, in its history
+    if wanted:
+        put_back(record, await hop_results((await handle.fetch_history()).events, client.data_converter, wanted))
+    return record
 
 
 async def get_chain(client: Client, chain_id: UUID | str) -> ChainRecord:

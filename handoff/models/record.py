@@ -16,6 +16,12 @@ from handoff.models.policy import ApprovalDecision
 from handoff.models.statuses import AgentCapability, ChainStatus, HopKind, HopStatus
 
 
+IN_HISTORY = "$in_history"
+"""The one key of a hop's `result_data` in the record a chain workflow returns, when the result
+is carried once, in the hop's activity result in the chain's history (its value says how big it
+is); the client reading the record puts the result back (`handoff.payloads.history`)."""
+
+
 class ApprovalRecord(BaseModel):
     """A hop's approval: who asked for it, and the decision."""
 
@@ -73,6 +79,11 @@ class HopRecord(BaseModel):
     build_id: str | None = None
     """The version (build id) of the agent's worker that completed the hop (after `handoff
     rollout`, which version ran it)."""
+
+    @property
+    def result_in_history(self) -> bool:
+        """Whether this entry names its result instead of holding it (`IN_HISTORY`)."""
+        return len(self.result_data) == 1 and IN_HISTORY in self.result_data
 
     def close(self, status: HopStatus, error: str | None, when: datetime, *,
               attempts: int | None = None, result_data: dict[str, Any] | None = None) -> None:

@@ -4,6 +4,7 @@ and output, registrations, cards and the candidates a capability lookup returns.
 from __future__ import annotations
 
 from datetime import datetime
+from uuid import UUID
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_core import to_json
@@ -32,6 +33,11 @@ class HopInput(BaseModel):
     max_result_bytes: int = MAX_CONTEXT_BYTES
     withheld_context_keys: list[str] = Field(default_factory=list)
     previous_results_shown: int | None = None
+    result_refs: list[UUID | None] = Field(default_factory=list)
+    """For each of `context.previous_results`, the handoff id of the hop whose activity result in
+    the chain's history holds it, when it is carried there instead of here (its place in
+    `previous_results` is then empty); empty when every result is carried here. The hop's worker
+    puts them back before the handler runs."""
 
 
 class HopOutput(BaseModel):
@@ -140,3 +146,9 @@ class ResolveRequest(BaseModel):
     like_agent: str | None = None
     """Resolve the capabilities of this agent (a fallback for a hop addressed by name)."""
     exclude: list[str] = Field(default_factory=list)
+
+
+class CapabilityCandidates(BaseModel):
+    """Every registered capability's best candidates, ranked, from one registry lookup."""
+
+    candidates: dict[AgentCapability, list[Candidate]] = Field(default_factory=dict)

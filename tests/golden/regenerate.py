@@ -39,6 +39,7 @@ from handoff import (
     Join,
     PermanentError,
 )
+from handoff.registry import Directory
 from handoff.client import (
     approve_chain,
     cancel_chain,
@@ -358,6 +359,8 @@ async def main(names: list[str]) -> int:
                 for name, scenario in SCENARIOS.items():
                     if names and name not in names:
                         continue
+                    # each scenario ranks as the first lookup would: equally loaded agents by id
+                    Directory.of(client)._returned.clear()
                     record = await asyncio.wait_for(scenario(client, IDS[name]), 60)
                     # The record a user would see, rebuilt from history like `handoff show`.
                     shown = await get_chain(client, record.chain_id)
