@@ -29,6 +29,7 @@ from temporalio.client import Client
 
 from bench.agents import FAN_OUT, LEAD
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
+from bench.cost import cost_rows, cost_targets, run_cost
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
 from bench.race import (
@@ -411,6 +412,8 @@ def targets(results: dict) -> dict:
         checks[SPEEDUP] = (speedup, 2, speedup >= 2)
     if "registry_scale" in results:
         checks.update(registry_targets(results["registry_scale"]))
+    if "cost" in results:
+        checks.update(cost_targets(results["cost"]))
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
@@ -476,6 +479,8 @@ def markdown(results: dict) -> str:
             f"{goal(SPEEDUP, '>= {}x')} |")
     if "registry_scale" in results:
         rows += registry_rows(results["registry_scale"], goal)
+    if "cost" in results:
+        rows += cost_rows(results["cost"], goal)
     rows += [
         "",
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
@@ -531,6 +536,8 @@ def run(args: argparse.Namespace) -> dict:
         results["registry_scale"] = run_registry_scale(
             sizes=tuple(args.registry_sizes), samples=args.samples * 4, chains=args.registry_chains,
             stale_count=args.stale)
+    if not args.skip_cost:
+        results["cost"] = run_cost()
     results["targets"] = targets(results)
     return results
 
@@ -557,6 +564,8 @@ def main() -> None:
     parser.add_argument("--registry-chains", type=int, default=150, help="chains per throughput round at each size")
     parser.add_argument("--stale", type=int, default=500, help="stale registrations beside 10 live agents")
     parser.add_argument("--skip-registry", action="store_true", help="skip registration and discovery at scale")
+    parser.add_argument("--skip-cost", action="store_true",
+                        help="skip what each chain shape costs in actions and history (`python -m bench.cost`)")
     parser.add_argument("--race-only", action="store_true",
                         help="only the 5-hop race (handoff, bare, the peer): JSON out, no table")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"),

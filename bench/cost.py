@@ -33,16 +33,16 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 from uuid import uuid4
 
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 
-from bench.agents import CAPABILITY_IDS, FAN_OUT, IDS, LEAD, RELAY_CAPABILITIES, RESULT_BYTES
 from bench.agents import ALL as BENCH_AGENTS
+from bench.agents import CAPABILITY_IDS, FAN_OUT, IDS, LEAD, RELAY_CAPABILITIES, RESULT_BYTES
 from bench.baseline import UNSANDBOXED_QUEUE
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
@@ -90,6 +90,9 @@ HISTORY_RULES = {
     "child workflows": "StartChildWorkflowExecutionInitiated: 1",
 }
 """Temporal Cloud's billable actions as history events (heartbeats and queries leave none)."""
+QUIET_S = 1.5
+"""The action metric counts as settled once it has not changed for this long (the server publishes
+it about once a second)."""
 HEARTBEAT_TYPES = ("grpc_RecordActivityTaskHeartbeat", "grpc_RecordActivityTaskHeartbeatById")
 """The `action` metric's `action_type`s of a heartbeat the server recorded."""
 
@@ -163,13 +166,15 @@ class ActionMetric:
             self._last, self._unchanged_since = now, time.monotonic()
         return now
 
-    async def settled(self, quiet_s: float = 1.5, every_s: float = 0.25, timeout_s: float = 60.0) -> dict[str, float]:
-        """The counter once it has not changed for `quiet_s` (a running hop's heartbeats change
-        it every second)."""
+    async def settled(self, *, since: float = 0.0, quiet_s: float = QUIET_S, every_s: float = 0.25,
+                      timeout_s: float = 60.0) -> dict[str, float]:
+        """The counter once it has not changed for `quiet_s`, counted from `since` (a monotonic
+        time) at the earliest: the server publishes it about once a second, so what happened just
+        before `since` may not show yet."""
         deadline = time.monotonic() + timeout_s
         while True:
             now = await self.read()
-            if time.monotonic() - self._unchanged_since >= quiet_s:
+            if time.monotonic() - max(self._unchanged_since, since) >= quiet_s:
                 return now
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the action metric kept changing for {timeout_s:g}s")
@@ -193,7 +198,7 @@ async def measure(client: Client, metric: ActionMetric, chain: Chain) -> dict:
     started = time.perf_counter()
     workflow_id = await chain()
     wall_s = time.perf_counter() - started
-    by_type = ActionMetric.delta(before, await metric.settled())
+    by_type = ActionMetric.delta(before, await metric.settled(since=time.monotonic()))
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     by_rule = history_actions(history.events)
     from_history, from_metric = sum(by_rule.values()), sum(by_type.values())
@@ -220,7 +225,8 @@ def median_of(samples: list[dict]) -> dict:
 
 
 async def repeated(client: Client, metric: ActionMetric, chain: Chain, runs: int) -> dict:
-    return median_of([await measure(client, metric, chain) for _ in range(runs)])
+    samples = [await measure(client, metric, chain) for _ in range(runs)]
+    return {**median_of(samples), "actions_metric_each_run": [sample["actions_metric"] for sample in samples]}
 
 
 # -- the chains --------------------------------------------------------------------------
@@ -312,7 +318,7 @@ class Chains:
             await asyncio.sleep(0.05)
         raise TimeoutError(f"the sleeper never saw chain {chain_id} cancelled")
 
-    def bare(self, workflow: str, argument: int | float) -> Chain:
+    def bare(self, workflow: str, argument: float) -> Chain:
         async def one() -> str:
             workflow_id = f"bench-cost-{uuid4()}"
             await self.client.execute_workflow(workflow, argument, id=workflow_id, task_queue=UNSANDBOXED_QUEUE)
@@ -441,7 +447,7 @@ NOTES = [
     "actions_history counts Temporal Cloud's billable actions from the history; heartbeats and queries "
     "write no event, so they are not in it.",
     "actions_metric is the server's `action` counter (namespace default, all labels summed) around one chain, "
-    "read once it stopped changing for 1.5 s before and after; heartbeats are its "
+    f"read once it stopped changing for {QUIET_S:g} s before and after; heartbeats are its "
     + " / ".join(HEARTBEAT_TYPES) + " actions.",
     "No query is sent: chains are awaited on their results, the approval's wait is found by reading the "
     "chain's record back from its history (get_chain), the cancelled hop's start by describing the workflow.",
@@ -462,7 +468,8 @@ async def measured(tmp: Path, runs: int, slow_runs: int) -> dict:
         found = await shapes(client, metric, chains, runs, slow_runs)
         labels = sorted(metric.labels)
         url = metric.url
-    cost = {"metric": {"url": url, "labels": labels, "breakdown_by": "action_type"}, "notes": NOTES,
+    cost = {"metric": {"url": url, "labels": labels, "breakdown_by": "action_type"}, "history_rules": HISTORY_RULES,
+            "notes": NOTES,
             "shapes": found, "cancel_latency_ms": latency_summary(chains.cancel_latency_ms),
             "history_20kb": history_growth(found, chains.data_bytes)}
     cost["differences"] = differences(found)
@@ -485,7 +492,8 @@ def cost_rows(cost: dict, goal: Callable[[str, str], str]) -> list[str]:
     s, found, growth = cost["shapes"], cost["differences"], cost["history_20kb"]
 
     def actions(name: str) -> str:
-        return f"{s[name]['actions_metric']:g} actions ({s[name]['heartbeats']:g} heartbeats)"
+        beats = s[name]["heartbeats"]
+        return f"{s[name]['actions_metric']:g} actions ({beats:g} heartbeat{'' if beats == 1 else 's'})"
 
     cancel = cost["cancel_latency_ms"]
     return [
