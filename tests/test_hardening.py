@@ -19,11 +19,13 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
 from handoff import (
     AgentCapability,
+    Branch,
     ChainStatus,
     HandoffDirective,
     HandoffResult,
     HopStatus,
     InvalidRequest,
+    Join,
     PermanentError,
     get_chain,
     run_chain,
@@ -143,12 +145,13 @@ async def test_task_text_can_be_kept_out_of_the_logs(monkeypatch, capsys):
 # -- a chain always ends with a status -----------------------------------------------------------
 
 
-async def test_a_record_outgrowing_the_payload_limit_ends_the_chain_failed(client, uid):
-    """Two hops each returning ~1.2 MB (no hop input carries them on): the record would be 2.4 MB."""
+async def test_results_larger_together_than_the_payload_limit_are_each_carried_once(client, uid):
+    """Two hops each returning ~1.2 MB: a record holding both would be 2.4 MB, over the payload
+    limit, but each is carried once, in its own hop's activity result, and read back whole."""
     first, second = f"bulky-a-{uid}", f"bulky-b-{uid}"
 
     async def bulky(ctx):
-        data = {"blob": "x" * 1_200_000, "by": ctx.to_agent}
+        data = {"blob": ctx.to_agent[0] * 1_200_000, "by": ctx.to_agent}
         if ctx.to_agent == first:
             return ctx.handoff(to_agent=second, task_description="more", result_data=data,
                                visible_previous_results=0)
@@ -156,11 +159,31 @@ async def test_a_record_outgrowing_the_payload_limit_ends_the_chain_failed(clien
 
     async with running(client, make_agent(first, bulky), make_agent(second, bulky)):
         record = await asyncio.wait_for(run_chain(client, to_agent=first, task_description="t"), 60)
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert [len(h.result_data["blob"]) for h in record.hops] == [1_200_000, 1_200_000]
+    assert await get_chain(client, record.chain_id) == record
+
+
+async def test_a_record_outgrowing_the_payload_limit_ends_the_chain_failed(client, uid):
+    """Two branches each ending with ~0.8 MB, and a join ending with as much: the record keeps a
+    copy of each branch's final result and of the chain's, 2.4 MB, over the payload limit."""
+    lead, join = f"bulky-lead-{uid}", f"bulky-join-{uid}"
+    branches = [f"bulky-b{i}-{uid}" for i in range(2)]
+
+    async def bulky(ctx):
+        if ctx.to_agent == lead:
+            return ctx.fan_out([Branch(to_agent=b, task_description="part") for b in branches],
+                               join=Join(to_agent=join, task_description="join"))
+        return ctx.complete({"blob": "x" * 800_000, "by": ctx.to_agent})
+
+    async with running(client, *(make_agent(a, bulky) for a in [lead, join, *branches])):
+        record = await asyncio.wait_for(run_chain(client, to_agent=lead, task_description="t"), 60)
     assert record.status is ChainStatus.FAILED
     assert "over the" in record.error and "limit" in record.error
     assert [h.status for h in record.hops] == [HopStatus.COMPLETED, HopStatus.COMPLETED]
-    assert any("elided" in h.result_data for h in record.hops)
-    assert len(record.model_dump_json()) < 1_900_000
+    assert record.final_result == {}, "the chain's copy of its last result left the record first"
+    assert record.hops[1].result_data["by"] == join, "the join's own result is read back from history"
+    assert len(record.model_dump_json()) < 3_000_000
 
 
 async def test_a_result_that_is_not_json_is_not_retried(client, uid):

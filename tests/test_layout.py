@@ -153,7 +153,7 @@ def test_the_openai_agents_sdk_installs_beside_handoff(tmp_path):
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Dotted `handoff.` names in the documents that are not modules or attributes: the hop activity,
 # the chain task queue, the resolve activity and the storage driver's type.
-NOT_CODE = {"handoff.hop", "handoff.chains", "handoff.resolve_candidates", "handoff.filesystem", "handoff.yaml"}
+NOT_CODE = {"handoff.hop", "handoff.chains", "handoff.resolve_candidates", "handoff.resolve_directory", "handoff.filesystem", "handoff.yaml"}
 
 
 def documented_imports() -> set[str]:

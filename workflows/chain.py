@@ -148,10 +148,9 @@ class HandoffChainWorkflow(FanOuts):
         """The chain's end: its record, the workflow's result. A chain that ended unsuccessfully
         fails its workflow instead, the record in the failure's details, so the Web UI lists it
         as Failed and its Failures filter finds it (`Behaviour.unsuccessful_fails`)."""
-        record = self._finish(status, error)
-        returned = self._returned(record)
-        if record.status is not ChainStatus.COMPLETED and self._behaviour.unsuccessful_fails:
-            raise ApplicationError(f"chain {record.status.value}: {record.error}", returned,
+        returned = self._finish(status, error)
+        if returned.status is not ChainStatus.COMPLETED and self._behaviour.unsuccessful_fails:
+            raise ApplicationError(f"chain {returned.status.value}: {returned.error}", returned,
                                    type=UNSUCCESSFUL_CHAIN_ERROR, non_retryable=True)
         return returned
 
@@ -435,17 +434,20 @@ class HandoffChainWorkflow(FanOuts):
         self._metrics.hop(record)
 
     def _finish(self, status: ChainStatus, error: str | None = None) -> ChainRecord:
+        """End the chain's record; the record as the workflow returns it (`_returned`), kept
+        within the payload limit (a record that had to leave results out ends `failed`)."""
         record = self._record
         record.end(status, error, workflow.now())
-        oversize = rules.fit_record(record, self._policy.max_context_bytes)
+        returned = self._returned(record)
+        oversize = rules.fit_record(returned, self._policy.max_context_bytes)
         if oversize:
-            status = record.status = ChainStatus.FAILED
-            error = record.error = oversize
+            status = record.status = returned.status = ChainStatus.FAILED
+            error = record.error = returned.error = oversize
         self._metrics.chains.add(1, {"status": status.value})
         self._visibility.ended(status, error)
         workflow.logger.info("chain_finished", extra={"chain_id": str(record.chain_id),
                                                       "status": status.value, "reason": error})
-        return record
+        return returned
 
     async def _progress_after(self, delay_s: float) -> None:
         """From `delay_s` into the chain on, every hop upserts its progress; a chain that ends
