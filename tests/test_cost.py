@@ -10,7 +10,9 @@ import json
 import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from handoff import AgentCapability, ChainStatus, HandoffContext, get_chain, run_chain
+from handoff import AgentCapability, ChainStatus, HandoffContext, get_chain, run_chain, wait_chain
+from handoff.client.chains import start_request
+from handoff.client.requests import build_request
 from handoff.client.audit import hop_contexts, record_from_history
 from handoff.constants import INLINE_RESULT_BYTES
 from handoff.models import IN_HISTORY, HopInput
@@ -137,3 +139,25 @@ async def test_a_chains_capability_hops_share_one_registry_lookup(client, uid):
     markers = [e for e in history.events if e.HasField("marker_recorded_event_attributes")]
     assert len(markers) == 1, "one lookup of every capability served all three hops"
     assert not any(e.HasField("timer_started_event_attributes") for e in history.events), "no progress timer"
+
+
+async def test_a_chain_of_the_protocol_before_runs_as_it_did(client, uid):
+    """An older client's request (protocol 3) on today's chain worker: a progress timer, and every
+    result carried in every later hop's input and in the record, as its chains were recorded."""
+    a, b = f"old-a-{uid}", f"old-b-{uid}"
+
+    async def first(ctx):
+        return ctx.handoff(to_agent=b, task_description="next", result_data=big(a))
+
+    async def last(ctx):
+        return ctx.complete({"earlier": ctx.previous_results})
+
+    request = build_request(to_agent=a, task_description="protocol 3").model_copy(update={"protocol": 3})
+    async with running(client, make_agent(a, first), make_agent(b, last)):
+        handle = await start_request(client, request)
+        record = await wait_chain(client, handle.id)
+    assert record.status is ChainStatus.COMPLETED and record.final_result == {"earlier": [big(a)]}
+    history = await client.get_workflow_handle(handle.id).fetch_history()
+    assert [i.result_refs for i in scheduled_inputs(history)] == [[], []]
+    assert returned(history)["hops"][0]["result_data"] == big(a)
+    assert any(e.HasField("timer_started_event_attributes") for e in history.events)
