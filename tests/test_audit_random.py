@@ -54,6 +54,7 @@ from handoff import (
     start_chain,
     wait_chain,
 )
+from handoff.constants import INLINE_RESULT_BYTES
 from handoff.client.audit import record_from_history
 from tests.support import HANDOFF, make_agent, running
 
@@ -80,6 +81,8 @@ BEHAVIOURS = {
 }
 STOPS = ("cancel", "terminate")  # what the test does to a chain whose hop hangs
 LOOP_BACK = 0.10  # a hop hands back to an earlier (agent, task) of the chain
+LARGE = 0.3
+"""Of the chains, the share whose results are large (each carried once, in history)."""
 FALLBACK = 0.5  # chains with a configured fallback agent
 SUCCESS = ("handoff", "complete")
 
@@ -100,6 +103,8 @@ class Plan:
     fallback: str | None
     has_down: bool
     stop: str = "cancel"
+    large: bool = False
+    """Every result over `INLINE_RESULT_BYTES`: carried once in history, named by later hops."""
 
     def policy(self) -> dict[str, Any]:
         policy: dict[str, Any] = {"retry_initial_s": 0.05, "fallback_agent": self.fallback}
@@ -140,6 +145,7 @@ def make_plan(rng: random.Random, index: int, agents: Agents) -> Plan:
         fallback=agents.fallback if rng.random() < FALLBACK else None,
         has_down=agents.down in (s.agent for s in steps),
         stop=rng.choice(STOPS),
+        large=rng.random() < LARGE,
     )
 
 
@@ -277,7 +283,10 @@ def scripted(agent_id: str, truth: Truth):
         if failed is not None:
             return failed
         data = {"by": agent_id, "depth": ctx.chain_depth, "token": f"{ctx.handoff_id}/{attempt}"}
+        if plan.large:
+            data["pad"] = "p" * 2 * INLINE_RESULT_BYTES
         call["result_data"] = data
+        call["seen"] = list(ctx.previous_results)
         if behaviour == "both":
             call["outcome"] = "handoff"
             both = HandoffDirective(to_agent=agent_id, to_capability=AgentCapability.DEPLOYMENT,
@@ -304,7 +313,7 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
           f"executed hops: record {executed_record} != truth {executed_truth}")
     check(all(c["agent"] == c["to_agent"] for c in calls), "a hop ran on another agent's queue")
 
-    for hop in record.hops:
+    for index, hop in enumerate(record.hops):
         runs = by_handoff.get(hop.handoff_id, [])
         if not runs:  # never executed: refused, or nobody picked it up
             check(hop.status in (HopStatus.REFUSED, HopStatus.UNREACHABLE),
@@ -329,6 +338,9 @@ def mismatches(plan: Plan, record: ChainRecord, calls: list[dict[str, Any]]) -> 
         if "result_data" in last:
             check(hop.result_data == last["result_data"], f"hop {hop.hop}: result_data differs")
         check(hop.hop == last["depth"], f"hop {hop.hop}: the handler saw depth {last['depth']}")
+        if "seen" in last:  # every earlier hop's result that completed, whole, in order
+            earlier = [h.result_data for h in record.hops[:index] if h.status is HopStatus.COMPLETED]
+            check(last["seen"] == earlier, f"hop {hop.hop}: the handler saw other earlier results")
 
     refused = [h for h in record.hops if h.status is HopStatus.REFUSED]
     check(not refused or (len(refused) == 1 and record.hops[-1] is refused[0]),
