@@ -12,7 +12,7 @@ import time
 import structlog
 from pydantic_core import PydanticSerializationError
 from temporalio import activity
-from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.enums.v1 import PendingActivityState, WorkflowExecutionStatus
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCStatusCode
@@ -80,8 +80,10 @@ class _Keeper:
                     await asyncio.sleep(CANCEL_WITHIN_S)
                     continue
                 described = None
+            running = described is not None and (
+                described.workflow_execution_info.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING)
             mine = next((a for a in described.pending_activities if a.activity_id == info.activity_id),
-                        None) if described is not None else None
+                        None) if running else None
             if mine is None or mine.state == PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED:
                 activity.heartbeat(self._details)
                 return

@@ -343,6 +343,29 @@ async def test_cancel_cancels_the_current_hop(client, uid):
         await cancel_chain(client, chain_id)
 
 
+async def test_a_hop_whose_chain_was_terminated_is_cancelled_within_seconds(client, uid):
+    """A terminated chain asks no cancel of its hop: the worker's watch finds the hop gone."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def long_task(ctx):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return ctx.complete({})
+
+    agent = make_agent(f"orphan-{uid}", long_task)
+    async with running(client, agent):
+        chain_id = await start_chain(client, to_agent=agent.id, task_description="t")
+        await asyncio.wait_for(started.wait(), 10)
+        asked = time.monotonic()
+        await client.get_workflow_handle(str(chain_id)).terminate(reason="gone")
+        await asyncio.wait_for(cancelled.wait(), 10)
+    assert time.monotonic() - asked < CANCEL_WITHIN_S + 2, "within a second and a round trip"
+
+
 async def test_a_cancel_reaches_a_handler_past_its_first_heartbeat_at_once(client, uid):
     """With the default 10 s heartbeat timeout a hop heartbeats every 8 s: a cancel sent 3 s into
     an 8 s handler would wait for the next beat, after the handler had finished. The worker asks
