@@ -179,6 +179,9 @@ def hop_activity(agent: Agent):
             beat.stop()
             elapsed = time.perf_counter() - started
             record_handler_duration(outcome, elapsed)
+        reported = ctx.reported_usage
+        if reported is not None and isinstance(result, HandoffResult):  # ctx.report_usage(...)
+            result = result.model_copy(update={"usage": reported if result.usage is None else result.usage.plus(reported)})
         output, payload = _checked_output(result, hop, agent.id, attempt, elapsed, agent.version)
         hop_log.info(
             "hop_completed",

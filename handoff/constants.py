@@ -125,13 +125,14 @@ def agent_task_queue(agent_id: str) -> str:
     """The task queue an agent's worker polls: `agent.<agent_id>`."""
     return f"{AGENT_TASK_QUEUE_PREFIX}{agent_id}"
 
-CHAIN_PROTOCOL = 4
+CHAIN_PROTOCOL = 5
 """The chain behaviour new requests ask for (`ChainRequest.protocol`; `handoff.workflows.versions`
 reads it): 1, every chain completes its workflow whatever its status; 2, a chain that ends
 unsuccessfully fails its workflow, its record in the failure's details, so the Web UI lists it as
 Failed; 3, every behaviour keyed on the protocol alone (silent rounds unmarked, the hop budget and
 deferred progress whatever fields the policy carries); 4, at the cost floor: no progress timer, one
-registry lookup serves a chain's capability hops while fresh, large results carried once."""
+registry lookup serves a chain's capability hops while fresh, large results carried once; 5, hops'
+usage recorded and added up, and the chain's budget (`ChainPolicy.budget`) enforced."""
 UNSUCCESSFUL_CHAIN_ERROR = "UnsuccessfulChain"
 """The failure type of a chain workflow that ended unsuccessfully (its details: the record)."""
 

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     """Bearer tokens the A2A server accepts, comma separated: each caller sees its own tasks."""
     a2a_operator_tokens: str = Field(default="", repr=False)
     """Bearer tokens of A2A operators, comma separated: they see and decide every chain."""
+    prices: str = ""
+    """Model prices for chain budgets, as JSON: `{"MODEL": {"prompt": P, "completion": C}}`, per
+    million tokens in the budget's currency; a budget that names no prices gets these."""
     codec_tokens: str = Field(default="", repr=False)
     """Bearer tokens the codec server accepts, comma separated."""
 

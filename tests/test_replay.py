@@ -24,12 +24,12 @@ from handoff.models import ChainRecord, ChainRequest, ChainStatus, HopStatus
 from handoff.workers.chain_worker import sandboxed_runner
 from handoff.workflows.chain import HandoffChainWorkflow
 from handoff.workflows.registry import AgentRegistryWorkflow
-from tests.golden.regenerate import CHAIN_IDS, IDS, PATTERN_IDS, REGISTRY_FILE
+from tests.golden.regenerate import BUDGET_IDS, CHAIN_IDS, IDS, PATTERN_IDS, REGISTRY_FILE
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
-C, F, U, R, X = (HopStatus.COMPLETED, HopStatus.FAILED, HopStatus.UNREACHABLE, HopStatus.REFUSED,
-                 HopStatus.CANCELLED)
+C, F, U, R, X, T = (HopStatus.COMPLETED, HopStatus.FAILED, HopStatus.UNREACHABLE, HopStatus.REFUSED,
+                    HopStatus.CANCELLED, HopStatus.TIMED_OUT)
 
 # What each golden history must contain, as `handoff show` reads it back (replayed):
 # chain status, then (to_agent, hop status, attempts, fallback_for) for every hop, final_result.
@@ -73,6 +73,12 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
     # both attempts of the first round went silent; the second round's first attempt completed
     "silent_round": (ChainStatus.COMPLETED, [("golden-a", C, 1, None), ("golden-stall", C, 3, None)],
                      {"by": "golden-stall", "depth": 1, "held": True}),
+    # a and b spend the chain's 20 tokens; the hop to c is refused
+    "budget": (ChainStatus.BUDGET_EXCEEDED, [("golden-a", C, 1, None), ("golden-b", C, 1, None),
+                                             ("golden-c", R, 0, None)], {"by": "golden-b", "depth": 1}),
+    # the slow hop is cut by the chain's 2 s (a schedule-to-close timeout), then the chain ends
+    "time_budget": (ChainStatus.BUDGET_EXCEEDED, [("golden-a", C, 1, None), ("golden-slow", T, 1, None),
+                                                  ("golden-slow", R, 0, None)], {"by": "golden-a", "depth": 0}),
 }
 
 # The branches of each pattern's fan-out: (status, cut, [(to_agent, hop status, attempts, fallback_for)]).
@@ -94,11 +100,12 @@ BRANCHES: dict[str, list[tuple[ChainStatus, str | None, list[tuple[str, HopStatu
 # `linear.v1`, protocol 1 before `progress_after_s` (every hop upserted the search attributes);
 # `linear.v2`, protocol 1 (an unsuccessful chain completed its workflow); `linear.v3`, protocol 2
 # (silent rounds marked by a patch); `linear.v4`, protocol 3 (a progress timer; a resolve per
-# capability hop; every result carried in every later hop and the record). The patterns were first
-# recorded under protocol 2.
-OLD_VERSIONS = {**dict.fromkeys(CHAIN_IDS, (".v1", ".v2", ".v3", ".v4")), **dict.fromkeys(PATTERN_IDS, (".v3", ".v4"))}
+# capability hop; every result carried in every later hop and the record); `linear.v5`, protocol 4
+# (no usage recorded, no budget). The patterns were first recorded under protocol 2.
+OLD_VERSIONS = {**dict.fromkeys(CHAIN_IDS, (".v1", ".v2", ".v3", ".v4", ".v5")),
+                **dict.fromkeys(PATTERN_IDS, (".v3", ".v4", ".v5")), **dict.fromkeys(BUDGET_IDS, ())}
 CHAIN_FILES = [f"{name}{version}" for name in IDS for version in ("", *OLD_VERSIONS[name])]
-PROTOCOL_OF = {"": CHAIN_PROTOCOL, ".v4": 3, ".v3": 2, ".v2": 1, ".v1": 1}
+PROTOCOL_OF = {"": CHAIN_PROTOCOL, ".v5": 4, ".v4": 3, ".v3": 2, ".v2": 1, ".v1": 1}
 
 
 def golden_history(file: str) -> WorkflowHistory:
@@ -161,6 +168,13 @@ async def test_capability_hops_were_resolved_through_the_registry():
     record = await record_from_history(golden_history("capability"), pydantic_data_converter)
     assert [h.capability.value for h in record.hops] == ["CODE_ANALYSIS", "SECURITY_AUDIT"]
     assert [h.from_agent for h in record.hops] == ["starter", "golden-lead"]
+
+
+async def test_the_budget_golden_holds_what_the_hops_spent():
+    record = await record_from_history(golden_history("budget"), pydantic_data_converter, replay=True)
+    assert [h.usage.tokens if h.usage else None for h in record.hops] == [10, 10, None]
+    assert record.usage.tokens == 20 and record.usage.cost == pytest.approx(20 * 2.0 / 1e6)
+    assert "20 tokens is used up" in record.error
 
 
 # -- the replayer catches a change ---------------------------------------------------------

@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
     from handoff.models import (
         ApprovalDecision,
         ApprovalRecord,
+        BudgetLeft,
         IN_HISTORY,
         Candidate,
         CapabilityCandidates,
@@ -56,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         HopRecord,
         HopStatus,
         ResolveRequest,
+        Usage,
         sized_payload,
     )
 
@@ -88,6 +90,8 @@ class HandoffChainWorkflow(FanOuts):
                                    task_description=request.task_description, started_at=workflow.now())
         policy = self._policy = request.policy
         self._behaviour = Behaviour.of(request)
+        if self._behaviour.budgets and policy.budget is not None:
+            self._record.currency = policy.budget.currency
         self._root = Path(hops=self._record.hops, context=dict(request.context_data),
                           results=list(request.previous_results))
         self._completed = 0  # hops completed in this chain, every branch included
@@ -205,6 +209,21 @@ class HandoffChainWorkflow(FanOuts):
         return rules.budget_room(self._policy, budgeted=self._behaviour.hop_budget, used=self._hops_used,
                                  reserved=self._hops_reserved)
 
+    def _elapsed_s(self) -> float:
+        return (workflow.now() - self._record.started_at).total_seconds()
+
+    def _budget_left(self) -> BudgetLeft | None:
+        budget = self._policy.budget if self._behaviour.budgets else None
+        return budget.left(self._record.usage or Usage(), self._elapsed_s()) if budget is not None else None
+
+    def _refuse_when_spent(self, path: Path, depth: int, target: Target) -> None:
+        """Refuse the hop to `target` once the chain's budget has a limit reached: the chain (or
+        this branch: branches share the chain's budget) ends `budget_exceeded`."""
+        budget = self._policy.budget if self._behaviour.budgets else None
+        reached = budget.reached(self._record.usage or Usage(), self._elapsed_s()) if budget is not None else None
+        if reached:
+            self._refuse(path, depth, target, ChainStatus.BUDGET_EXCEEDED, reached)
+
     def _refuse(self, path: Path, depth: int, target: Target, status: ChainStatus, reason: str) -> NoReturn:
         path.hops.append(target.entry(depth, target.to_agent, HopStatus.REFUSED, workflow.now(), error=reason))
         self._metrics.refusals.add(1, {"reason": status.value})
@@ -230,6 +249,7 @@ class HandoffChainWorkflow(FanOuts):
             if self._budget_room() <= 0:
                 self._refuse(path, depth, target, ChainStatus.BUDGET_EXCEEDED,
                              f"the chain's hop budget of {self._policy.max_total_hops} hops is used up")
+            self._refuse_when_spent(path, depth, target)
             entry = None
             if not approved and rules.needs_approval(self._policy, target, agent):
                 entry = await self._await_approval(path, depth, target, agent, fallback_for, considered)
@@ -238,6 +258,7 @@ class HandoffChainWorkflow(FanOuts):
             if result is not None and result.success:
                 return result, agent
             errors.append(f"{agent}: {record.error}")
+            self._refuse_when_spent(path, depth, target)  # spent by the hop that failed, or out of time
             path.failed.add(agent)
             fallback_for = fallback_for or agent
             fallback = rules.choose_fallback(self._policy, path, target, await self._candidates(path, target))
@@ -363,7 +384,7 @@ class HandoffChainWorkflow(FanOuts):
         hop_input = rules.hop_input(
             self._policy, path, depth, target, agent, chain_id=self._record.chain_id, now=workflow.now(),
             handoff_id=entry.handoff_id if entry is not None else self._next_handoff_id(),
-            fallback_for=fallback_for, budget_room=self._budget_room())
+            fallback_for=fallback_for, budget_room=self._budget_room(), budget_left=self._budget_left())
         record = path.open(hop_input, target, considered, entry)
         payload = self._checked_payload(hop_input, record)
         path.visit(target, agent)
@@ -373,6 +394,7 @@ class HandoffChainWorkflow(FanOuts):
         first_scheduled = workflow.now()
         earlier = 0  # attempts of earlier rounds, all gone silent
         while True:
+            left = self._budget_left()
             try:
                 output: HopOutput = await workflow.execute_activity(
                     HOP_ACTIVITY,
@@ -382,6 +404,8 @@ class HandoffChainWorkflow(FanOuts):
                     start_to_close_timeout=timedelta(seconds=self._policy.hop_timeout_s),
                     schedule_to_start_timeout=timedelta(seconds=self._policy.schedule_to_start_s),
                     heartbeat_timeout=timedelta(seconds=self._policy.heartbeat_timeout_s),
+                    # the chain's time budget cuts a hop still running when it runs out
+                    schedule_to_close_timeout=timedelta(seconds=left.seconds) if left and left.seconds else None,
                     retry_policy=self._retry_policy,
                     summary=hop_summary(hop_input, target, path.label),
                 )
@@ -401,6 +425,11 @@ class HandoffChainWorkflow(FanOuts):
                 workflow.logger.warning("hop_failed", extra=self._log(record))
                 return record, None
         result = output.result
+        if self._behaviour.budgets:
+            record.usage = rules.hop_usage(self._policy.budget, result)
+            if record.usage is not None:
+                self._record.spend(agent, record.usage)
+                self._metrics.spent(agent, record.usage)
         if self._behaviour.cost_floor:
             size = len(to_json(result.result_data))
             if size > INLINE_RESULT_BYTES:

@@ -19,6 +19,9 @@ with workflow.unsafe.imports_passed_through():
 
     from handoff.constants import BEAT_SHARE
     from handoff.models import (
+        Budget,
+        BudgetLeft,
+        Usage,
         Candidate,
         ChainPolicy,
         ChainRecord,
@@ -32,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         HopStatus,
         walk_hops,
     )
+    from handoff.models.usage import model_usage
 
     from handoff.workflows.paths import Path, Target
 
@@ -211,7 +215,7 @@ def view_of(path: Path, target: Target) -> View:
 
 
 def limits_for(policy: ChainPolicy, path: Path, depth: int, target: Target, agent: str,
-               budget_room: int) -> HopLimits:
+               budget_room: int, budget_left: BudgetLeft | None = None) -> HopLimits:
     """What the rules leave `agent` for its next step, once this hop (at `depth`) has run, with
     `budget_room` hops left in the chain's budget."""
     visits = Counter(path.visits)
@@ -223,7 +227,7 @@ def limits_for(policy: ChainPolicy, path: Path, depth: int, target: Target, agen
     if policy.allowed_handoffs is not None:
         rules = policy.allowed_handoffs.get(agent, policy.allowed_handoffs.get("*", []))
     return HopLimits(
-        can_hand_off=depth + 1 < policy.max_depth and budget_room > 1,
+        can_hand_off=depth + 1 < policy.max_depth and budget_room > 1, budget=budget_left,
         allowed_targets=rules,
         excluded_agents=sorted(a for a, n in visits.items() if n >= policy.max_visits_per_agent),
         asked=sorted((a, t) for a, t in asked if len(t) <= MAX_ASKED_TASK_CHARS),
@@ -231,7 +235,8 @@ def limits_for(policy: ChainPolicy, path: Path, depth: int, target: Target, agen
 
 
 def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent: str, *, chain_id: UUID,
-              now: datetime, handoff_id: UUID, fallback_for: str | None, budget_room: int) -> HopInput:
+              now: datetime, handoff_id: UUID, fallback_for: str | None, budget_room: int,
+              budget_left: BudgetLeft | None = None) -> HopInput:
     """The hop activity's input for `agent`: the path's context and earlier results, as far as
     the sender's filter lets it see them, and what the rules leave it for its next step."""
     view = view_of(path, target)
@@ -242,7 +247,7 @@ def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent
         previous_results=[{} if ref else result for result, ref in zip(view.results, refs)],
         chain_depth=depth, created_at=now, branch=path.position,
         branches=list(target.branches), returning=target.returns_to(agent),
-        limits=limits_for(policy, path, depth, target, agent, budget_room),
+        limits=limits_for(policy, path, depth, target, agent, budget_room, budget_left),
     )
     return HopInput(
         hop=depth, context=context, fallback_for=fallback_for,
@@ -250,6 +255,21 @@ def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent
         withheld_context_keys=view.withheld, previous_results_shown=view.results_shown,
         result_refs=view.refs if any(view.refs) else [],
     )
+
+
+def hop_usage(budget: Budget | None, result: HandoffResult) -> Usage | None:
+    """What a hop spent: its model calls (`result.decision`) and what its handler reported
+    (`result.usage`), priced at the budget's prices; None when it spent nothing."""
+    spent = Usage()
+    decision = result.decision
+    if decision is not None and (decision.prompt_tokens or decision.completion_tokens or decision.model_calls):
+        spent = spent.plus(model_usage(decision.model, decision.prompt_tokens, decision.completion_tokens,
+                                       decision.model_calls))
+    if result.usage is not None:
+        spent = spent.plus(result.usage)
+    if budget is not None:
+        spent = budget.priced(spent)
+    return None if spent.empty else spent
 
 
 def budget_room(policy: ChainPolicy, *, budgeted: bool, used: int, reserved: int) -> int:

@@ -40,6 +40,9 @@ class Behaviour:
     so the Web UI lists it as Failed; before protocol 2 it completed whatever its status."""
     hop_budget: bool
     """`policy.max_total_hops` bounds the chain (requests recorded before it had no budget)."""
+    budgets: bool
+    """Hops' usage (tokens, model calls, cost) is recorded and added up, and `policy.budget`
+    bounds the chain."""
     cost_floor: bool
     """No progress timer (progress follows the hops once `progress_after_s` has passed); one
     lookup of every capability's candidates serves the chain's capability hops while fresh; hop
@@ -55,6 +58,7 @@ class Behaviour:
             unsuccessful_fails=protocol >= 2,
             hop_budget=protocol >= 3 or "max_total_hops" in carried,
             cost_floor=protocol >= 4,
+            budgets=protocol >= 5,
         )
 
     def silent_rounds(self) -> bool:

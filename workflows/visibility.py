@@ -12,7 +12,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from handoff.constants import SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_STATUS
-    from handoff.models import ChainRecord, ChainStatus, HopInput, HopKind, HopRecord, HopStatus
+    from handoff.models import ChainRecord, ChainStatus, HopInput, HopKind, HopRecord, HopStatus, Usage
 
     from handoff.workflows.paths import Target
 
@@ -35,6 +35,17 @@ class Metrics:
         self.chains = meter.create_counter("handoff_chains", "chains by final status")
         self.branches = meter.create_counter("handoff_branches", "fan-out branches by final status")
         self.approvals = meter.create_counter("handoff_approvals", "approval waits by decision")
+        self.tokens = meter.create_counter("handoff_tokens", "model tokens spent, by agent and model")
+        self.model_calls = meter.create_counter("handoff_model_calls", "model calls, by agent and model")
+        self.cost = meter.create_histogram_float("handoff_hop_cost", "what a hop cost, in its budget's currency")
+
+    def spent(self, agent: str, usage: Usage) -> None:
+        """A hop's usage: tokens and model calls by agent and model, cost by agent."""
+        for model, spent in usage.by_model.items():
+            self.tokens.add(spent.tokens, {"agent": agent, "model": model})
+            self.model_calls.add(spent.model_calls, {"agent": agent, "model": model})
+        if usage.cost:
+            self.cost.record(usage.cost, {"agent": agent})
 
     def hop(self, record: HopRecord) -> None:
         outcome = {"from_agent": record.from_agent, "to_agent": record.to_agent, "outcome": record.status.value}

@@ -232,6 +232,8 @@ class _Conversation:
 
     messages: list[dict[str, Any]]
     decision: AgentDecision
+    tokens_left: int | None = None
+    """The tokens the chain's budget leaves this hop (`ctx.limits.budget`), if it has a limit."""
 
 
 def llm_agent(
@@ -356,7 +358,8 @@ async def _decide(ctx: HandoffContext, settings: _Settings, own: list[Tool], off
     talk = _Conversation(
         messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt.text}],
         decision=AgentDecision(model=settings.model, tools_offered=[s["function"]["name"] for s in schemas],
-                               trimmed=prompt.trimmed))
+                               trimmed=prompt.trimmed),
+        tokens_left=ctx.limits.budget.tokens if ctx.limits and ctx.limits.budget else None)
     missed = False
     rounds = 0
     while True:
@@ -388,8 +391,12 @@ async def _ask(client: Any, settings: _Settings, talk: _Conversation, schemas: l
                                "tool_choice": "auto"}
     if settings.temperature is not None:
         options["temperature"] = settings.temperature
-    if settings.max_tokens is not None:
-        options["max_tokens"] = settings.max_tokens
+    cap = settings.max_tokens
+    if talk.tokens_left is not None:  # the chain's token budget: what this hop's calls have not spent
+        spent = talk.decision.prompt_tokens + talk.decision.completion_tokens
+        cap = max(1, min(cap or talk.tokens_left, talk.tokens_left - spent))
+    if cap is not None:
+        options["max_tokens"] = cap
     talk.decision.model_calls += 1
     started = time.perf_counter()
     try:

@@ -30,6 +30,7 @@ from handoff.client import build_request, cancel_chain, connect, decide_approval
 from handoff.client.follow import follow_chain
 from handoff.client.search import chain_query, find_chains, parse_since
 from handoff.constants import agent_task_queue
+from handoff.errors import InvalidRequest
 from handoff.models import ChainRecord, ChainStatus
 from handoff.observability.telemetry import Telemetry
 from handoff.registry import queue_stats, registered_agents
@@ -51,6 +52,9 @@ def start(
     fallback_agent: str | None = typer.Option(None, "--fallback-agent", help="agent to try when all else fails"),
     schedule_to_start: float | None = typer.Option(
         None, "--schedule-to-start", help="seconds before an agent counts as down (default 10)"),
+    policy_arg: str | None = typer.Option(
+        None, "--policy", help="the chain's whole policy (ChainPolicy: approvals, allowed handoffs, bounds, "
+                               "budget) as a JSON object, or @file with one"),
     wait: bool = typer.Option(False, "--wait", help="wait for the chain to end and print its record"),
     wait_timeout: float | None = typer.Option(
         None, "--wait-timeout", min=1, help="with --wait: give up waiting after this many seconds (exit 1)"),
@@ -61,8 +65,12 @@ def start(
 
     async def go() -> ChainRecord | None:
         telemetry = Telemetry.start(tracing=otel)
-        policy = {k: v for k, v in {"fallback_agent": fallback_agent,
-                                   "schedule_to_start_s": schedule_to_start}.items() if v is not None}
+        policy = json_object_arg(policy_arg, "--policy") if policy_arg is not None else {}
+        for name, value in (("fallback_agent", fallback_agent), ("schedule_to_start_s", schedule_to_start)):
+            if value is not None:
+                if name in policy:
+                    raise InvalidRequest(f"{name} is given twice: as an option and in --policy")
+                policy[name] = value
         request = build_request(
             task_description=task, to_agent=to, capability=capability,
             context_data=json_object_arg(context), chain_id=chain_id,

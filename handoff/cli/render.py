@@ -13,7 +13,7 @@ from rich.text import Text
 
 from handoff.constants import DEFAULT_UI_URL
 from handoff.settings import settings
-from handoff.models import BranchRecord, ChainRecord, ChainStatus, HopKind, HopRecord, HopStatus
+from handoff.models import BranchRecord, ChainRecord, ChainStatus, HopKind, HopRecord, HopStatus, Usage
 from handoff.registry import AgentStatus
 from handoff.client.versioning import Routing
 
@@ -63,9 +63,22 @@ def chain_table(record: ChainRecord) -> Group:
     if record.final_result:
         final = record.final_result.get("summary") or _brief(record.final_result, 400)
         parts.append(Text(f"final result: {final}"))
+    if record.usage is not None:
+        parts.append(Text(f"spent: {spent(record.usage, record.currency)}"))
+        for agent, usage in record.usage_by_agent.items():
+            parts.append(Text(f"  {agent}: {spent(usage, record.currency)}", style="dim"))
+        for model, usage in record.usage.by_model.items():
+            parts.append(Text(f"  {model}: {usage.tokens:,} tokens in {usage.model_calls:,} calls", style="dim"))
     if record.error:
         parts.append(Text(f"error: {record.error}", style=style))
     return Group(*parts)
+
+
+def spent(usage: Usage, currency: str | None = None) -> str:
+    """What a hop, an agent or a chain spent, in one line."""
+    line = (f"{usage.tokens:,} tokens ({usage.prompt_tokens:,} prompt, {usage.completion_tokens:,} completion), "
+            f"{usage.model_calls:,} model call{'s' if usage.model_calls != 1 else ''}")
+    return line + (f", {usage.cost:.6g} {currency or ''}".rstrip() if usage.cost else "")
 
 
 def _hop_rows(table: Table, hops: list[HopRecord], indent: str) -> None:
@@ -110,6 +123,8 @@ def _hop_cells(hop: HopRecord) -> tuple[Text, Text, str, Text]:
         said = (f"{approval.decision.replace('_', ' ')}" + (f" by {approval.by}" if approval.by else "")
                 + (f": {approval.comment}" if approval.comment else "")) if approval.decision else "awaiting approval"
         detail.append(f"\n{said}", style="bold cyan")
+    if hop.usage is not None:
+        detail.append(f"\nspent {spent(hop.usage)}", style="dim")
     detail.append(f"\n{outcome or ''}", style="dim")
     return route, status, _ms(hop.duration_ms), detail
 

@@ -3,17 +3,19 @@ for anything the chain could not take, before anything starts."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 from uuid import UUID, uuid4
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from handoff.client.connect import env_context_limit
 from handoff.constants import CHAIN_PROTOCOL, MAX_CONTEXT_BYTES
 from handoff.errors import ContextTooLarge, InvalidRequest
 from handoff.models import AgentCapability, ChainPolicy, ChainRequest
+from handoff.settings import Settings, settings
 
 def one_line(err: ValidationError) -> str:
     first = err.errors()[0]
@@ -50,6 +52,13 @@ def build_request(
             if name in fields:
                 raise InvalidRequest(f"{name} is given twice: as an argument and in the policy")
             fields[name] = value
+    budget = fields.get("budget")
+    if isinstance(budget, BaseModel):
+        budget = fields["budget"] = budget.model_dump(exclude_unset=True)
+    if isinstance(budget, dict) and "prices" not in budget:  # the deployment's table
+        prices = deployment_prices()
+        if prices:
+            fields["budget"] = {**budget, "prices": prices}
     carried = max_context_bytes or env_context_limit()
     asked = fields.setdefault("max_context_bytes", carried)
     if isinstance(asked, (int, float)) and not isinstance(asked, bool) and asked > carried:
@@ -70,6 +79,21 @@ def build_request(
     except ValidationError as err:
         raise InvalidRequest(one_line(err)) from None
     return checked(request)
+
+
+def deployment_prices() -> dict[str, Any]:
+    """The model prices `HANDOFF_PRICES` configures (JSON), for budgets that name none;
+    `InvalidRequest` when it is not a JSON object."""
+    text = settings().prices.strip()
+    if not text:
+        return {}
+    try:
+        prices = json.loads(text)
+    except ValueError as err:
+        raise InvalidRequest(f"{Settings.env_name('prices')} is not JSON: {err}") from None
+    if not isinstance(prices, dict):
+        raise InvalidRequest(f"{Settings.env_name('prices')} must be a JSON object of model prices")
+    return prices
 
 
 def checked(request: ChainRequest) -> ChainRequest:

@@ -40,6 +40,7 @@ from handoff.models.policy import (
     ChainPolicy,
     ChainRequest,
 )
+from handoff.models.usage import Budget, BudgetLeft, ModelUsage, Price, Usage
 from handoff.models.wire import (
     AgentCard,
     Candidate,
@@ -75,6 +76,8 @@ __all__ = [
     "BranchOutcome",
     "BranchPosition",
     "BranchRecord",
+    "Budget",
+    "BudgetLeft",
     "Candidate",
     "CapabilityCandidates",
     "ChainPolicy",
@@ -95,8 +98,11 @@ __all__ = [
     "IN_HISTORY",
     "HopStatus",
     "Join",
+    "ModelUsage",
+    "Price",
     "Registration",
     "ResolveRequest",
+    "Usage",
     "address_problem",
     "aware_utc",
     "check_agent_id",

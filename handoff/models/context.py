@@ -8,13 +8,14 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 from handoff.constants import MAX_CHAIN_DEPTH
 from handoff.errors import InvalidRequest
 from handoff.models.checks import address_problem, aware_utc, check_agent_id, utc_now
 from handoff.models.directives import Branch, FanOut, HandoffDirective, HandoffResult, Join
 from handoff.models.statuses import AgentCapability, ChainStatus
+from handoff.models.usage import BudgetLeft, Usage, model_usage
 
 
 class BranchPosition(BaseModel):
@@ -58,6 +59,8 @@ class HopLimits(BaseModel):
     asked: list[tuple[str, str]] = Field(default_factory=list)
     """(agent, task) pairs already asked on this path, this hop's included: asking again is a
     loop (tasks over 1,000 characters are left out: no agent writes one as its next task)."""
+    budget: BudgetLeft | None = None
+    """What the chain's budget leaves, when it has one (`ChainPolicy.budget`), as this hop starts."""
 
     def permits(self, target: str) -> bool:
         """Whether the policy lets this agent address `target` (an agent id or a capability name)."""
@@ -99,6 +102,22 @@ class HandoffContext(BaseModel):
     @classmethod
     def _valid_to_agent(cls, value: str) -> str:
         return check_agent_id(value) if value else value
+
+    _reported: Usage | None = PrivateAttr(default=None)
+
+    def report_usage(self, *, model: str = "", prompt_tokens: int = 0, completion_tokens: int = 0,
+                     model_calls: int = 0, cost: float = 0.0) -> None:
+        """Add what this hop spent (a model this handler called itself, or any cost in the
+        budget's currency) to the hop's usage: the chain's budget counts it when the hop ends."""
+        spent = model_usage(model, prompt_tokens, completion_tokens, model_calls) if model else Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, model_calls=model_calls)
+        spent = spent.model_copy(update={"cost": Usage(cost=cost).cost})
+        self._reported = spent if self._reported is None else self._reported.plus(spent)
+
+    @property
+    def reported_usage(self) -> Usage | None:
+        """What `report_usage` added up, if it was called."""
+        return self._reported
 
     def complete(self, result_data: dict[str, Any] | None = None) -> HandoffResult:
         """This hop's successful result; the chain ends here."""

@@ -12,6 +12,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from handoff.constants import MAX_APPROVAL_TIMEOUT_S
 from handoff.models.checks import address_problem, aware_utc, nesting_problem, task_problem, utc_now
 from handoff.models.statuses import AgentCapability
+from handoff.models.usage import Usage
 
 
 _CAPABILITY = {"validation_alias": AliasChoices("to_capability", "capability")}
@@ -140,6 +141,9 @@ class HandoffResult(BaseModel):
     a `next_handoff` or a `fan_out`, never both."""
     decision: AgentDecision | None = None
     """How the agent chose this step, when a language model chose it (recorded in the hop entry)."""
+    usage: Usage | None = None
+    """What the hop spent besides its model calls in `decision` (which count by themselves):
+    what the handler reported (`ctx.report_usage`), or set here."""
     completed_at: datetime = Field(default_factory=utc_now)
 
     _aware = field_validator("completed_at")(aware_utc)

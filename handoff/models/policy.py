@@ -31,6 +31,7 @@ from handoff.constants import (
 )
 from handoff.models.checks import address_problem, check_agent_id, nesting_problem, task_problem
 from handoff.models.statuses import AgentCapability
+from handoff.models.usage import Budget
 
 
 class ChainPolicy(BaseModel):
@@ -65,6 +66,8 @@ class ChainPolicy(BaseModel):
     these capability names, or "*" for every hop."""
     approval_timeout_s: float = Field(default=DEFAULT_APPROVAL_TIMEOUT_S, gt=0, le=MAX_APPROVAL_TIMEOUT_S)
     """How long a hop waits for a decision; then the chain (or its branch) ends `rejected`."""
+    budget: Budget | None = None
+    """What the chain may spend in tokens, cost, model calls and time, every branch included."""
 
     @field_validator("approval_required")
     @classmethod

@@ -14,6 +14,7 @@ from handoff.models.context import BranchOutcome
 from handoff.models.directives import AgentDecision
 from handoff.models.policy import ApprovalDecision
 from handoff.models.statuses import AgentCapability, ChainStatus, HopKind, HopStatus
+from handoff.models.usage import Usage
 
 
 IN_HISTORY = "$in_history"
@@ -79,6 +80,9 @@ class HopRecord(BaseModel):
     build_id: str | None = None
     """The version (build id) of the agent's worker that completed the hop (after `handoff
     rollout`, which version ran it)."""
+    usage: Usage | None = None
+    """What the hop spent (its model calls, what its handler reported), priced by the chain's
+    budget; None when it reported nothing."""
 
     @property
     def result_in_history(self) -> bool:
@@ -165,6 +169,18 @@ class ChainRecord(BaseModel):
     hops: list[HopRecord] = Field(default_factory=list)
     final_result: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    usage: Usage | None = None
+    """What the chain spent in all, every hop's usage added up (None: no hop reported any)."""
+    usage_by_agent: dict[str, Usage] = Field(default_factory=dict)
+    """The same, by the agent whose hops spent it."""
+    currency: str | None = None
+    """The currency of every cost in the record: its budget's (None: the chain had no budget)."""
+
+    def spend(self, agent: str, usage: Usage) -> None:
+        """Add one hop's `usage` (by `agent`) to the chain's totals."""
+        self.usage = usage if self.usage is None else self.usage.plus(usage)
+        earlier = self.usage_by_agent.get(agent)
+        self.usage_by_agent[agent] = usage if earlier is None else earlier.plus(usage)
 
     def end(self, status: ChainStatus, error: str | None, when: datetime) -> None:
         """The chain ended at `when` with `status`; its final result is the last completed hop's."""

@@ -76,6 +76,11 @@ PATTERN_IDS: dict[str, UUID] = {
     "approval_rejected": UUID("601de000-0000-4000-8000-000000000105"),
     "silent_round": UUID("601de000-0000-4000-8000-000000000201"),
 }
+# Budgets: recorded once hops' usage was, so they have no older versions either.
+BUDGET_IDS: dict[str, UUID] = {
+    "budget": UUID("601de000-0000-4000-8000-000000000301"),
+    "time_budget": UUID("601de000-0000-4000-8000-000000000302"),
+}
 REGISTRY_FILE = "registry"
 
 FAST = {"retry_initial_s": 0.05}
@@ -105,8 +110,9 @@ async def scripted(ctx: HandoffContext) -> HandoffResult:
     takes it), `complete` (result data), `fail` (ctx.fail), `permanent` (raise PermanentError),
     `error` (raise an ordinary error), `flaky` (raise once, then do the rest of the step), `wait`
     (work until cancelled), `stall` (block the worker's event loop for `seconds` on the hop's first
-    `stall` runs, so no heartbeat gets out, then do the rest). A hop the chain returns to completes
-    with its branches' statuses.
+    `stall` runs, so no heartbeat gets out, then do the rest), `spend` (report that many prompt
+    tokens of one model call, then do the rest). A hop the chain returns to completes with its
+    branches' statuses.
     """
     if ctx.branches:  # a join, or the chain came back to the agent that delegated
         return ctx.complete({"by": ctx.to_agent, "depth": ctx.chain_depth,
@@ -116,6 +122,8 @@ async def scripted(ctx: HandoffContext) -> HandoffResult:
         STALLS[ctx.handoff_id] += 1
         if STALLS[ctx.handoff_id] <= step["stall"]:
             time.sleep(step["seconds"])
+    if "spend" in step:
+        ctx.report_usage(model="golden-model", prompt_tokens=step["spend"], model_calls=1)
     if step.get("flaky") and activity.info().attempt == 1:
         raise ConnectionError("transient failure on the first attempt")
     if "error" in step:
@@ -308,6 +316,22 @@ async def silent_round(client: Client, chain_id: UUID) -> ChainRecord:
                            policy={**FAST, "max_attempts": 2, "heartbeat_timeout_s": 1})
 
 
+async def budget(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> b -> c, a and b each spending 10 tokens of the chain's 20: the hop to c is refused."""
+    script = relay_script(RELAY[:3], {"complete": {}})
+    script["golden-a@0"]["spend"] = script["golden-b@1"]["spend"] = 10
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="spend",
+                           context_data={"script": script},
+                           policy={**FAST, "budget": {"max_tokens": 20, "prices": {"golden-model": {"prompt": 2.0}}}})
+
+
+async def time_budget(client: Client, chain_id: UUID) -> ChainRecord:
+    """a -> slow, still working when the chain's 2 s are up: its hop is cut, the next refused."""
+    script = {"golden-a@0": {"to": SLOW, "task": "take long"}, f"{SLOW}@1": {"wait": True}}
+    return await run_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="in time",
+                           context_data={"script": script}, policy={**FAST, "budget": {"max_duration_s": 2}})
+
+
 SCENARIOS = {
     "linear": linear,
     "fallback_unreachable": fallback_unreachable,
@@ -323,8 +347,10 @@ SCENARIOS = {
     "approval": approval,
     "approval_rejected": approval_rejected,
     "silent_round": silent_round,
+    "budget": budget,
+    "time_budget": time_budget,
 }
-IDS = {**CHAIN_IDS, **PATTERN_IDS}
+IDS = {**CHAIN_IDS, **PATTERN_IDS, **BUDGET_IDS}
 
 
 async def write_history(client: Client, workflow_id: str, name: str) -> None:
