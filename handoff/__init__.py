@@ -12,6 +12,8 @@ from handoff.client import (
     reject_chain,
     run_chain,
     start_chain,
+    steer_chain,
+    stop_chain,
     wait_chain,
 )
 from handoff.errors import (
@@ -75,5 +77,7 @@ __all__ = [
     "reject_chain",
     "run_chain",
     "start_chain",
+    "steer_chain",
+    "stop_chain",
     "wait_chain",
 ]

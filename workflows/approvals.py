@@ -6,6 +6,7 @@ history."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from temporalio import workflow
@@ -24,13 +25,15 @@ class Approvals:
     def open(self, entry: HopRecord) -> None:
         self.waiting[entry.handoff_id] = entry
 
-    async def wait(self, entry: HopRecord, timeout_s: float, summary: str) -> ApprovalRecord:
-        """Wait for the decision on `entry` (opened), or `timeout_s`: then it is `timed_out`."""
+    async def wait(self, entry: HopRecord, timeout_s: float, summary: str,
+                   interrupted: Callable[[], bool] = lambda: False) -> ApprovalRecord:
+        """Wait for the decision on `entry` (opened), or `timeout_s`: then it is `timed_out`; or
+        until `interrupted()` (the chain was asked to stop): then it stays undecided."""
         approval = entry.approval
         assert approval is not None
         try:
-            await workflow.wait_condition(lambda: approval.decision is not None, timeout=timeout_s,
-                                          timeout_summary=summary)
+            await workflow.wait_condition(lambda: approval.decision is not None or interrupted(),
+                                          timeout=timeout_s, timeout_summary=summary)
         except asyncio.TimeoutError:
             approval.decision, approval.decided_at = "timed_out", workflow.now()
         finally:

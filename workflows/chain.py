@@ -38,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
         NON_RETRYABLE_ERRORS,
         RESOLVE_ACTIVITY,
         SA_STATUS,
+        STEER_UPDATE,
+        STOP_UPDATE,
         UNSUCCESSFUL_CHAIN_ERROR,
         agent_task_queue,
     )
@@ -57,12 +59,16 @@ with workflow.unsafe.imports_passed_through():
         HopRecord,
         HopStatus,
         ResolveRequest,
+        Steering,
+        SteeringMessage,
+        StopRequest,
         Usage,
         sized_payload,
     )
 
     from handoff.workflows import rules
     from handoff.workflows.approvals import Approvals, refusal
+    from handoff.workflows.control import Control
     from handoff.workflows.fan_out import ChainEnd, FanOuts
     from handoff.workflows.paths import Path, Target
     from handoff.workflows.versions import Behaviour
@@ -100,6 +106,7 @@ class HandoffChainWorkflow(FanOuts):
         self._hops_reserved = 0  # one per fan-out waiting for its branches, for its join
         self._fan_outs = 0  # fan-outs whose branches are running
         self._approvals = Approvals(request.chain_id)
+        self._control = Control(self._record, policy)
         self._visibility = Visibility(
             self._record, search_attributes=workflow.info().typed_search_attributes.get(SA_STATUS) is not None,
             live=True)
@@ -201,7 +208,7 @@ class HandoffChainWorkflow(FanOuts):
         if problem:  # judged by what it names: one agent or one capability, never both
             self._refuse(path, depth, target, ChainStatus.REJECTED, problem)
         path.context.update(directive.context_data)
-        return target
+        return self._control.redirected(target)
 
     # -- the rules' verdicts ---------------------------------------------------------------
 
@@ -250,6 +257,9 @@ class HandoffChainWorkflow(FanOuts):
                 self._refuse(path, depth, target, ChainStatus.BUDGET_EXCEEDED,
                              f"the chain's hop budget of {self._policy.max_total_hops} hops is used up")
             self._refuse_when_spent(path, depth, target)
+            stopped = self._control.stopped()
+            if stopped:  # no new hop starts; the chain (or this branch) ends with what it did
+                raise ChainEnd(ChainStatus.CANCELLED, stopped)
             entry = None
             if not approved and rules.needs_approval(self._policy, target, agent):
                 entry = await self._await_approval(path, depth, target, agent, fallback_for, considered)
@@ -350,13 +360,18 @@ class HandoffChainWorkflow(FanOuts):
         self._visibility.upsert(ChainStatus.AWAITING_APPROVAL)
         self._visibility.show_open_hops(len(self._approvals.waiting))
         timeout = self._policy.approval_timeout_s
-        await self._approvals.wait(entry, timeout, f"approval deadline: hop {depth} to {agent}")
+        await self._approvals.wait(entry, timeout, f"approval deadline: hop {depth} to {agent}",
+                                   interrupted=lambda: self._control.stop is not None)
         if not self._approvals.waiting:
             self._record.status = ChainStatus.RUNNING
             self._visibility.upsert(ChainStatus.RUNNING)
         self._metrics.approvals.add(1, {"decision": approval.decision or ""})
         if approval.decision == "approved":
             return entry
+        stopped = self._control.stopped()
+        if approval.decision is None and stopped:
+            self._close_hop(entry, HopStatus.CANCELLED, error=stopped)
+            raise ChainEnd(ChainStatus.CANCELLED, stopped)
         reason = refusal(approval, timeout)
         self._close_hop(entry, HopStatus.REFUSED, error=reason)
         raise ChainEnd(ChainStatus.REJECTED, f"hop {depth} to {agent!r} {reason}")
@@ -373,6 +388,27 @@ class HandoffChainWorkflow(FanOuts):
         before it reaches the history."""
         self._approvals.entry_for(decision)
 
+    # -- people steering the chain, or stopping it ---------------------------------------------
+
+    @workflow.update(name=STEER_UPDATE)
+    async def steer(self, steering: Steering) -> SteeringMessage:
+        """A person's message for the next hop that starts (`handoff steer`), and maybe where
+        the chain's next handoff goes instead. Returns the message as the hop will see it."""
+        return self._control.steer(steering)
+
+    @steer.validator
+    def _check_steering(self, steering: Steering) -> None:
+        self._control.check_steering(steering)
+
+    @workflow.update(name=STOP_UPDATE)
+    async def stop_after_hop(self, request: StopRequest) -> None:
+        """Stop the chain once its running hops end (`handoff cancel --after-hop`)."""
+        self._control.stop = request
+
+    @stop_after_hop.validator
+    def _check_stop(self, request: StopRequest) -> None:
+        self._control.check_stop(request)
+
     # -- one try of a hop on one agent ---------------------------------------------------
 
     async def _attempt(
@@ -384,8 +420,10 @@ class HandoffChainWorkflow(FanOuts):
         hop_input = rules.hop_input(
             self._policy, path, depth, target, agent, chain_id=self._record.chain_id, now=workflow.now(),
             handoff_id=entry.handoff_id if entry is not None else self._next_handoff_id(),
-            fallback_for=fallback_for, budget_room=self._budget_room(), budget_left=self._budget_left())
+            fallback_for=fallback_for, budget_room=self._budget_room(), budget_left=self._budget_left(),
+            steering=self._control.take())
         record = path.open(hop_input, target, considered, entry)
+        record.steering = hop_input.context.steering
         payload = self._checked_payload(hop_input, record)
         path.visit(target, agent)
         self._hops_used += 1

@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from handoff.models import (
         Budget,
         BudgetLeft,
+        SteeringMessage,
         Usage,
         Candidate,
         ChainPolicy,
@@ -236,7 +237,7 @@ def limits_for(policy: ChainPolicy, path: Path, depth: int, target: Target, agen
 
 def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent: str, *, chain_id: UUID,
               now: datetime, handoff_id: UUID, fallback_for: str | None, budget_room: int,
-              budget_left: BudgetLeft | None = None) -> HopInput:
+              budget_left: BudgetLeft | None = None, steering: list[SteeringMessage] | None = None) -> HopInput:
     """The hop activity's input for `agent`: the path's context and earlier results, as far as
     the sender's filter lets it see them, and what the rules leave it for its next step."""
     view = view_of(path, target)
@@ -248,6 +249,7 @@ def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent
         chain_depth=depth, created_at=now, branch=path.position,
         branches=list(target.branches), returning=target.returns_to(agent),
         limits=limits_for(policy, path, depth, target, agent, budget_room, budget_left),
+        steering=list(steering or []),
     )
     return HopInput(
         hop=depth, context=context, fallback_for=fallback_for,

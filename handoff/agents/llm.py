@@ -355,6 +355,9 @@ async def _decide(ctx: HandoffContext, settings: _Settings, own: list[Tool], off
     system = (f"{settings.instructions}\n\nYou are {agent_name} ({ctx.to_agent}), one of several specialist "
               "agents. Do your part, then call exactly one tool: a transfer_to_... tool to hand the work to "
               f"another agent, or {FINISH} when the work is done.")
+    if ctx.steering:  # a person's instructions to the running chain come first
+        system += "\n\nA person overseeing this chain tells you:\n" + "\n".join(
+            f"- {s.message} (from {s.by})" for s in ctx.steering)
     talk = _Conversation(
         messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt.text}],
         decision=AgentDecision(model=settings.model, tools_offered=[s["function"]["name"] for s in schemas],

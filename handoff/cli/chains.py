@@ -26,7 +26,16 @@ from handoff.cli.common import (
     say,
 )
 from handoff.cli.render import chains_table, ui_url
-from handoff.client import build_request, cancel_chain, connect, decide_approval, get_chain, start_request
+from handoff.client import (
+    build_request,
+    cancel_chain,
+    connect,
+    decide_approval,
+    get_chain,
+    start_request,
+    steer_chain,
+    stop_chain,
+)
 from handoff.client.follow import follow_chain
 from handoff.client.search import chain_query, find_chains, parse_since
 from handoff.constants import agent_task_queue
@@ -167,22 +176,53 @@ def show(
     exit_for(record)
 
 
-@app.command()
-def cancel(chain_id: str = typer.Argument(..., help="the chain id")) -> None:
-    """Cancel a running chain; its current hop is cancelled."""
-
-    async def go() -> None:
-        await cancel_chain(await connect(), chain_id)
-
-    run(go)
-    out.print(f"chain {chain_id}: cancellation requested")
-
-
 ENV_IDENTITY = Settings.env_name("identity")
 
 ByOption = typer.Option(
     None, "--by", help=f"who decides (recorded in the hop entry); default ${ENV_IDENTITY}, else user@host")
 HopOption = typer.Option(None, "--hop", help="the handoff id of the waiting hop, when several wait")
+AskedByOption = typer.Option(
+    None, "--by", help=f"who asks (recorded in the chain's record); default ${ENV_IDENTITY}, else user@host")
+
+
+@app.command()
+def cancel(
+    chain_id: str = typer.Argument(..., help="the chain id"),
+    after_hop: bool = typer.Option(
+        False, "--after-hop", help="let the running hops finish (their results kept); start no new hop"),
+    by: str | None = AskedByOption,
+    reason: str = typer.Option("", "--reason", help="with --after-hop: why (recorded in the chain's error)"),
+) -> None:
+    """Cancel a running chain: its running hops are cancelled within about a second (or, with
+    --after-hop, finish first)."""
+
+    async def go() -> None:
+        client = await connect()
+        if after_hop:
+            await stop_chain(client, chain_id, by=_identity(by), reason=reason)
+        else:
+            await cancel_chain(client, chain_id)
+
+    run(go)
+    out.print(f"chain {chain_id}: " + ("stops once its running hops end" if after_hop else "cancellation requested"))
+
+
+@app.command()
+def steer(
+    chain_id: str = typer.Argument(..., help="the chain id"),
+    message: str = typer.Option(..., "--message", help="what the next hop should know (its handler and model see it)"),
+    by: str | None = AskedByOption,
+    redirect: str | None = typer.Option(
+        None, "--redirect", help="an agent id or a capability: the chain's next handoff goes there instead"),
+) -> None:
+    """Tell a running chain's next hop something new (and maybe where the next handoff goes)."""
+
+    async def go():
+        return await steer_chain(await connect(), chain_id, message=message, by=_identity(by), redirect=redirect)
+
+    sent = run(go)
+    out.print(f"chain {chain_id}: the next hop will hear it" + (f"; its next handoff goes to {sent.redirect}"
+                                                               if sent.redirect else ""))
 
 
 def _identity(by: str | None) -> str:

@@ -11,6 +11,8 @@ from handoff.client.chains import (
     run_chain,
     start_chain,
     start_request,
+    steer_chain,
+    stop_chain,
     wait_chain,
 )
 from handoff.client.connect import connect, context_limit, env_context_limit
@@ -36,5 +38,7 @@ __all__ = [
     "run_chain",
     "start_chain",
     "start_request",
+    "steer_chain",
+    "stop_chain",
     "wait_chain",
 ]

@@ -32,6 +32,8 @@ from handoff.constants import (
     SA_CURRENT_AGENT,
     SA_DEPTH,
     SA_STATUS,
+    STEER_UPDATE,
+    STOP_UPDATE,
 )
 from handoff.errors import (
     ChainNotFound,
@@ -45,7 +47,11 @@ from handoff.models import (
     ChainRecord,
     ChainRequest,
     HopRecord,
+    Steering,
+    SteeringMessage,
+    StopRequest,
 )
+
 
 async def start_request(
     client: Client, request: ChainRequest, *, search_attributes: bool = True, reuse_id: bool = False,
@@ -193,10 +199,48 @@ async def decide_approval(client: Client, chain_id: UUID | str, *, approved: boo
     problem = decision.problem()
     if problem:
         raise InvalidRequest(problem)
+    return await _update(client, chain_id, APPROVAL_UPDATE, decision, HopRecord, "nothing awaits approval")
+
+
+async def steer_chain(client: Client, chain_id: UUID | str, *, message: str, by: str,
+                      redirect: str | None = None) -> SteeringMessage:
+    """Give a running chain's next hop a person's `message` (`handoff steer`): the hop's handler
+    sees it in `ctx.steering`, an LLM agent in its prompt, and its entry records it. `redirect`
+    (an agent id or a capability name): the chain's next handoff goes there instead, under the
+    same rules; a redirect the policy forbids is refused. `InvalidRequest` when the chain cannot
+    take it (it has ended, say)."""
+    try:
+        steering = Steering(message=message, by=by, redirect=redirect)
+    except ValidationError as err:
+        raise InvalidRequest(one_line(err)) from None
+    problem = steering.problem()
+    if problem:
+        raise InvalidRequest(problem)
+    return await _update(client, chain_id, STEER_UPDATE, steering, SteeringMessage, "nothing to steer")
+
+
+async def stop_chain(client: Client, chain_id: UUID | str, *, by: str, reason: str = "") -> None:
+    """Stop a running chain once its running hops end (`handoff cancel --after-hop`): their
+    results are kept, no new hop starts (a hop awaiting approval stops waiting), and the chain
+    ends `cancelled` with everything it did."""
+    try:
+        request = StopRequest(by=by, reason=reason)
+    except ValidationError as err:
+        raise InvalidRequest(one_line(err)) from None
+    problem = request.problem()
+    if problem:
+        raise InvalidRequest(problem)
+    await _update(client, chain_id, STOP_UPDATE, request, None, "nothing to stop")
+
+
+async def _update(client: Client, chain_id: UUID | str, name: str, argument: Any, result_type: Any,
+                  when_ended: str) -> Any:
+    """One of the chain's Updates, its validator's refusal as `InvalidRequest` (`when_ended`:
+    what to say of a chain that has ended)."""
     handle = client.get_workflow_handle(str(chain_uuid(chain_id)))
     for retry_in in (*NOT_READY_RETRIES_S, None):
         try:
-            return await handle.execute_update(APPROVAL_UPDATE, decision, result_type=HopRecord)
+            return await handle.execute_update(name, argument, result_type=result_type)
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             raise InvalidRequest(getattr(cause, "message", None) or str(cause or err)) from None
@@ -204,7 +248,7 @@ async def decide_approval(client: Client, chain_id: UUID | str, *, approved: boo
             if err.status == RPCStatusCode.NOT_FOUND:
                 if await unless_missing(handle.describe()) is None:
                     raise ChainNotFound(str(chain_id)) from None
-                raise InvalidRequest(f"chain {chain_id} is not running: nothing awaits approval") from None
+                raise InvalidRequest(f"chain {chain_id} is not running: {when_ended}") from None
             if retry_in is None or not _not_ready(err):
                 raise
         await asyncio.sleep(retry_in)

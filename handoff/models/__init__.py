@@ -40,6 +40,7 @@ from handoff.models.policy import (
     ChainPolicy,
     ChainRequest,
 )
+from handoff.models.control import Steering, SteeringMessage, StopRequest
 from handoff.models.usage import Budget, BudgetLeft, ModelUsage, Price, Usage
 from handoff.models.wire import (
     AgentCard,
@@ -102,6 +103,9 @@ __all__ = [
     "Price",
     "Registration",
     "ResolveRequest",
+    "Steering",
+    "SteeringMessage",
+    "StopRequest",
     "Usage",
     "address_problem",
     "aware_utc",

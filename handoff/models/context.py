@@ -14,6 +14,7 @@ from handoff.constants import MAX_CHAIN_DEPTH
 from handoff.errors import InvalidRequest
 from handoff.models.checks import address_problem, aware_utc, check_agent_id, utc_now
 from handoff.models.directives import Branch, FanOut, HandoffDirective, HandoffResult, Join
+from handoff.models.control import SteeringMessage
 from handoff.models.statuses import AgentCapability, ChainStatus
 from handoff.models.usage import BudgetLeft, Usage, model_usage
 
@@ -95,6 +96,8 @@ class HandoffContext(BaseModel):
     outcome is in `branches` and the delegate's results in `previous_results`."""
     limits: HopLimits | None = None
     """What the chain's rules leave this agent for its next step (None in histories from before)."""
+    steering: list[SteeringMessage] = Field(default_factory=list)
+    """What people told the chain for this hop since the last hop started (`handoff steer`), in order."""
 
     _aware = field_validator("created_at")(aware_utc)
 

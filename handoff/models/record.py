@@ -11,6 +11,7 @@ from uuid import UUID
 from pydantic import BaseModel, Field
 
 from handoff.models.context import BranchOutcome
+from handoff.models.control import SteeringMessage
 from handoff.models.directives import AgentDecision
 from handoff.models.policy import ApprovalDecision
 from handoff.models.statuses import AgentCapability, ChainStatus, HopKind, HopStatus
@@ -83,6 +84,8 @@ class HopRecord(BaseModel):
     usage: Usage | None = None
     """What the hop spent (its model calls, what its handler reported), priced by the chain's
     budget; None when it reported nothing."""
+    steering: list[SteeringMessage] = Field(default_factory=list)
+    """The steering messages this hop received (`ctx.steering`)."""
 
     @property
     def result_in_history(self) -> bool:

@@ -29,6 +29,7 @@ import structlog
 from temporalio import activity
 from temporalio.client import Client
 
+from temporalio.api.enums.v1 import PendingActivityState
 from handoff import (
     AgentCapability,
     Branch,
@@ -47,6 +48,8 @@ from handoff.client import (
     reject_chain,
     run_chain,
     start_chain,
+    steer_chain,
+    stop_chain,
     wait_chain,
 )
 from handoff.constants import REGISTRY_WORKFLOW_ID
@@ -80,6 +83,8 @@ PATTERN_IDS: dict[str, UUID] = {
 BUDGET_IDS: dict[str, UUID] = {
     "budget": UUID("601de000-0000-4000-8000-000000000301"),
     "time_budget": UUID("601de000-0000-4000-8000-000000000302"),
+    "steered": UUID("601de000-0000-4000-8000-000000000401"),
+    "stopped": UUID("601de000-0000-4000-8000-000000000402"),
 }
 REGISTRY_FILE = "registry"
 
@@ -111,8 +116,8 @@ async def scripted(ctx: HandoffContext) -> HandoffResult:
     `error` (raise an ordinary error), `flaky` (raise once, then do the rest of the step), `wait`
     (work until cancelled), `stall` (block the worker's event loop for `seconds` on the hop's first
     `stall` runs, so no heartbeat gets out, then do the rest), `spend` (report that many prompt
-    tokens of one model call, then do the rest). A hop the chain returns to completes with its
-    branches' statuses.
+    tokens of one model call, then do the rest), `hold` (work that many seconds, then do the rest).
+    A hop the chain returns to completes with its branches' statuses.
     """
     if ctx.branches:  # a join, or the chain came back to the agent that delegated
         return ctx.complete({"by": ctx.to_agent, "depth": ctx.chain_depth,
@@ -122,6 +127,8 @@ async def scripted(ctx: HandoffContext) -> HandoffResult:
         STALLS[ctx.handoff_id] += 1
         if STALLS[ctx.handoff_id] <= step["stall"]:
             time.sleep(step["seconds"])
+    if "hold" in step:
+        await asyncio.sleep(step["hold"])
     if "spend" in step:
         ctx.report_usage(model="golden-model", prompt_tokens=step["spend"], model_calls=1)
     if step.get("flaky") and activity.info().attempt == 1:
@@ -332,6 +339,39 @@ async def time_budget(client: Client, chain_id: UUID) -> ChainRecord:
                            context_data={"script": script}, policy={**FAST, "budget": {"max_duration_s": 2}})
 
 
+async def _while_first_hop_runs(client: Client, chain_id: UUID) -> None:
+    """Return once the chain's first hop has started on its worker."""
+    handle = client.get_workflow_handle(str(chain_id))
+    for _ in range(400):  # history writes a hop's start when it ends: the server's description says it now
+        pending = (await handle.describe()).raw_description.pending_activities
+        if any(a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED for a in pending):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the first hop of {chain_id} never started")
+
+
+async def steered(client: Client, chain_id: UUID) -> ChainRecord:
+    """a, asked to hand on to b, is steered while it works: its next handoff goes to c instead."""
+    script = {"golden-a@0": {"hold": 1.0, "to": "golden-b", "task": "finish"},
+              "golden-c@1": {"complete": {"steered": True}}}
+    await start_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="steer me",
+                      context_data={"script": script}, policy=FAST)
+    await _while_first_hop_runs(client, chain_id)
+    await steer_chain(client, chain_id, message="c knows this code", by="golden-operator", redirect="golden-c")
+    return await wait_chain(client, chain_id)
+
+
+async def stopped(client: Client, chain_id: UUID) -> ChainRecord:
+    """a is working when a person stops the chain after its running hops: a's result is kept, b
+    never runs, and the chain ends cancelled."""
+    script = {"golden-a@0": {"hold": 1.0, "to": "golden-b", "task": "more"}}
+    await start_chain(client, chain_id=chain_id, to_agent=RELAY[0], task_description="stop me",
+                      context_data={"script": script}, policy=FAST)
+    await _while_first_hop_runs(client, chain_id)
+    await stop_chain(client, chain_id, by="golden-operator", reason="enough")
+    return await wait_chain(client, chain_id)
+
+
 SCENARIOS = {
     "linear": linear,
     "fallback_unreachable": fallback_unreachable,
@@ -349,6 +389,8 @@ SCENARIOS = {
     "silent_round": silent_round,
     "budget": budget,
     "time_budget": time_budget,
+    "steered": steered,
+    "stopped": stopped,
 }
 IDS = {**CHAIN_IDS, **PATTERN_IDS, **BUDGET_IDS}
 
