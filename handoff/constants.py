@@ -122,7 +122,9 @@ SA_STATUS = SearchAttributeKey.for_keyword("HandoffStatus")
 SA_AGENTS = SearchAttributeKey.for_keyword_list("HandoffAgents")
 SA_CURRENT_AGENT = SearchAttributeKey.for_keyword("HandoffCurrentAgent")
 SA_DEPTH = SearchAttributeKey.for_int("HandoffDepth")
-SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH)
+SA_RERUN_OF = SearchAttributeKey.for_keyword("HandoffRerunOf")
+"""Set at the start of a re-run: the chain it re-runs (`handoff list --rerun-of`)."""
+SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_RERUN_OF)
 
 
 def agent_task_queue(agent_id: str) -> str:

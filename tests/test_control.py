@@ -5,6 +5,7 @@ redirect of its next handoff under the same rules, and a stop once its running h
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -13,6 +14,7 @@ from handoff import (
     HopStatus,
     InvalidRequest,
     get_chain,
+    rerun_chain,
     run_chain,
     start_chain,
     steer_chain,
@@ -20,6 +22,7 @@ from handoff import (
     wait_chain,
 )
 from handoff.agents.llm import llm_agent
+from handoff.client.search import chain_query, find_chains
 from handoff.models import AgentCapability
 from handoff.testing import ScriptedModel, call
 from tests.support import assert_usage_error, cli, make_agent, running
@@ -157,3 +160,78 @@ async def test_a_chain_without_steering_runs_as_before(client, uid):
     async with running(client, make_agent(a, recording(seen))):
         record = await run_chain(client, to_agent=a, task_description="t")
     assert record.status is ChainStatus.COMPLETED and seen[0].steering == [] and record.hops[0].steering == []
+
+
+# -- re-running a chain from a hop -----------------------------------------------------------------
+
+
+async def test_a_rerun_from_hop_2_calls_the_earlier_agents_zero_times_and_runs_hop_2_on_a_new_version(client, uid):
+    ids = [f"rerun{i}-{uid}" for i in range(4)]
+    calls: list[str] = []
+    broken = {"on": True}
+
+    def relay(index: int):
+        async def handle(ctx):
+            calls.append(ctx.to_agent)
+            if index == 2 and broken["on"]:
+                return ctx.fail("hop 2 got it wrong", {"seen": len(ctx.previous_results)})
+            if index + 1 < len(ids):
+                return ctx.handoff(to_agent=ids[index + 1], task_description=f"step {index + 1}",
+                                   result_data={"by": ctx.to_agent}, context_data={f"k{index}": index})
+            return ctx.complete({"by": ctx.to_agent, "seen": ctx.previous_results, "context": ctx.context_data})
+        return handle
+
+    async with running(client, *(make_agent(a, relay(n)) for n, a in enumerate(ids))):
+        original = await run_chain(client, to_agent=ids[0], task_description="original")
+        assert original.status is ChainStatus.FAILED
+        broken["on"] = False  # a fixed version of hop 2's agent
+        calls.clear()
+        new_id = await rerun_chain(client, original.chain_id, from_hop=2)
+        record = await wait_chain(client, new_id)
+        for _ in range(50):  # visibility is eventually consistent
+            found = await find_chains(client, chain_query(rerun_of=original.chain_id))
+            if found:
+                break
+            await asyncio.sleep(0.1)
+    assert calls == [ids[2], ids[3]], "hops 0-1's agents were called zero times"
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert record.rerun_of.chain_id == original.chain_id and record.rerun_of.hop == 2
+    assert [(h.to_agent, h.carried_from) for h in record.hops] == [
+        (ids[0], original.chain_id), (ids[1], original.chain_id), (ids[2], None), (ids[3], None)]
+    assert record.hops[:2] == [h.model_copy(update={"carried_from": original.chain_id}) for h in original.hops[:2]]
+    assert record.final_result["seen"] == [{"by": ids[0]}, {"by": ids[1]}, {"by": ids[2]}]
+    assert record.final_result["context"] == {"k0": 0, "k1": 1, "k2": 2}, "hop 2 had the context it had"
+    assert record.hops[2].from_agent == ids[1] and record.hops[2].task_description == "step 2"
+    assert [row["chain_id"] for row in found] == [str(new_id)]
+    assert await get_chain(client, new_id) == record
+
+
+async def test_a_rerun_may_go_elsewhere_and_refuses_what_the_original_never_ran(client, uid, cli_env):
+    a, b, c = f"re-a-{uid}", f"re-b-{uid}", f"re-c-{uid}"
+    seen: list = []
+
+    async def first(ctx):
+        return ctx.handoff(to_agent=b, task_description="second", result_data={"by": a})
+
+    async with running(client, make_agent(a, first), make_agent(b, recording(seen)), make_agent(c, recording(seen))):
+        original = await run_chain(client, to_agent=a, task_description="t")
+        new_id = await rerun_chain(client, original.chain_id, from_hop=1, to_agent=c, task_description="try c")
+        record = await wait_chain(client, new_id)
+        with pytest.raises(InvalidRequest, match="has no hop 3"):
+            await rerun_chain(client, original.chain_id, from_hop=3)
+        proc = await cli(cli_env, "rerun", str(original.chain_id), "--from-hop", "1", "--wait", "--json")
+        assert proc.returncode == 0, proc.stderr
+        shown = await cli(cli_env, "show", json.loads(proc.stdout)["chain_id"])
+        assert f"a re-run of chain {original.chain_id} from hop 1" in " ".join(shown.stdout.split())
+        for _ in range(50):  # visibility is eventually consistent
+            listed = await cli(cli_env, "list", "--rerun-of", str(original.chain_id), "--json")
+            if len(json.loads(listed.stdout)) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(json.loads(listed.stdout)) == 2
+        assert_usage_error(await cli(cli_env, "rerun", str(original.chain_id), "--from-hop", "4"), "has no hop 4")
+        assert_usage_error(await cli(cli_env, "rerun", str(original.chain_id), "--from-hop", "1", "--to", c,
+                                     "--capability", "TESTING"), "not both")
+    assert record.status is ChainStatus.COMPLETED
+    assert [h.to_agent for h in record.hops] == [a, c] and record.hops[1].task_description == "try c"
+    assert [ctx.to_agent for ctx in seen] == [b, c, b]

@@ -84,6 +84,9 @@ EXPECTED: dict[str, tuple[ChainStatus, list[tuple[str, HopStatus, int, str | Non
                 {"by": "golden-c", "depth": 1, "steered": True}),
     # a person stops the chain while a works: a's result kept, no hop to b
     "stopped": (ChainStatus.CANCELLED, [("golden-a", C, 1, None)], {"by": "golden-a", "depth": 0}),
+    # the linear chain re-run from hop 2: a and b carried (b's attempts as recorded), c and d again
+    "rerun": (ChainStatus.COMPLETED, [("golden-a", C, 1, None), ("golden-b", C, 2, None), ("golden-c", C, 1, None),
+                                      ("golden-d", C, 1, None)], {"by": "golden-d", "depth": 3, "verdict": "ship it"}),
 }
 
 # The branches of each pattern's fan-out: (status, cut, [(to_agent, hop status, attempts, fallback_for)]).

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         UNSUCCESSFUL_CHAIN_ERROR,
         agent_task_queue,
     )
+    from handoff.models.checks import one_line
     from handoff.models import (
         ApprovalDecision,
         ApprovalRecord,
@@ -100,9 +101,20 @@ class HandoffChainWorkflow(FanOuts):
             self._record.currency = policy.budget.currency
         self._root = Path(hops=self._record.hops, context=dict(request.context_data),
                           results=list(request.previous_results))
+        self._problem = request.problem()
+        if request.rerun_of is not None and not self._problem:  # starts with the original's entries
+            self._record.rerun_of = request.rerun_of
+            try:
+                carried = [HopRecord.model_validate({**h, "carried_from": request.rerun_of.chain_id})
+                           for h in request.carried_hops]
+            except ValidationError as err:
+                self._problem = f"carried_hops.{one_line(err)}"
+            else:
+                self._record.hops.extend(carried)
+                rules.carry(self._root, carried)
         self._completed = 0  # hops completed in this chain, every branch included
         self._first_handoff_id = request.first_handoff_id
-        self._hops_used = 0
+        self._hops_used = sum(1 for hop in self._record.all_hops() if hop.attempts)  # a re-run's carried ones
         self._hops_reserved = 0  # one per fan-out waiting for its branches, for its join
         self._fan_outs = 0  # fan-outs whose branches are running
         self._approvals = Approvals(request.chain_id)
@@ -142,9 +154,8 @@ class HandoffChainWorkflow(FanOuts):
             else:  # held: the event loop keeps only a weak reference to a task
                 self._progress_timer = asyncio.create_task(self._progress_after(self._policy.progress_after_s))
         try:
-            problem = request.problem()
-            if problem:
-                raise ChainEnd(ChainStatus.REJECTED, problem)
+            if self._problem:
+                raise ChainEnd(ChainStatus.REJECTED, self._problem)
             await self._walk(self._root, request.start_depth, target)
             return self._ended(ChainStatus.COMPLETED)
         except ChainEnd as end:

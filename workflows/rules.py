@@ -32,7 +32,9 @@ with workflow.unsafe.imports_passed_through():
         HandoffContext,
         HandoffResult,
         HopInput,
+        HopKind,
         HopLimits,
+        HopRecord,
         HopStatus,
         walk_hops,
     )
@@ -257,6 +259,15 @@ def hop_input(policy: ChainPolicy, path: Path, depth: int, target: Target, agent
         withheld_context_keys=view.withheld, previous_results_shown=view.results_shown,
         result_refs=view.refs if any(view.refs) else [],
     )
+
+
+def carry(path: Path, carried: list[HopRecord]) -> None:
+    """A re-run's path starts as its original's did at the re-run hop: the carried entries'
+    agents visited and their tasks asked (the loop and visit rules count them)."""
+    for hop in walk_hops(carried):
+        if hop.status is HopStatus.COMPLETED and hop.kind is not HopKind.RETURN:
+            path.visits[hop.to_agent] += 1
+            path.asked.add((hop.to_agent, hop.task_description))
 
 
 def hop_usage(budget: Budget | None, result: HandoffResult) -> Usage | None:

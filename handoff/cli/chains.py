@@ -33,6 +33,7 @@ from handoff.client import (
     decide_approval,
     get_chain,
     start_request,
+    rerun_chain,
     steer_chain,
     stop_chain,
 )
@@ -264,18 +265,51 @@ def reject(
     _decide(chain_id, False, by, reason, hop)
 
 
+@app.command()
+def rerun(
+    chain_id: str = typer.Argument(..., help="the chain to re-run"),
+    from_hop: int = typer.Option(..., "--from-hop", min=0, max=4, help="the hop to run again (its depth)"),
+    to: str | None = typer.Option(None, "--to", help="run the hop on this agent instead"),
+    capability: str | None = typer.Option(None, "--capability", help="run the hop by this capability instead"),
+    task: str | None = typer.Option(None, "--task", help="ask the hop this instead"),
+    context: str | None = typer.Option(None, "--context", help="the hop's context instead: JSON object, or @file"),
+    policy_arg: str | None = typer.Option(None, "--policy", help="the re-run's policy instead: JSON object, or @file"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the re-run to end and print its record"),
+    as_json: bool = typer.Option(False, "--json", help="with --wait: only the record's JSON on stdout"),
+) -> None:
+    """Re-run a chain from one of its hops: the hops before it are carried as they were (their
+    agents are not called again), and the hop runs again."""
+
+    async def go() -> ChainRecord | None:
+        client = await connect()
+        new_id = await rerun_chain(
+            client, chain_id, from_hop=from_hop, to_agent=to, capability=capability, task_description=task,
+            context_data=json_object_arg(context) if context is not None else None,
+            policy=json_object_arg(policy_arg, "--policy") if policy_arg is not None else None)
+        if not (wait and as_json):
+            out.print(f"chain [bold]{new_id}[/bold] started: a re-run of {chain_id} from hop {from_hop}")
+            out.print(f"Web UI: {ui_url(str(new_id), client.namespace)}", soft_wrap=True)
+        return await _wait_telling_why(client, new_id, None) if wait else None
+
+    record = run(go)
+    if record is not None:
+        print_record(record, as_json)
+        exit_for(record)
+
+
 @app.command("list")
 def list_chains(
     agent: str | None = typer.Option(None, "--agent", help="chains that visited this agent"),
     status: str | None = typer.Option(None, "--status", help="running, completed, failed, ..."),
     since: str | None = typer.Option(None, "--since", help="started within 30m/2h/7d, or since an ISO time"),
+    rerun_of: str | None = typer.Option(None, "--rerun-of", help="re-runs of this chain"),
     limit: int = typer.Option(20, "--limit", min=1, max=1000),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Find chains through search attributes (newest first)."""
 
     async def go() -> list[dict[str, Any]]:
-        query = chain_query(agent=agent, status=status,
+        query = chain_query(agent=agent, status=status, rerun_of=rerun_of,
                             since=parse_since(since) if since is not None else None)
         return await find_chains(await connect(), query, limit=limit)
 

@@ -59,7 +59,11 @@ def chain_table(record: ChainRecord) -> Group:
     table.add_column("ms", no_wrap=True, justify="right")
     table.add_column("task / result", overflow="fold", min_width=24)
     _hop_rows(table, record.hops, "")
-    parts: list[Any] = [title, table]
+    parts: list[Any] = [title]
+    if record.rerun_of is not None:
+        parts.append(Text(f"a re-run of chain {record.rerun_of.chain_id} from hop {record.rerun_of.hop} "
+                          "(the hops before it carried from there)", style="dim"))
+    parts.append(table)
     if record.final_result:
         final = record.final_result.get("summary") or _brief(record.final_result, 400)
         parts.append(Text(f"final result: {final}"))
@@ -111,6 +115,8 @@ def _hop_cells(hop: HopRecord) -> tuple[Text, Text, str, Text]:
     status.append(f"\n{hop.attempts} attempt{'s' if hop.attempts != 1 else ''}", style="dim")
     if hop.build_id is not None:
         status.append(f"\nbuild {hop.build_id}", style="dim")
+    if hop.carried_from is not None:
+        status.append("\ncarried", style="dim")
     detail = Text(hop.task_description)
     if hop.kind is HopKind.JOIN:
         detail = Text.assemble(("join: ", "bold"), detail)

@@ -18,6 +18,7 @@ from handoff.client.chains import (
 from handoff.client.connect import connect, context_limit, env_context_limit
 from handoff.client.follow import current_record, follow_chain
 from handoff.client.requests import build_request, capability_of, chain_uuid, checked
+from handoff.client.rerun import rerun_chain
 
 __all__ = [
     "ChainArguments",
@@ -35,6 +36,7 @@ __all__ = [
     "follow_chain",
     "get_chain",
     "reject_chain",
+    "rerun_chain",
     "run_chain",
     "start_chain",
     "start_request",

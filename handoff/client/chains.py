@@ -31,6 +31,7 @@ from handoff.constants import (
     SA_AGENTS,
     SA_CURRENT_AGENT,
     SA_DEPTH,
+    SA_RERUN_OF,
     SA_STATUS,
     STEER_UPDATE,
     STOP_UPDATE,
@@ -67,7 +68,8 @@ async def start_request(
             SearchAttributePair(SA_STATUS, "running"),
             SearchAttributePair(SA_AGENTS, [request.to_agent] if request.to_agent else []),
             SearchAttributePair(SA_CURRENT_AGENT, first),
-            SearchAttributePair(SA_DEPTH, 0),
+            SearchAttributePair(SA_DEPTH, request.start_depth),
+            *([SearchAttributePair(SA_RERUN_OF, str(request.rerun_of.chain_id))] if request.rerun_of else []),
         ])
         if search_attributes
         else None

@@ -15,12 +15,8 @@ from handoff.client.connect import env_context_limit
 from handoff.constants import CHAIN_PROTOCOL, MAX_CONTEXT_BYTES
 from handoff.errors import ContextTooLarge, InvalidRequest
 from handoff.models import AgentCapability, ChainPolicy, ChainRequest
+from handoff.models.checks import one_line
 from handoff.settings import Settings, settings
-
-def one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "input"
-    return f"{where}: {first['msg']}"
 
 
 def build_request(

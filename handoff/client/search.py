@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from uuid import UUID
 
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from handoff.constants import CHAIN_WORKFLOW, SA_AGENTS, SA_DEPTH, SA_STATUS
+from handoff.client.requests import chain_uuid
+from handoff.constants import CHAIN_WORKFLOW, SA_AGENTS, SA_DEPTH, SA_RERUN_OF, SA_STATUS
 from handoff.errors import InvalidRequest
 from handoff.models import ChainStatus, check_agent_id
 
@@ -44,7 +46,7 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
 
 
 def chain_query(*, agent: str | None = None, status: str | None = None,
-                since: datetime | None = None) -> str:
+                since: datetime | None = None, rerun_of: UUID | str | None = None) -> str:
     """A visibility query for chains; values are validated so the query cannot be malformed."""
     clauses = [f"WorkflowType = '{CHAIN_WORKFLOW}'"]
     if agent is not None:
@@ -57,6 +59,8 @@ def chain_query(*, agent: str | None = None, status: str | None = None,
         clauses.append(f"{SA_STATUS.name} = '{status}'")
     if since is not None:
         clauses.append(f"StartTime >= '{since.astimezone(timezone.utc).isoformat()}'")
+    if rerun_of is not None:
+        clauses.append(f"{SA_RERUN_OF.name} = '{chain_uuid(rerun_of)}'")
     return " AND ".join(clauses)
 
 
@@ -77,5 +81,6 @@ async def find_chains(client: Client, query: str, *, limit: int = 20) -> list[di
             "agents": list(attrs.get(SA_AGENTS) or []),
             "depth": attrs.get(SA_DEPTH),
             "started_at": execution.start_time,
+            **({"rerun_of": attrs.get(SA_RERUN_OF)} if attrs.get(SA_RERUN_OF) else {}),
         })
     return rows

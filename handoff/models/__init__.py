@@ -39,6 +39,7 @@ from handoff.models.policy import (
     ApprovalDecision,
     ChainPolicy,
     ChainRequest,
+    RerunOf,
 )
 from handoff.models.control import Steering, SteeringMessage, StopRequest
 from handoff.models.usage import Budget, BudgetLeft, ModelUsage, Price, Usage
@@ -102,6 +103,7 @@ __all__ = [
     "ModelUsage",
     "Price",
     "Registration",
+    "RerunOf",
     "ResolveRequest",
     "Steering",
     "SteeringMessage",

@@ -7,6 +7,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from handoff.constants import MAX_NESTING
 from handoff.errors import InvalidRequest
 
@@ -74,3 +76,10 @@ def aware_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("datetime must be timezone-aware (UTC)")
     return value.astimezone(timezone.utc)
+
+
+def one_line(err: ValidationError) -> str:
+    """A validation error as one readable line: where, and what is wrong."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "input"
+    return f"{where}: {first['msg']}"

@@ -26,6 +26,7 @@ from handoff.constants import (
     MAX_CONTEXT_BYTES,
     MAX_EXTERNAL_CONTEXT_BYTES,
     MAX_IDENTITY_CHARS,
+    MAX_NESTING,
     MAX_TOTAL_HOPS,
     STARTER_AGENT,
 )
@@ -111,6 +112,13 @@ class ChainPolicy(BaseModel):
         return "*" in listed or to_agent in listed or (capability is not None and capability.value in listed)
 
 
+class RerunOf(BaseModel):
+    """Where a re-run came from: the original chain, and the hop it re-runs from."""
+
+    chain_id: UUID
+    hop: int = Field(ge=0, lt=MAX_CHAIN_DEPTH)
+
+
 class ChainRequest(BaseModel):
     """The chain workflow's input: the first handoff and the chain's policy."""
 
@@ -130,6 +138,11 @@ class ChainRequest(BaseModel):
     protocol: int = 1
     """Which chain behaviour the starter asked for (`handoff.constants.CHAIN_PROTOCOL`); requests
     recorded before the field existed decode as 1, so their histories replay as they ran."""
+    rerun_of: RerunOf | None = None
+    """Set when this chain re-runs another from one of its hops (`rerun_chain`)."""
+    carried_hops: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_TOTAL_HOPS)
+    """For a re-run: the original's hop entries before the re-run hop, as recorded (`HopRecord`s):
+    the new record starts with them; their agents are not called again."""
 
     def problem(self) -> str | None:
         """Why the chain must be refused before its first hop; None when it may start. Checked
@@ -137,7 +150,8 @@ class ChainRequest(BaseModel):
         come through the client."""
         return (address_problem(self.to_agent, self.capability) or task_problem(self.task_description)
                 or nesting_problem(self.context_data, "context_data")
-                or nesting_problem(self.previous_results, "previous_results"))
+                or nesting_problem(self.previous_results, "previous_results")
+                or nesting_problem(self.carried_hops, "carried_hops", MAX_NESTING + 4))
 
 
 class ApprovalDecision(BaseModel):

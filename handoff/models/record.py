@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from handoff.models.context import BranchOutcome
 from handoff.models.control import SteeringMessage
 from handoff.models.directives import AgentDecision
-from handoff.models.policy import ApprovalDecision
+from handoff.models.policy import ApprovalDecision, RerunOf
 from handoff.models.statuses import AgentCapability, ChainStatus, HopKind, HopStatus
 from handoff.models.usage import Usage
 
@@ -86,6 +86,9 @@ class HopRecord(BaseModel):
     budget; None when it reported nothing."""
     steering: list[SteeringMessage] = Field(default_factory=list)
     """The steering messages this hop received (`ctx.steering`)."""
+    carried_from: UUID | None = None
+    """Set on a re-run's first entries: the chain whose record they are carried from (their
+    agents were not called again)."""
 
     @property
     def result_in_history(self) -> bool:
@@ -178,6 +181,8 @@ class ChainRecord(BaseModel):
     """The same, by the agent whose hops spent it."""
     currency: str | None = None
     """The currency of every cost in the record: its budget's (None: the chain had no budget)."""
+    rerun_of: RerunOf | None = None
+    """Set when the chain re-runs another from one of its hops."""
 
     def spend(self, agent: str, usage: Usage) -> None:
         """Add one hop's `usage` (by `agent`) to the chain's totals."""

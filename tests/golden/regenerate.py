@@ -52,6 +52,8 @@ from handoff.client import (
     stop_chain,
     wait_chain,
 )
+from handoff.client.chains import start_request
+from handoff.client.rerun import rerun_request
 from handoff.constants import REGISTRY_WORKFLOW_ID
 from handoff.workers.chain_worker import chain_worker
 from tests.support import make_agent, running, start_dev_env
@@ -85,6 +87,7 @@ BUDGET_IDS: dict[str, UUID] = {
     "time_budget": UUID("601de000-0000-4000-8000-000000000302"),
     "steered": UUID("601de000-0000-4000-8000-000000000401"),
     "stopped": UUID("601de000-0000-4000-8000-000000000402"),
+    "rerun": UUID("601de000-0000-4000-8000-000000000403"),
 }
 REGISTRY_FILE = "registry"
 
@@ -372,6 +375,14 @@ async def stopped(client: Client, chain_id: UUID) -> ChainRecord:
     return await wait_chain(client, chain_id)
 
 
+async def rerun(client: Client, chain_id: UUID) -> ChainRecord:
+    """The linear chain (run before it, in the same run) re-run from hop 2: a and b carried, c and
+    d run again."""
+    request = await rerun_request(client, CHAIN_IDS["linear"], from_hop=2)
+    await start_request(client, request.model_copy(update={"chain_id": chain_id}))
+    return await wait_chain(client, chain_id)
+
+
 SCENARIOS = {
     "linear": linear,
     "fallback_unreachable": fallback_unreachable,
@@ -391,6 +402,7 @@ SCENARIOS = {
     "time_budget": time_budget,
     "steered": steered,
     "stopped": stopped,
+    "rerun": rerun,
 }
 IDS = {**CHAIN_IDS, **PATTERN_IDS, **BUDGET_IDS}
 
