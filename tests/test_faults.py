@@ -1,6 +1,6 @@
 """Crashes mid-chain: the chain worker killed with SIGKILL, the embedded server restarted on its
-database, also while a chain waits for a person's approval. Every chain completes, and no hop
-appears twice in its record."""
+database, also while a chain waits for a person's approval, has been steered and spends a budget,
+or is re-run. Every chain ends as it would have, and no hop appears twice in its record."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ from collections import Counter
 
 import pytest
 
-from handoff import ChainStatus, HopStatus, approve_chain, get_chain, start_chain, wait_chain
+from handoff import (
+    ChainStatus,
+    HopStatus,
+    approve_chain,
+    get_chain,
+    rerun_chain,
+    start_chain,
+    steer_chain,
+    wait_chain,
+)
 from handoff.client import connect
 from handoff.servers.embedded import EmbeddedServer, free_port
 from tests.support import HANDOFF, ROOT, make_agent, running
@@ -138,3 +147,54 @@ async def test_approval_survives_the_chain_worker_killed_and_the_server_restarte
     assert record.status is ChainStatus.COMPLETED
     assert record.hops[0].approval.by == "on-call" and record.hops[0].attempts == 1
     assert list(runs.values()) == [1]
+
+
+async def test_steering_a_budget_and_a_rerun_survive_the_chain_worker_killed(server, uid):
+    """A steering message accepted by one chain worker reaches the next hop run by its
+    replacement; the budget spent before the kill still counts; a re-run started while no chain
+    worker runs completes once one does."""
+    a, b, c = f"ks-a-{uid}", f"ks-b-{uid}", f"ks-c-{uid}"
+    started, release = asyncio.Event(), asyncio.Event()
+    seen: dict[str, list] = {}
+    runs: Counter = Counter()
+
+    def spender(to: str | None):
+        async def handle(ctx):
+            runs[ctx.to_agent] += 1
+            seen[f"{ctx.chain_id}/{ctx.to_agent}"] = [s.message for s in ctx.steering]
+            ctx.report_usage(model="m", prompt_tokens=30, model_calls=1)
+            if ctx.to_agent == a:
+                started.set()
+                await release.wait()
+            return ctx.handoff(to_agent=to, task_description="on") if to else ctx.complete({"by": ctx.to_agent})
+        return handle
+
+    client = await connect(address=server.address)
+    first = chain_worker_process(server)
+    second = third = None
+    try:
+        async with running(client, make_agent(a, spender(b)), make_agent(b, spender(c)), make_agent(c, spender(None))):
+            chain_id = await start_chain(client, to_agent=a, task_description="steer and spend",
+                                         search_attributes=False, policy={"budget": {"max_tokens": 50}})
+            await asyncio.wait_for(started.wait(), 30)
+            await steer_chain(client, chain_id, message="mind the budget", by="ops")
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            second = chain_worker_process(server)
+            release.set()
+            record = await asyncio.wait_for(wait_chain(client, chain_id), 60)
+            second.terminate()
+            second.wait(timeout=15)
+            rerun_id = await rerun_chain(client, chain_id, from_hop=1, policy={"budget": {"max_tokens": 500}})
+            third = chain_worker_process(server)
+            rerun = await asyncio.wait_for(wait_chain(client, rerun_id), 60)
+    finally:
+        stop(first, second, third)
+    assert record.status is ChainStatus.BUDGET_EXCEEDED, record.error
+    assert [h.to_agent for h in record.hops] == [a, b, c] and record.hops[2].status is HopStatus.REFUSED
+    assert seen[f"{chain_id}/{b}"] == ["mind the budget"] and record.hops[1].steering[0].message == "mind the budget"
+    assert seen[f"{rerun_id}/{b}"] == [], "a re-run does not hear the original's steering again"
+    assert record.usage.tokens == 60
+    assert rerun.status is ChainStatus.COMPLETED, rerun.error
+    assert [h.to_agent for h in rerun.hops] == [a, b, c] and rerun.hops[0].carried_from == chain_id
+    assert runs == Counter({a: 1, b: 2, c: 1}), "a was never called again; b ran once in each chain"
