@@ -124,7 +124,9 @@ SA_CURRENT_AGENT = SearchAttributeKey.for_keyword("HandoffCurrentAgent")
 SA_DEPTH = SearchAttributeKey.for_int("HandoffDepth")
 SA_RERUN_OF = SearchAttributeKey.for_keyword("HandoffRerunOf")
 """Set at the start of a re-run: the chain it re-runs (`handoff list --rerun-of`)."""
-SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_RERUN_OF)
+SA_COST = SearchAttributeKey.for_float("HandoffCost")
+"""What a chain with a budget has spent, in its budget's currency: set at its start, written at its end."""
+SEARCH_ATTRIBUTES = (SA_STATUS, SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_RERUN_OF, SA_COST)
 
 
 def agent_task_queue(agent_id: str) -> str:

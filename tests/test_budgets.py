@@ -148,6 +148,14 @@ async def test_handoff_start_takes_the_whole_policy_and_refuses_a_bad_one_in_one
         assert record["usage"]["cost"] == pytest.approx(0.5)
         shown = await cli(cli_env, "show", record["chain_id"])
         assert "spent: 10 tokens (5 prompt, 5 completion), 1 model call, 0.5 USD" in " ".join(shown.stdout.split())
+        for _ in range(50):  # the cost is written at the chain's end; visibility follows
+            listed = json.loads((await cli(cli_env, "list", "--min-cost", "0.4", "--json")).stdout)
+            if any(row["chain_id"] == record["chain_id"] for row in listed):
+                break
+            await asyncio.sleep(0.1)
+        assert [row["cost"] for row in listed if row["chain_id"] == record["chain_id"]] == [pytest.approx(0.5)]
+        above = json.loads((await cli(cli_env, "list", "--min-cost", "0.6", "--json")).stdout)
+        assert record["chain_id"] not in [row["chain_id"] for row in above]
     assert_usage_error(await cli(cli_env, "start", "--to", agent, "--task", "t", "--policy",
                                  '{"budget": {"max_tokens": 0}}'), "budget.max_tokens")
     assert_usage_error(await cli(cli_env, "start", "--to", agent, "--task", "t", "--policy",

@@ -11,7 +11,7 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from handoff.constants import SA_AGENTS, SA_CURRENT_AGENT, SA_DEPTH, SA_STATUS
+    from handoff.constants import SA_AGENTS, SA_COST, SA_CURRENT_AGENT, SA_DEPTH, SA_STATUS
     from handoff.models import ChainRecord, ChainStatus, HopInput, HopKind, HopRecord, HopStatus, Usage
 
     from handoff.workflows.paths import Target
@@ -79,6 +79,8 @@ class Visibility:
         if status is not None:
             wanted.append((SA_STATUS, status.value))
         current = workflow.info().typed_search_attributes
+        if status is not None and status.ended and self._record.usage is not None and current.get(SA_COST) is not None:
+            wanted.append((SA_COST, self._record.usage.cost))  # set at the start of a chain with a budget
         changed = [key.value_set(value) for key, value in wanted if current.get(key) != value]
         if changed:
             workflow.upsert_search_attributes(changed)

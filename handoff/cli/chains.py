@@ -303,13 +303,14 @@ def list_chains(
     status: str | None = typer.Option(None, "--status", help="running, completed, failed, ..."),
     since: str | None = typer.Option(None, "--since", help="started within 30m/2h/7d, or since an ISO time"),
     rerun_of: str | None = typer.Option(None, "--rerun-of", help="re-runs of this chain"),
+    min_cost: float | None = typer.Option(None, "--min-cost", help="chains with a budget that spent at least this"),
     limit: int = typer.Option(20, "--limit", min=1, max=1000),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Find chains through search attributes (newest first)."""
 
     async def go() -> list[dict[str, Any]]:
-        query = chain_query(agent=agent, status=status, rerun_of=rerun_of,
+        query = chain_query(agent=agent, status=status, rerun_of=rerun_of, min_cost=min_cost,
                             since=parse_since(since) if since is not None else None)
         return await find_chains(await connect(), query, limit=limit)
 

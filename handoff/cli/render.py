@@ -184,6 +184,8 @@ def chains_table(rows: list[dict[str, Any]]) -> Table:
         started = row["started_at"]
         when = started.astimezone(timezone.utc).strftime("%m-%d %H:%M:%S") if started else ""
         status = Text(row["status"], style=STATUS_STYLE.get(_status(row["status"]), "red"))
+        if row.get("cost") is not None:
+            status.append(f"\nspent {row['cost']:.6g}", style="dim")
         table.add_row(chain, status, "" if row["depth"] is None else str(row["depth"]), when)
     return table
 

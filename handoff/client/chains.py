@@ -29,6 +29,7 @@ from handoff.constants import (
     CHAIN_TASK_QUEUE,
     CHAIN_WORKFLOW,
     SA_AGENTS,
+    SA_COST,
     SA_CURRENT_AGENT,
     SA_DEPTH,
     SA_RERUN_OF,
@@ -70,6 +71,7 @@ async def start_request(
             SearchAttributePair(SA_CURRENT_AGENT, first),
             SearchAttributePair(SA_DEPTH, request.start_depth),
             *([SearchAttributePair(SA_RERUN_OF, str(request.rerun_of.chain_id))] if request.rerun_of else []),
+            *([SearchAttributePair(SA_COST, 0.0)] if request.policy.budget is not None else []),
         ])
         if search_attributes
         else None

@@ -10,7 +10,7 @@ from uuid import UUID
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from handoff.client.requests import chain_uuid
-from handoff.constants import CHAIN_WORKFLOW, SA_AGENTS, SA_DEPTH, SA_RERUN_OF, SA_STATUS
+from handoff.constants import CHAIN_WORKFLOW, SA_AGENTS, SA_COST, SA_DEPTH, SA_RERUN_OF, SA_STATUS
 from handoff.errors import InvalidRequest
 from handoff.models import ChainStatus, check_agent_id
 
@@ -46,7 +46,8 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
 
 
 def chain_query(*, agent: str | None = None, status: str | None = None,
-                since: datetime | None = None, rerun_of: UUID | str | None = None) -> str:
+                since: datetime | None = None, rerun_of: UUID | str | None = None,
+                min_cost: float | None = None) -> str:
     """A visibility query for chains; values are validated so the query cannot be malformed."""
     clauses = [f"WorkflowType = '{CHAIN_WORKFLOW}'"]
     if agent is not None:
@@ -61,6 +62,10 @@ def chain_query(*, agent: str | None = None, status: str | None = None,
         clauses.append(f"StartTime >= '{since.astimezone(timezone.utc).isoformat()}'")
     if rerun_of is not None:
         clauses.append(f"{SA_RERUN_OF.name} = '{chain_uuid(rerun_of)}'")
+    if min_cost is not None:
+        if not 0 <= float(min_cost) < 1e12:
+            raise InvalidRequest(f"--min-cost {min_cost} is not a cost (0 or more)")
+        clauses.append(f"{SA_COST.name} >= {float(min_cost)!r}")
     return " AND ".join(clauses)
 
 
@@ -82,5 +87,6 @@ async def find_chains(client: Client, query: str, *, limit: int = 20) -> list[di
             "depth": attrs.get(SA_DEPTH),
             "started_at": execution.start_time,
             **({"rerun_of": attrs.get(SA_RERUN_OF)} if attrs.get(SA_RERUN_OF) else {}),
+            **({"cost": attrs.get(SA_COST)} if attrs.get(SA_COST) is not None else {}),
         })
     return rows
