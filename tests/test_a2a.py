@@ -188,6 +188,45 @@ async def test_a_chain_waiting_for_approval_is_input_required_and_a_message_appr
     assert (approval.decision, approval.by, approval.comment) == ("approved", "a2a:local", "looks fine")
 
 
+async def test_a_follow_up_message_on_a_running_task_steers_its_next_hop(client, uid, a2a):
+    """A follow-up while the chain runs, and while a stream still follows the task: its text
+    reaches the chain's next hop as steering at once."""
+    first, second = f"a2a-held-{uid}", f"a2a-next-{uid}"
+    started, release = asyncio.Event(), asyncio.Event()
+    chains: list[str] = []
+    heard: list = []
+
+    async def held(ctx):
+        chains.append(str(ctx.chain_id))
+        started.set()
+        await release.wait()
+        return ctx.handoff(to_agent=second, task_description="go on")
+
+    async def last(ctx):
+        heard.extend(ctx.steering)
+        return ctx.complete({"by": ctx.to_agent})
+
+    async with running(client, make_agent(first, held), make_agent(second, last)):
+        run = asyncio.create_task(events_of(await a2a_client(a2a.url), message("deploy it", agent=first)))
+        await asyncio.wait_for(started.wait(), 20)
+        answer = await asyncio.wait_for(events_of(await a2a_client(a2a.url), message("use staging", task_id=chains[0])), 10)
+        assert _steered(await client.get_workflow_handle(chains[0]).fetch_history())
+        release.set()
+        events = await asyncio.wait_for(run, 30)
+    assert answer[0].task.id == chains[0] and answer[0].task.status.state == TaskState.TASK_STATE_WORKING
+    assert state_events(events)[-1] == TaskState.TASK_STATE_COMPLETED
+    assert [(s.message, s.by) for s in heard] == [("use staging", "a2a:local")]
+    record = await get_chain(client, chains[0])
+    assert record.hops[1].steering[0].message == "use staging"
+
+
+def _steered(history) -> bool:
+    """Whether the chain's history holds an accepted steer Update."""
+    return any(e.HasField("workflow_execution_update_accepted_event_attributes")
+               and e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name == "steer"
+               for e in history.events)
+
+
 async def test_a_message_the_chain_cannot_take_is_rejected_with_the_reason(client, a2a):
     peer = await a2a_client(a2a.url)
     events = await events_of(peer, message("no target given"))

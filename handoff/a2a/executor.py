@@ -1,5 +1,6 @@
 """What an A2A message does: it starts a chain (the task id is the chain id) and follows it hop by
-hop while someone listens; a follow-up message on a task that waits for approval decides it;
+hop while someone listens; a follow-up message on a task that waits for approval decides it, and
+one on a task whose chain runs steers its next hop;
 GetTask and CancelTask are answered from Temporal. A task belongs to the caller that started it:
 another caller is told it does not exist, unless it is an operator (`handoff.a2a.tasks.may_see`)."""
 
@@ -41,6 +42,7 @@ from handoff.client import (
     follow_chain,
     reject_chain,
     start_request,
+    steer_chain,
 )
 from handoff.constants import MAX_NESTING
 from handoff.errors import ChainNotFound, InvalidRequest
@@ -240,13 +242,37 @@ class ChainRequestHandler(DefaultRequestHandler):
         if task_id is not None:
             self._listeners.remove(task_id)
 
+    async def _steered(self, params: SendMessageRequest, context: ServerCallContext) -> Task | None:
+        """A follow-up on a task whose chain runs (waiting for nobody): its text steers the chain's
+        next hop at once, and the task is the answer, without waiting for the request that may be
+        following the task (the SDK runs one at a time per task). None: not such a follow-up."""
+        task_id = params.message.task_id
+        if not task_id:
+            return None
+        task = await self.task_store.get(task_id, context)  # None for a caller who may not see it
+        if task is None or task.status.state not in (TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_SUBMITTED):
+            return None
+        text = " ".join(get_text_parts(params.message.parts)).strip()
+        try:
+            await steer_chain(self._client, task_id, message=text, by=f"a2a:{caller_of(context).name}")
+        except InvalidRequest:
+            return None  # it ended meanwhile, say: the SDK's handling says so
+        return await self.task_store.get(task_id, context)
+
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext):
+        steered = await self._steered(params, context)
+        if steered is not None:
+            return steered
         try:
             return await super().on_message_send(params, context)
         finally:
             self._done_listening(context)
 
     async def on_message_send_stream(self, params: SendMessageRequest, context: ServerCallContext):
+        steered = await self._steered(params, context)
+        if steered is not None:
+            yield steered
+            return
         try:
             async for event in super().on_message_send_stream(params, context):
                 yield event
