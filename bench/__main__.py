@@ -29,6 +29,7 @@ from temporalio.client import Client
 
 from bench.agents import FAN_OUT, LEAD
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
+from bench.control import control_rows, control_targets, run_control
 from bench.cost import cost_rows, cost_targets, run_cost
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
@@ -414,6 +415,8 @@ def targets(results: dict) -> dict:
         checks.update(registry_targets(results["registry_scale"]))
     if "cost" in results:
         checks.update(cost_targets(results["cost"]))
+    if "control" in results:
+        checks.update(control_targets(results["control"]))
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
@@ -481,6 +484,8 @@ def markdown(results: dict) -> str:
         rows += registry_rows(results["registry_scale"], goal)
     if "cost" in results:
         rows += cost_rows(results["cost"], goal)
+    if "control" in results:
+        rows += control_rows(results["control"], goal)
     rows += [
         "",
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
@@ -538,6 +543,8 @@ def run(args: argparse.Namespace) -> dict:
             stale_count=args.stale)
     if not args.skip_cost:
         results["cost"] = run_cost()
+    if not args.skip_control:
+        results["control"] = run_control()
     results["targets"] = targets(results)
     return results
 
@@ -566,6 +573,8 @@ def main() -> None:
     parser.add_argument("--skip-registry", action="store_true", help="skip registration and discovery at scale")
     parser.add_argument("--skip-cost", action="store_true",
                         help="skip what each chain shape costs in actions and history (`python -m bench.cost`)")
+    parser.add_argument("--skip-control", action="store_true",
+                        help="skip budget accounting, steering and re-run figures (`python -m bench.control`)")
     parser.add_argument("--race-only", action="store_true",
                         help="only the 5-hop race (handoff, bare, the peer): JSON out, no table")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"),

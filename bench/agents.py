@@ -3,11 +3,13 @@ the handoff machinery, not agent work."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
+from pathlib import Path
 
-from handoff import Agent, AgentCapability, Branch, HandoffContext, HandoffResult, Join
+from handoff import Agent, AgentCapability, Branch, HandoffContext, HandoffResult, Join, PermanentError
 
 HOPS = 5
 IDS = [f"bench-r{i}" for i in range(HOPS)]
@@ -17,6 +19,15 @@ LEAD, JOIN, GATE = "bench-lead", "bench-join", "bench-gate"
 RESULT_BYTES = "result_random_bytes"
 """With this in the context, each relay's result carries that many random bytes, base64-encoded
 (incompressible text, 4/3 as long) under `data`."""
+REPORT_USAGE = "report_usage"
+"""With this true in the context, each relay reports `RELAY_USAGE` for its hop (`ctx.report_usage`)."""
+RELAY_USAGE = {"model": "m", "prompt_tokens": 10, "completion_tokens": 5, "model_calls": 1}
+HOP_SLEEP_MS = "hop_sleep_ms"
+"""With this in the context, each relay sleeps that many milliseconds before it hands on."""
+WAITER, STEERED = "bench-waiter", "bench-steered"
+WAIT_FOR = "wait_for"
+"""The waiter's context key: the path of the file it waits for."""
+WAIT_POLL_S, WAIT_TIMEOUT_S = 0.005, 30.0
 RELAY_CAPABILITIES = [AgentCapability.CODE_ANALYSIS, AgentCapability.SECURITY_AUDIT,
                       AgentCapability.PERFORMANCE_OPTIMIZATION, AgentCapability.DATABASE_OPERATIONS,
                       AgentCapability.API_INTEGRATION]
@@ -32,6 +43,10 @@ def _result(ctx: HandoffContext, index: int) -> dict:
 
 async def relay(ctx: HandoffContext) -> HandoffResult:
     index = IDS.index(ctx.to_agent)
+    if ctx.context_data.get(REPORT_USAGE):
+        ctx.report_usage(**RELAY_USAGE)
+    if HOP_SLEEP_MS in ctx.context_data:
+        await asyncio.sleep(float(ctx.context_data[HOP_SLEEP_MS]) / 1000)
     if index + 1 < len(IDS) and index + 1 < int(ctx.context_data.get("hops", HOPS)):
         return ctx.handoff(to_agent=IDS[index + 1], task_description=f"hop {index + 1}",
                            result_data=_result(ctx, index))
@@ -66,6 +81,24 @@ async def gate(ctx: HandoffContext) -> HandoffResult:
     return ctx.complete({"started_at": time.time()})
 
 
+async def waiter(ctx: HandoffContext) -> HandoffResult:
+    """Waits until the file `context_data["wait_for"]` names exists (polling it every 5 ms), then
+    hands on to `bench-steered` at once, saying when it saw the file (wall clock)."""
+    marker = Path(ctx.context_data[WAIT_FOR])
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise PermanentError(f"{marker} did not appear within {WAIT_TIMEOUT_S:g}s")
+        await asyncio.sleep(WAIT_POLL_S)
+    return ctx.handoff(to_agent=STEERED, task_description="after the wait",
+                       result_data={"released_at": time.time()})
+
+
+async def steered(ctx: HandoffContext) -> HandoffResult:
+    """Says when it started (wall clock, to compare across processes) and the steering messages it got."""
+    return ctx.complete({"started_at": time.time(), "steering": [m.message for m in ctx.steering]})
+
+
 def _agent(agent_id: str, handler) -> Agent:
     return Agent(id=agent_id, name=agent_id, capabilities=[AgentCapability.TESTING], handler=handler,
                  max_concurrent=100)
@@ -76,3 +109,5 @@ ALL = [_agent(i, relay) for i in IDS] + [_agent(LEAD, lead), _agent(JOIN, done),
 BY_CAPABILITY = [Agent(id=agent_id, name=agent_id, capabilities=[capability], handler=capability_relay,
                        max_concurrent=100) for agent_id, capability in zip(CAPABILITY_IDS, RELAY_CAPABILITIES)]
 """Kept out of `ALL`: the main benchmark's LLM figures offer a tool per live agent."""
+CONTROL = [_agent(WAITER, waiter), _agent(STEERED, steered)]
+"""The steering benchmark's agents (`bench/control.py`), kept out of `ALL` as `BY_CAPABILITY` is."""
