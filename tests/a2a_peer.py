@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 from pathlib import Path
 
@@ -41,8 +42,9 @@ from starlette.applications import Starlette
 
 class Planner(AgentExecutor):
     def __init__(self, delay_s: float, marks: Path | None, fail: str | None, ask: str | None,
-                 reply_mb: float = 0.0) -> None:
+                 reply_mb: float = 0.0, usage: dict | None = None) -> None:
         self.delay_s, self.marks, self.fail, self.ask, self.reply_mb = delay_s, marks, fail, ask, reply_mb
+        self.usage = usage
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         await event_queue.enqueue_event(Task(id=context.task_id, context_id=context.context_id,
@@ -73,7 +75,8 @@ class Planner(AgentExecutor):
         if self.reply_mb:
             plan.struct_value.update({"padding": "x" * int(self.reply_mb * 1024 * 1024)})
         await updater.add_artifact([Part(data=plan)], name="test plan")
-        await updater.complete(say(f"planned: {text}"))
+        await updater.update_status(TaskState.TASK_STATE_COMPLETED, message=say(f"planned: {text}"),
+                                    metadata={"usage": self.usage} if self.usage else None)
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
@@ -88,6 +91,7 @@ def main() -> None:
     parser.add_argument("--ask")
     parser.add_argument("--reply-mb", type=float, default=0.0)
     parser.add_argument("--card-endpoint")
+    parser.add_argument("--usage", type=json.loads, help="what the task reports it spent (JSON), in its metadata")
     args = parser.parse_args()
     url = args.card_endpoint or f"http://127.0.0.1:{args.port}/"
     card = AgentCard(
@@ -97,7 +101,7 @@ def main() -> None:
         skills=[AgentSkill(id="plan", name="plan tests", description="plans tests", tags=["testing"])],
         supported_interfaces=[AgentInterface(protocol_binding=TransportProtocol.JSONRPC, url=url,
                                              protocol_version="1.0")])
-    handler = DefaultRequestHandler(agent_executor=Planner(args.delay, args.marks, args.fail, args.ask, args.reply_mb),
+    handler = DefaultRequestHandler(agent_executor=Planner(args.delay, args.marks, args.fail, args.ask, args.reply_mb, args.usage),
                                     task_store=InMemoryTaskStore(), agent_card=card)
     app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, rpc_url="/")])
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -324,6 +324,19 @@ async def test_a_chain_goes_through_a_remote_a2a_agent_and_on(client, uid, peer)
     assert seen[0].previous_results[-1] == result, "the remote agent's result goes on down the chain"
 
 
+async def test_a_remote_agents_reported_usage_counts_in_the_chains_budget(client, uid, peer):
+    usage = {"model": "remote-model", "prompt_tokens": 40, "completion_tokens": 2, "model_calls": 1, "cost": 0.25}
+    _, url = await peer("--usage", json.dumps(usage))
+    remote = remote_agent(url, id=f"spender-{uid}", capabilities=[AgentCapability.TESTING])
+    async with running(client, remote):
+        record = await run_chain(client, to_agent=remote.id, task_description="plan",
+                                 policy={"budget": {"max_tokens": 1000}})
+    assert record.status is ChainStatus.COMPLETED, record.error
+    spent = record.hops[0].usage
+    assert (spent.prompt_tokens, spent.completion_tokens, spent.model_calls, spent.cost) == (40, 2, 1, 0.25)
+    assert record.usage.by_model["remote-model"].prompt_tokens == 40
+
+
 @pytest.mark.parametrize("args, reason", [(("--fail", "no budget left"), "ended failed: no budget left"),
                                           (("--ask", "which branch?"), "asks for input")])
 async def test_a_remote_failure_or_question_fails_the_hop_deliberately(client, uid, peer, args, reason):

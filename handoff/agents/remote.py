@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
+from pydantic import Field
 
 from handoff.agents.agent import Agent
 from handoff.constants import retried_status
 from handoff.errors import PermanentError, Unavailable
-from handoff.models import AgentCapability, HandoffContext, HandoffResult, nesting_problem
+from handoff.models import AgentCapability, HandoffContext, HandoffResult, ModelUsage, nesting_problem
 
 TERMINAL = {"TASK_STATE_COMPLETED", "TASK_STATE_FAILED", "TASK_STATE_CANCELED", "TASK_STATE_REJECTED",
             "TASK_STATE_INPUT_REQUIRED", "TASK_STATE_AUTH_REQUIRED"}
@@ -272,9 +273,36 @@ def _causes(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
+class RemoteUsage(ModelUsage):
+    """A remote agent's report of what its task spent."""
+
+    model: str = Field(default="", max_length=128)
+    cost: float = Field(default=0.0, ge=0, le=10**12)
+
+
+def _reported_usage(ctx: HandoffContext, task: Any) -> None:
+    """What the remote agent says its task spent (`usage` in the task's metadata: `model`,
+    `prompt_tokens`, `completion_tokens`, `model_calls`, `cost`), added to the hop's usage; a
+    malformed report is left out (the hop's result does not depend on it)."""
+    from google.protobuf import json_format
+
+    if not task.HasField("metadata"):
+        return
+    usage = json_format.MessageToDict(task.metadata).get("usage")
+    if not isinstance(usage, dict):
+        return
+    try:
+        spent = RemoteUsage.model_validate(usage)
+    except ValueError:
+        return
+    ctx.report_usage(model=spent.model, prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
+                     model_calls=spent.model_calls, cost=spent.cost)
+
+
 def _ended(ctx: HandoffContext, task: Any) -> HandoffResult:
     from a2a.types import Role, TaskState
 
+    _reported_usage(ctx, task)
     state = TaskState.Name(task.status.state)
     said = _text_of([task.status.message]) if task.status.HasField("message") else ""
     if state == "TASK_STATE_COMPLETED":
