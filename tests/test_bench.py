@@ -14,7 +14,7 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     subprocess.run(
         [sys.executable, "-m", "bench", "--samples", "2", "--load-chains", "4", "--rounds", "2",
          "--context-samples", "1", "--skip-default", "--no-plot", "--out", str(out),
-         "--registry-sizes", "2,5", "--registry-chains", "4", "--stale", "6"],
+         "--registry-sizes", "2,5", "--registry-chains", "4", "--stale", "6", "--skip-cost", "--skip-control"],
         cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL)
     results = json.loads(out.read_text())
     assert sorted(results["latency_by_hops"]) == ["1", "2", "3", "4", "5"]
@@ -51,6 +51,17 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     # the header and one row per measure (no default server)
     assert len(rows) == 1 + 20 and "hub-and-spoke" in table and "OpenAI Agents SDK" in table
     assert "fan-out to 8 agents" in table and "approval" in table and "stale registrations" in table
+
+
+def test_the_control_bench_checks_what_it_measures_and_writes_json(tmp_path):
+    out = tmp_path / "control.json"
+    subprocess.run([sys.executable, "-m", "bench.control", "--budget-samples", "3", "--steering-samples", "2",
+                    "--rerun-samples", "2", "--out", str(out)],
+                   cwd=ROOT, check=True, timeout=240, stdout=subprocess.DEVNULL)
+    results = json.loads(out.read_text())
+    assert {"budget", "steering", "rerun"} <= set(results) and len(results["targets"]) == 3
+    assert all(isinstance(t["met"], bool) for t in results["targets"].values())
+    assert out.with_suffix(".md").read_text().count("\n| ") >= 3
 
 
 def test_the_peer_sends_no_traces_anywhere(monkeypatch):

@@ -41,7 +41,7 @@ LIVENESS_TUNING = ("--dynamic-config-value", 'frontend.keepAliveTime="5s"',
 # With a database file, WAL and relaxed fsync doubled chain throughput.
 SQLITE_TUNING = ("--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal")
 
-_SA_TYPES = {"KEYWORD": "Keyword", "KEYWORD_LIST": "KeywordList", "INT": "Int", "FLOAT": "Double"}
+_SA_TYPES = {"KEYWORD": "Keyword", "KEYWORD_LIST": "KeywordList", "INT": "Int", "DOUBLE": "Double"}
 
 
 class ServerError(HandoffError):
