@@ -8,14 +8,15 @@ import dataclasses
 import subprocess
 
 import pytest
+from temporalio.service import RPCError
 
 from rich.console import Console
 
-from handoff import AgentCapability, ChainStatus, run_chain
+from handoff import AgentCapability, ChainStatus, InvalidRequest, rerun_chain, run_chain, wait_chain
 from handoff.models import AgentCard
 from handoff.registry import AgentStatus, QueueStats
 from handoff.cli.render import agents_table
-from handoff.client.versioning import Routing, current_build_id, routing_of
+from handoff.client.versioning import Routing, current_build_id, routing_of, set_current_build_id
 from handoff.workers.agent_worker import run_agent
 from tests.support import HANDOFF, make_agent
 
@@ -102,3 +103,50 @@ def test_handoff_agents_shows_the_version_hops_go_to_and_a_ramping_one():
     assert "current v2, ramping v3 20%" in shown
     console.print(agents_table([status], {"reviewer": None}))
     assert console.export_text().count("current") == 0, "an unversioned agent shows no routing"
+
+
+async def test_a_rerun_after_a_rollout_runs_the_hop_on_the_fixed_version(client, uid):
+    """The use of a re-run: a chain failed at an agent's hop; a fixed version is rolled out; the
+    chain re-run from that hop runs it on the new version, and calls no earlier agent again."""
+    lead, agent_id = f"rr-lead-{uid}", f"rr-fixed-{uid}"
+    calls: list[tuple[str, str]] = []
+
+    async def first(ctx):
+        calls.append((ctx.to_agent, ""))
+        return ctx.handoff(to_agent=agent_id, task_description="convert it", result_data={"by": lead})
+
+    def build(version: str):
+        async def handle(ctx):
+            calls.append((ctx.to_agent, version))
+            if version == "v1":
+                return ctx.fail("v1 cannot convert it")
+            return ctx.complete({"version": version})
+        return dataclasses.replace(make_agent(agent_id, handle), version=version)
+
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(run_agent(client, make_agent(lead, first), stop, register=False)),
+               asyncio.create_task(run_agent(client, build("v1"), stop, register=False, versioned=True))]
+    try:
+        for _ in range(100):
+            if await current_build_id(client, agent_id) == "v1":
+                break
+            await asyncio.sleep(0.1)
+        original = await run_chain(client, to_agent=lead, task_description="convert")
+        assert original.status is ChainStatus.FAILED and original.hops[1].build_id == "v1"
+        workers.append(asyncio.create_task(run_agent(client, build("v2"), stop, register=False, versioned=True)))
+        for _ in range(30):  # once the new version's worker has polled, it can be made current
+            try:
+                await set_current_build_id(client, agent_id, "v2")
+                break
+            except (InvalidRequest, RPCError):  # not polled yet; or the deployment's rate limit
+                await asyncio.sleep(1)
+        await asyncio.sleep(1)  # the new routing reaches the agent's task queue asynchronously
+        calls.clear()
+        record = await wait_chain(client, await rerun_chain(client, original.chain_id, from_hop=1))
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert record.status is ChainStatus.COMPLETED, record.error
+    assert calls == [(agent_id, "v2")], "the lead was not called again; the hop ran on v2"
+    assert [(h.to_agent, h.build_id) for h in record.hops] == [(lead, original.hops[0].build_id), (agent_id, "v2")]
+    assert record.hops[0].carried_from == original.chain_id
