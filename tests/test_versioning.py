@@ -127,13 +127,15 @@ async def test_a_rerun_after_a_rollout_runs_the_hop_on_the_fixed_version(client,
     workers = [asyncio.create_task(run_agent(client, make_agent(lead, first), stop, register=False)),
                asyncio.create_task(run_agent(client, build("v1"), stop, register=False, versioned=True))]
     try:
-        for _ in range(100):
+        for _ in range(40):  # slowly: a Worker Deployment limits how often it is asked
             if await current_build_id(client, agent_id) == "v1":
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
         original = await run_chain(client, to_agent=lead, task_description="convert")
         assert original.status is ChainStatus.FAILED and original.hops[1].build_id == "v1"
+        await asyncio.sleep(1)
         workers.append(asyncio.create_task(run_agent(client, build("v2"), stop, register=False, versioned=True)))
+        await asyncio.sleep(1)
         for _ in range(30):  # once the new version's worker has polled, it can be made current
             try:
                 await set_current_build_id(client, agent_id, "v2")
