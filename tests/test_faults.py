@@ -20,6 +20,7 @@ from handoff import (
     rerun_chain,
     start_chain,
     steer_chain,
+    stop_chain,
     wait_chain,
 )
 from handoff.client import connect
@@ -198,3 +199,55 @@ async def test_steering_a_budget_and_a_rerun_survive_the_chain_worker_killed(ser
     assert rerun.status is ChainStatus.COMPLETED, rerun.error
     assert [h.to_agent for h in rerun.hops] == [a, b, c] and rerun.hops[0].carried_from == chain_id
     assert runs == Counter({a: 1, b: 2, c: 1}), "a was never called again; b ran once in each chain"
+
+
+async def test_a_stop_and_a_time_budget_survive_the_chain_worker_killed(server, uid):
+    """A stop accepted by one chain worker holds under its replacement (the running hop finishes,
+    no other starts); a time budget runs out while no chain worker runs and still cuts its hop."""
+    a, b, slow = f"kt-a-{uid}", f"kt-b-{uid}", f"kt-slow-{uid}"
+    started, release, slow_started, cut = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    runs: Counter = Counter()
+
+    async def held(ctx):
+        runs[ctx.to_agent] += 1
+        started.set()
+        await release.wait()
+        return ctx.handoff(to_agent=b, task_description="more", result_data={"kept": True})
+
+    async def other(ctx):
+        runs[ctx.to_agent] += 1
+        return ctx.complete({})
+
+    async def sleeps(ctx):
+        slow_started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cut.set()
+            raise
+        return ctx.complete({})
+
+    client = await connect(address=server.address)
+    first = chain_worker_process(server)
+    second = None
+    try:
+        async with running(client, make_agent(a, held), make_agent(b, other), make_agent(slow, sleeps)):
+            stopped_id = await start_chain(client, to_agent=a, task_description="stop", search_attributes=False)
+            timed_id = await start_chain(client, to_agent=slow, task_description="in time", search_attributes=False,
+                                         policy={"budget": {"max_duration_s": 3}})
+            await asyncio.wait_for(asyncio.gather(started.wait(), slow_started.wait()), 30)
+            await stop_chain(client, stopped_id, by="ops")
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            await asyncio.sleep(3)  # the time budget runs out with no chain worker
+            release.set()
+            second = chain_worker_process(server)
+            stopped = await asyncio.wait_for(wait_chain(client, stopped_id), 60)
+            timed = await asyncio.wait_for(wait_chain(client, timed_id), 60)
+            await asyncio.wait_for(cut.wait(), 15)
+    finally:
+        stop(first, second)
+    assert stopped.status is ChainStatus.CANCELLED and [h.to_agent for h in stopped.hops] == [a]
+    assert stopped.hops[0].result_data == {"kept": True} and runs == Counter({a: 1})
+    assert timed.status is ChainStatus.BUDGET_EXCEEDED, timed.error
+    assert [h.status for h in timed.hops] == [HopStatus.TIMED_OUT, HopStatus.REFUSED]
