@@ -7,7 +7,9 @@ record the hop, then follow the agent's `next_handoff` or `fan_out`. A hop that 
 fails after its retries falls back to another live agent with the same capability, then to the
 configured fallback agent. A fan-out runs its branches concurrently in this workflow, each a path
 of hops under the same rules (`paths`), and the chain goes on from their join. What the Web UI
-and search see is kept by `visibility`; which behaviour a chain runs with, by `versions`.
+and search see is kept by `visibility`; which behaviour a chain runs with, by `versions`. What
+each hop spends counts against the chain's budget; people may steer the chain's next hop or stop
+it after its running hops (`control`); a re-run starts with the original's earlier entries.
 Whatever happens, the chain ends with a status and every earlier result kept.
 """
 
