@@ -1,5 +1,6 @@
-"""The `handoff` command line: chain commands (`chains`), the fleet's (`workers`) and the servers'
-(`servers`), on one Typer app (`common`). The console script is `handoff.cli:main`."""
+"""The `handoff` command line: chain commands (`chains`), the fleet's (`workers`), the servers'
+(`servers`) and evaluations (`eval`), on one Typer app (`common`). The console script is
+`handoff.cli:main`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import typer
 
-from handoff.cli import chains, workers, servers  # noqa: F401  (each module adds its commands to `app`)
+from handoff.cli import chains, eval, workers, servers  # noqa: F401  (each module adds its commands to `app`)
 from handoff.cli.common import EXIT_USAGE, app, say
 
 __all__ = ["app", "main"]
