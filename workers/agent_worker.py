@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 import structlog
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from handoff.activities.hop import CANCEL_WITHIN_S, hop_activity
@@ -140,6 +141,25 @@ async def registered(client: Client, agent: Agent, *,
                 log.warning("agent_deregistration_failed", agent_id=agent.id, error=str(err))
 
 
+DEPLOYMENT_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Pauses before asking a Worker Deployment again when it said it was asked too often."""
+
+
+async def _current_if_first(client: Client, agent: Agent) -> None:
+    """Make this worker's version current when its deployment has none yet, asking again while
+    the deployment says it is asked too often (the server limits requests per deployment)."""
+    for retry_in in (*DEPLOYMENT_RETRIES_S, None):
+        try:
+            if await current_build_id(client, agent.id) is None:
+                await set_current_build_id(client, agent.id, agent.version, checked=False)
+                log.info("agent_version_current", agent_id=agent.id, build_id=agent.version)
+            return
+        except RPCError as err:
+            if retry_in is None or err.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+                raise
+        await asyncio.sleep(retry_in)
+
+
 async def run_agent(
     client: Client, agent: Agent, stop: asyncio.Event, *, register: bool = True, versioned: bool = False,
     refresh_every_s: float = LEASE_REFRESH_S,
@@ -152,9 +172,8 @@ async def run_agent(
     """
     worker = agent_worker(client, agent, versioned=versioned)
     async with worker:
-        if versioned and await current_build_id(client, agent.id) is None:
-            await set_current_build_id(client, agent.id, agent.version, checked=False)
-            log.info("agent_version_current", agent_id=agent.id, build_id=agent.version)
+        if versioned:
+            await _current_if_first(client, agent)
         if register:
             async with registered(client, agent, refresh_every_s=refresh_every_s):
                 log.info("agent_worker_started", agent_id=agent.id, task_queue=agent.task_queue,
