@@ -40,6 +40,7 @@ CANCEL_WITHIN_S = 1.0
 into a hop on, its worker asks the server every this often whether the hop's cancel was asked
 (a read, not a billed action), and heartbeats at once when it was, so the cancel comes back."""
 
+
 class _Keeper:
     """Keeps a running hop alive and cancellable: heartbeats every `interval_s`, so a hop whose
     worker died is retried within the heartbeat timeout, and from `CANCEL_WITHIN_S` on watches
