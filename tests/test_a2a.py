@@ -425,3 +425,39 @@ async def test_handoff_worker_serves_a_remote_a2a_agent(client, uid, cli_env, pe
 ])
 async def test_handoff_worker_a2a_refuses_bad_input_in_one_line(cli_env, args, fragment):
     assert_usage_error(await cli(cli_env, "worker", *args), fragment)
+
+
+async def test_cards_carry_an_etag_and_cache_control_and_answer_304_when_unchanged(client, uid, a2a):
+    agent = f"cached-{uid}"
+    async with running(client, make_agent(agent, relay(None)), register=True):
+        await wait_live(client, {agent})
+        async with httpx.AsyncClient(timeout=10) as http:
+            for path in ("/.well-known/agent-card.json", f"/agents/{agent}/.well-known/agent-card.json"):
+                first = await http.get(f"{a2a.url}{path}")
+                assert first.status_code == 200 and first.headers["cache-control"] == "no-cache", path
+                etag = first.headers["etag"]
+                again = await http.get(f"{a2a.url}{path}", headers={"If-None-Match": etag})
+                assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag, path
+                other = await http.get(f"{a2a.url}{path}", headers={"If-None-Match": '"stale"'})
+                assert other.status_code == 200 and parse_agent_card(other.json()).name, path
+
+
+async def test_raw_json_rpc_gets_the_specs_codes_and_a_trailing_slash_is_served(client, uid, a2a):
+    """A client built from the spec: TaskNotFound (-32001) for an id that names no chain, a
+    UUID or not, in GetTask and CancelTask; the per-agent endpoint with a trailing slash works."""
+    agent = f"slash-{uid}"
+    headers = {"Content-Type": "application/json", "A2A-Version": "1.0"}
+
+    def rpc(method: str, params: dict) -> dict:
+        return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+
+    async with running(client, make_agent(agent, relay(None)), register=True), httpx.AsyncClient(timeout=30) as http:
+        for method in ("GetTask", "CancelTask"):
+            for task_id in ("not-a-uuid", str(uuid4())):
+                answer = (await http.post(f"{a2a.url}/", json=rpc(method, {"id": task_id}), headers=headers)).json()
+                assert answer["error"]["code"] == -32001, (method, task_id, answer)
+        send = rpc("SendMessage", {"message": {"messageId": str(uuid4()), "role": "ROLE_USER",
+                                               "parts": [{"text": "through the slash"}]}})
+        reply = await http.post(f"{a2a.url}/agents/{agent}/", json=send, headers=headers)
+        assert reply.status_code == 200, (reply.status_code, reply.text)
+        assert "task" in reply.json()["result"], reply.json()

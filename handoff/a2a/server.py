@@ -32,11 +32,13 @@ task's metadata, `handoffStatus`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Sequence
 
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
-from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.routes import create_jsonrpc_routes
 from a2a.server.routes.common import DefaultServerCallContextBuilder
 from a2a.types import (
     AgentCard,
@@ -76,15 +78,15 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
     card = handoff_card([], base_url, auth, version)
     handler = ChainRequestHandler(client, card)
 
-    async def current_card(_: AgentCard) -> AgentCard:
-        return handoff_card(await cards.live(), base_url, auth, version)
+    async def root_card(request: Request) -> Response:
+        return card_response(request, handoff_card(await cards.live(), base_url, auth, version))
 
     async def agent_card(request: Request) -> Response:
         agent_id = request.path_params["agent_id"]
         found = next((c for c in await cards.registered() if c.agent_id == agent_id), None)
         if found is None:
             return JSONResponse({"error": f"no agent {agent_id!r} is registered"}, status_code=404)
-        return JSONResponse(agent_card_to_dict(agent_card_of(found, base_url, auth)))
+        return card_response(request, agent_card_of(found, base_url, auth))
 
     async def agents(request: Request) -> Response:
         live = {c.agent_id for c in await cards.live()}
@@ -95,13 +97,32 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
 
     builder = _AgentContextBuilder()
     routes = [
-        *create_agent_card_routes(card, card_modifier=current_card, card_url=CARD_PATH),
+        Route(CARD_PATH, root_card, methods=["GET"]),
         Route("/agents/{agent_id}" + CARD_PATH, agent_card, methods=["GET"]),
         Route("/agents", agents, methods=["GET"]),
         *create_jsonrpc_routes(handler, rpc_url="/", context_builder=builder),
         *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}", context_builder=builder),
+        # the card's URL with a trailing slash, as many HTTP clients write it: served, not redirected
+        *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}/", context_builder=builder),
     ]
     return Starlette(routes=routes)
+
+
+CARD_CACHE_CONTROL = "no-cache"
+"""Cards follow the registry (at most a second old): a client keeps one and asks again with its
+ETag, and is answered 304 while it has not changed."""
+
+
+def card_response(request: Request, card: AgentCard) -> Response:
+    """`card` as JSON with an ETag (a digest of its body) and `Cache-Control`; 304 Not Modified
+    when the request's `If-None-Match` names that ETag."""
+    body = json.dumps(agent_card_to_dict(card), separators=(",", ":"), sort_keys=True).encode()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    headers = {"ETag": etag, "Cache-Control": CARD_CACHE_CONTROL}
+    asked = {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}
+    if etag in asked or "*" in asked:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
