@@ -461,3 +461,27 @@ async def test_raw_json_rpc_gets_the_specs_codes_and_a_trailing_slash_is_served(
         reply = await http.post(f"{a2a.url}/agents/{agent}/", json=send, headers=headers)
         assert reply.status_code == 200, (reply.status_code, reply.text)
         assert "task" in reply.json()["result"], reply.json()
+
+
+async def test_the_rest_binding_runs_the_same_chain_as_json_rpc(client, uid, a2a):
+    """The HTTP+JSON binding, declared on every card beside JSON-RPC, by raw requests: send a
+    message to an agent's endpoint, read the task, and find the same chain `handoff show` reads."""
+    first, second = f"rest-a-{uid}", f"rest-b-{uid}"
+    headers = {"Content-Type": "application/json", "A2A-Version": "1.0"}
+    async with running(client, make_agent(first, relay(second)), make_agent(second, relay(None)), register=True):
+        await wait_live(client, {first, second})
+        async with httpx.AsyncClient(timeout=30) as http:
+            card = (await http.get(f"{a2a.url}/agents/{first}/.well-known/agent-card.json")).json()
+            rest = next(i["url"] for i in card["supportedInterfaces"] if i["protocolBinding"] == "HTTP+JSON")
+            assert rest == f"{a2a.url}/agents/{first}/rest"
+            sent = await http.post(f"{rest}/message:send", headers=headers, json={"message": {
+                "messageId": str(uuid4()), "role": "ROLE_USER", "parts": [{"text": "over rest"}]}})
+            assert sent.status_code == 200, sent.text
+            task_id = sent.json()["task"]["id"]
+            record = await wait_chain(client, task_id)
+            got = await http.get(f"{a2a.url}/rest/tasks/{task_id}", headers=headers)
+            missing = await http.get(f"{a2a.url}/rest/tasks/{uuid4()}", headers=headers)
+    assert record.status is ChainStatus.COMPLETED and [h.to_agent for h in record.hops] == [first, second]
+    assert got.status_code == 200 and got.json()["status"]["state"] == "TASK_STATE_COMPLETED", got.text
+    assert len(got.json()["artifacts"]) == 2
+    assert missing.status_code == 404

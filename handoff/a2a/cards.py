@@ -43,6 +43,18 @@ def _secured(card: AgentCard, auth: BearerAuth) -> AgentCard:
     return card
 
 
+REST_PATH = "/rest"
+"""Where the HTTP+JSON (REST) binding is served, below an endpoint (`/rest`, `/agents/<id>/rest`)."""
+
+
+def interfaces(endpoint: str) -> list[AgentInterface]:
+    """The bindings an endpoint is served over: JSON-RPC at it, HTTP+JSON (REST) below it."""
+    return [AgentInterface(protocol_binding=TransportProtocol.JSONRPC, url=endpoint,
+                           protocol_version=PROTOCOL_VERSION),
+            AgentInterface(protocol_binding=TransportProtocol.HTTP_JSON, url=f"{endpoint.rstrip('/')}{REST_PATH}",
+                           protocol_version=PROTOCOL_VERSION)]
+
+
 def agent_card_of(card: HandoffCard, base_url: str, auth: BearerAuth) -> AgentCard:
     """The A2A card of a registered agent: a message to its endpoint starts a chain at it."""
     return _secured(AgentCard(
@@ -50,9 +62,7 @@ def agent_card_of(card: HandoffCard, base_url: str, auth: BearerAuth) -> AgentCa
         version=card.version, capabilities=AgentCapabilities(streaming=True),
         default_input_modes=["text/plain", "application/json"], default_output_modes=["application/json"],
         skills=[skill_of(c, card.description) for c in card.capabilities],
-        supported_interfaces=[AgentInterface(protocol_binding=TransportProtocol.JSONRPC,
-                                             url=f"{base_url}/agents/{card.agent_id}",
-                                             protocol_version=PROTOCOL_VERSION)],
+        supported_interfaces=interfaces(f"{base_url}/agents/{card.agent_id}"),
     ), auth)
 
 
@@ -68,8 +78,7 @@ def handoff_card(cards: Sequence[HandoffCard], base_url: str, auth: BearerAuth, 
         skills=[skill_of(c) for c in served] or [AgentSkill(
             id="handoff", name="handoff chain", tags=["handoff"],
             description="Start a durable chain of handoff agents (none is live right now)")],
-        supported_interfaces=[AgentInterface(protocol_binding=TransportProtocol.JSONRPC, url=f"{base_url}/",
-                                             protocol_version=PROTOCOL_VERSION)],
+        supported_interfaces=interfaces(f"{base_url}/"),
     ), auth)
 
 

@@ -1,5 +1,5 @@
 """handoff as an A2A server (`handoff a2a-server`, and `handoff dev`): the Agent2Agent protocol
-(`a2a-sdk`, protocol 1.0, JSON-RPC) in front of the registry and the chains.
+(`a2a-sdk`, protocol 1.0, over JSON-RPC and HTTP+JSON) in front of the registry and the chains.
 
 - **Agent cards.** `/.well-known/agent-card.json` is handoff's own card: its skills are the
   capabilities live agents serve now. `/agents/<id>/.well-known/agent-card.json` is each registered
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
-from a2a.server.routes import create_jsonrpc_routes
+from a2a.server.routes import create_jsonrpc_routes, create_rest_routes
 from a2a.server.routes.common import DefaultServerCallContextBuilder
 from a2a.types import (
     AgentCard,
@@ -53,7 +53,7 @@ from handoff.client import context_limit
 from handoff.servers.http import BearerAuth, HttpGuard, host_of_url
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
-from handoff.a2a.cards import CARD_PATH, LiveCards, agent_card_of, handoff_card
+from handoff.a2a.cards import CARD_PATH, REST_PATH, LiveCards, agent_card_of, handoff_card
 from handoff.a2a.executor import ChainRequestHandler
 
 DEFAULT_PORT = 8090
@@ -104,8 +104,17 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
         *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}", context_builder=builder),
         # the card's URL with a trailing slash, as many HTTP clients write it: served, not redirected
         *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}/", context_builder=builder),
+        # the HTTP+JSON (REST) binding: the same handler, the same checks in front
+        *_rest_routes(handler, builder, REST_PATH),
+        *_rest_routes(handler, builder, "/agents/{agent_id}" + REST_PATH),
     ]
     return Starlette(routes=routes)
+
+
+def _rest_routes(handler: ChainRequestHandler, builder: _AgentContextBuilder, prefix: str) -> list[Route]:
+    """The SDK's HTTP+JSON routes below `prefix`, without its catch-all `/{tenant}` mount (there
+    are no tenants here, and it would take every other path)."""
+    return [r for r in create_rest_routes(handler, context_builder=builder, path_prefix=prefix) if isinstance(r, Route)]
 
 
 CARD_CACHE_CONTROL = "no-cache"
