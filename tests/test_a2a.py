@@ -485,3 +485,53 @@ async def test_the_rest_binding_runs_the_same_chain_as_json_rpc(client, uid, a2a
     assert got.status_code == 200 and got.json()["status"]["state"] == "TASK_STATE_COMPLETED", got.text
     assert len(got.json()["artifacts"]) == 2
     assert missing.status_code == 404
+
+
+async def test_list_tasks_shows_a_caller_its_own_tasks_filtered_and_in_pages(client, uid):
+    """ListTasks from Temporal's visibility: each caller its own tasks (an operator every chain),
+    by state and context, a page at a time; over JSON-RPC and REST alike."""
+    agent = f"listed-{uid}"
+    tokens = {"ann": f"ann-{uid}", "bob": f"bob-{uid}"}
+    server = await A2AServer(client, port=free_port(), auth=BearerAuth(tokens=tuple(tokens.values()))).start()
+    try:
+        async with running(client, make_agent(agent, relay(None))):
+            started: dict[str, list[str]] = {"ann": [], "bob": []}
+            for who, count in (("ann", 3), ("bob", 1)):
+                peer = await a2a_client(server.url, token=tokens[who], streaming=False)
+                for n in range(count):
+                    msg = message(f"task {n}", agent=agent)
+                    msg.context_id = f"ctx-{who}-{n % 2}"
+                    [reply] = [e async for e in peer.send_message(request=SendMessageRequest(message=msg))]
+                    started[who].append(reply.task.id)
+            for chain in started["ann"] + started["bob"]:
+                await wait_chain(client, chain)
+
+            async def listed(who: str, **params) -> dict:
+                headers = {"Authorization": f"Bearer {tokens[who]}", "A2A-Version": "1.0"}
+                async with httpx.AsyncClient(timeout=30) as http:
+                    for _ in range(50):  # visibility is eventually consistent
+                        body = (await http.post(f"{server.url}/", headers=headers, json={
+                            "jsonrpc": "2.0", "id": 1, "method": "ListTasks", "params": params})).json()["result"]
+                        if params or len(body.get("tasks", [])) >= len(started[who]):
+                            return body
+                        await asyncio.sleep(0.1)
+                return body
+
+            mine = await listed("ann")
+            assert sorted(t["id"] for t in mine["tasks"]) == sorted(started["ann"]), "ann's, not bob's"
+            assert all(t["status"]["state"] == "TASK_STATE_COMPLETED" for t in mine["tasks"])
+            by_context = await listed("ann", contextId="ctx-ann-0")
+            assert len(by_context["tasks"]) == 2
+            first = await listed("ann", pageSize=2)
+            second = await listed("ann", pageSize=2, pageToken=first["nextPageToken"])
+            assert len(first["tasks"]) == 2 and len(second["tasks"]) == 1 and not second.get("nextPageToken")
+            assert {t["id"] for t in first["tasks"] + second["tasks"]} == set(started["ann"])
+            assert (await listed("ann", status="TASK_STATE_WORKING")).get("tasks", []) == []
+            with_artifacts = await listed("ann", includeArtifacts=True, pageSize=1)
+            assert with_artifacts["tasks"][0]["artifacts"]
+            async with httpx.AsyncClient(timeout=30) as http:
+                rest = (await http.get(f"{server.url}/rest/tasks", headers={
+                    "Authorization": f"Bearer {tokens['bob']}", "A2A-Version": "1.0"})).json()
+            assert [t["id"] for t in rest["tasks"]] == started["bob"]
+    finally:
+        await server.stop()

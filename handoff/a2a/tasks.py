@@ -22,10 +22,12 @@ from a2a.types import (
     TaskState,
     TaskStatus,
 )
+from a2a.utils.errors import InvalidParamsError
 from google.protobuf import json_format, struct_pb2
 from temporalio.client import Client
 
 from handoff.client import get_chain
+from handoff.constants import CHAIN_WORKFLOW, SA_STATUS
 from handoff.errors import ChainNotFound, unless_missing
 from handoff.servers.http import Principal
 from handoff.models import ChainRecord, ChainStatus, HopStatus
@@ -160,6 +162,34 @@ ENDED = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED, TaskState.
          TaskState.TASK_STATE_REJECTED}
 
 
+DEFAULT_PAGE, MAX_PAGE = 50, 100
+"""Tasks per page of ListTasks: by default, and at most."""
+MAX_LISTED = 1000
+"""Chains ListTasks looks through (newest first): its pages page through these."""
+
+
+def _page_start(token: str) -> int:
+    """Where a page starts: the token a previous page gave (a number), or the first task."""
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 6:
+        raise InvalidParamsError(message=f"page_token {token[:40]!r} is not one this server gave")
+    return int(token)
+
+
+def _listed(execution: Any, a2a: dict[str, Any]) -> Task:
+    """A chain as ListTasks shows it without reading its record: its state from its search
+    attribute (or how its execution ended)."""
+    status = execution.typed_search_attributes.get(SA_STATUS)
+    try:
+        state = STATE_OF[ChainStatus(status)] if status else TaskState.TASK_STATE_SUBMITTED
+    except ValueError:
+        state = TaskState.TASK_STATE_UNSPECIFIED
+    task = Task(id=execution.id, context_id=a2a.get("context_id") or execution.id, status=TaskStatus(state=state))
+    task.metadata.update({"handoffStatus": status or "", "handoff_status": status or ""})
+    return task
+
+
 class ChainTaskStore(TaskStore):
     """Tasks by owner: in memory while this process follows them (at most `MAX_KEPT_TASKS`, an
     ended one without its messages), and from Temporal for every other chain the caller may see
@@ -189,9 +219,30 @@ class ChainTaskStore(TaskStore):
         return await chain_task(self._client, task_id, caller_of(context))
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
-        caller = caller_of(context).name
-        tasks = [t for (owner, _), t in reversed(self._tasks.items()) if owner == caller]
-        return ListTasksResponse(tasks=tasks[: params.page_size or 50], total_size=len(tasks))
+        """The chains the caller may see, newest first, from Temporal's visibility: every chain it
+        started through A2A (every chain, for an operator), filtered by state and context, a page
+        at a time (`page_token`: where the page starts). Artifacts only when asked for: the rest
+        comes from the chains' search attributes and memos, without reading their records."""
+        caller = caller_of(context)
+        size = min(params.page_size or DEFAULT_PAGE, MAX_PAGE)
+        start = _page_start(params.page_token)
+        query = f"WorkflowType = '{CHAIN_WORKFLOW}'"
+        if params.status:
+            statuses = [s.value for s, state in STATE_OF.items() if state == params.status]
+            query += " AND " + (f"{SA_STATUS.name} IN ({', '.join(repr(s) for s in statuses)})" if statuses
+                                else "WorkflowId = ''")
+        visible: list[Task] = []
+        async for execution in self._client.list_workflows(query, limit=MAX_LISTED):
+            a2a = (await execution.memo()).get(MEMO_KEY) or {}
+            if not may_see(caller, a2a) or (params.context_id and a2a.get("context_id") != params.context_id):
+                continue
+            visible.append(_listed(execution, a2a))
+        page = visible[start:start + size]
+        if params.include_artifacts:
+            page = [await chain_task(self._client, t.id, caller) or t for t in page]
+        more = start + size < len(visible)
+        return ListTasksResponse(tasks=page, page_size=size, total_size=len(visible),
+                                 next_page_token=str(start + size) if more else "")
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         self._tasks.pop((caller_of(context).name, task_id), None)
