@@ -6,6 +6,8 @@ llama.cpp's server, LiteLLM), reached through the official `openai` client by UR
 is offered, built when the hop runs:
 
 - the agent's own tools: plain async functions with typed parameters, which it may call first;
+- the tools of its MCP servers (`mcp_servers`), as `mcp__<server>__<tool>`, which it may call first
+  too (`handoff.agents.mcp_tools`: each call bounded in time and result, recorded in the decision);
 - `transfer_to_<agent>` for each live agent in the registry it may hand off to, and
   `transfer_to_any_<capability>` for each capability among them. What the chain would refuse is
   never offered: targets the handoff policy forbids, agents the visit rule excludes, and every
@@ -35,6 +37,8 @@ from typing import Any
 from pydantic import BaseModel, create_model
 
 from handoff.agents.agent import Agent
+from handoff.agents.mcp_tools import TOOL_PREFIX as MCP_TOOL_PREFIX
+from handoff.agents.mcp_tools import McpHop, McpServer
 from handoff.constants import retried_status
 from handoff.errors import PermanentError, Unavailable
 from handoff.models import (
@@ -257,6 +261,7 @@ def llm_agent(
     version: str = "1",
     directory: Directory | None = None,
     directory_ttl_s: float = 2.0,
+    mcp_servers: Sequence[McpServer] = (),
 ) -> Agent:
     """An agent whose hops a language model decides (see the module's docstring).
 
@@ -266,11 +271,17 @@ def llm_agent(
     longest task a transfer may give. `can_finish`: False for a router that always hands on
     (`finish` is then offered only when no transfer is). `directory`: where live agents come from
     (default: the registry, through the hop's worker's client), read again once `directory_ttl_s`
-    has passed (the registry's own liveness window is 70 s)."""
+    has passed (the registry's own liveness window is 70 s). `mcp_servers`: MCP servers whose tools
+    the model is offered beside its own (`McpStdioServer`, `McpHttpServer`; see
+    `handoff.agents.mcp_tools`)."""
     own = [Tool.of(f) for f in tools]
     names = [t.name for t in own]
-    if FINISH in names or any(n.startswith(AGENT_TOOL_PREFIX) for n in names):
-        raise ValueError(f"agent {id!r}: a tool may not be named {FINISH!r} or start with {AGENT_TOOL_PREFIX!r}")
+    if FINISH in names or any(n.startswith((AGENT_TOOL_PREFIX, MCP_TOOL_PREFIX)) for n in names):
+        raise ValueError(f"agent {id!r}: a tool may not be named {FINISH!r} or start with "
+                         f"{AGENT_TOOL_PREFIX!r} or {MCP_TOOL_PREFIX!r}")
+    servers = list(mcp_servers)
+    if len({s.name for s in servers}) < len(servers):
+        raise ValueError(f"agent {id!r}: two MCP servers share a name")
     settings = _Settings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
                          max_tokens=max_tokens, context_tokens=context_tokens, max_task_chars=max_task_chars,
                          max_tool_rounds=max_tool_rounds, instructions=instructions, can_finish=can_finish)
@@ -283,7 +294,9 @@ def llm_agent(
         if loop not in clients:  # one HTTP client per event loop: creating one costs milliseconds
             clients[loop] = _client(settings)
         offered = transfers(await live.get(), ctx.limits, id)
-        return await _decide(ctx, settings, own, offered, name, clients[loop])
+        async with McpHop(servers) as mcp:  # its sessions close with the hop, cancelled or not
+            await mcp.list()
+            return await _decide(ctx, settings, own, offered, name, clients[loop], mcp)
 
     return Agent(id=id, name=name, capabilities=list(capabilities), handler=handle, max_concurrent=max_concurrent,
                  version=version, description=description or instructions[:200])
@@ -346,22 +359,26 @@ def _client(settings: _Settings):
 
 
 async def _decide(ctx: HandoffContext, settings: _Settings, own: list[Tool], offered: list[Transfer],
-                  agent_name: str, client: Any) -> HandoffResult:
+                  agent_name: str, client: Any, mcp: McpHop | None = None) -> HandoffResult:
+    mcp = mcp or McpHop([])
     prompt = fit_prompt(ctx, settings.context_tokens)
-    schemas = ([t.schema() for t in own]
+    schemas = ([t.schema() for t in own] + mcp.schemas()
                + [_function(t.name, t.description, _transfer_parameters(settings.max_task_chars)) for t in offered])
     if settings.can_finish or not offered:
         schemas.append(_function(FINISH, "Finish: the work is done; give the answer.", FINISH_PARAMETERS))
     system = (f"{settings.instructions}\n\nYou are {agent_name} ({ctx.to_agent}), one of several specialist "
               "agents. Do your part, then call exactly one tool: a transfer_to_... tool to hand the work to "
               f"another agent, or {FINISH} when the work is done.")
+    if mcp.failures:
+        system += "\n\nThese tool servers are unavailable now: " + "; ".join(
+            f"{f.server} ({f.error})" for f in mcp.failures) + "."
     if ctx.steering:  # a person's instructions to the running chain come first
         system += "\n\nA person overseeing this chain tells you:\n" + "\n".join(
             f"- {s.message} (from {s.by})" for s in ctx.steering)
     talk = _Conversation(
         messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt.text}],
         decision=AgentDecision(model=settings.model, tools_offered=[s["function"]["name"] for s in schemas],
-                               trimmed=prompt.trimmed),
+                               trimmed=prompt.trimmed + mcp.left_out, mcp_calls=list(mcp.failures)),
         tokens_left=ctx.limits.budget.tokens if ctx.limits and ctx.limits.budget else None)
     missed = False
     rounds = 0
@@ -369,10 +386,10 @@ async def _decide(ctx: HandoffContext, settings: _Settings, own: list[Tool], off
         message = await _ask(client, settings, talk, schemas)
         try:
             calls = message.tool_calls or []
-            own_calls = [c for c in calls if c.function.name in {t.name for t in own}]
+            own_calls = [c for c in calls if c.function.name in {t.name for t in own} | set(mcp.tools)]
             if own_calls and rounds < settings.max_tool_rounds:
                 rounds += 1
-                await _run_tools(own, own_calls, talk)
+                await _run_tools(own, mcp, own_calls, talk)
                 continue
             return _outcome(ctx, message, offered, talk.decision, settings)
         except _Miss as miss:
@@ -420,8 +437,8 @@ async def _ask(client: Any, settings: _Settings, talk: _Conversation, schemas: l
     return response.choices[0].message
 
 
-async def _run_tools(own: list[Tool], calls: list[Any], talk: _Conversation) -> None:
-    """Run the agent's own tools the model called and give it their results."""
+async def _run_tools(own: list[Tool], mcp: McpHop, calls: list[Any], talk: _Conversation) -> None:
+    """Run the agent's own tools and the MCP tools the model called and give it their results."""
     by_name = {t.name: t for t in own}
     # Some servers refuse an assistant message whose content is null: an empty string instead.
     talk.messages.append({"role": "assistant", "content": "", "tool_calls": [
@@ -430,7 +447,11 @@ async def _run_tools(own: list[Tool], calls: list[Any], talk: _Conversation) -> 
     for call in calls:
         talk.decision.tool_calls.append(call.function.name)
         try:
-            output = await by_name[call.function.name].call(_arguments(call))
+            if call.function.name in mcp.tools:
+                output, record = await mcp.call(call.function.name, _arguments(call))
+                talk.decision.mcp_calls.append(record)
+            else:
+                output = await by_name[call.function.name].call(_arguments(call))
         except Exception as err:  # bad arguments, or the tool failed: the model is told and goes on
             output = f"error: {type(err).__name__}: {err}"
         talk.messages.append({"role": "tool", "tool_call_id": call.id, "content": output[:MAX_ANSWER_CHARS]})

@@ -19,6 +19,22 @@ _CAPABILITY = {"validation_alias": AliasChoices("to_capability", "capability")}
 """`capability=` is accepted for `to_capability`, as `ctx.handoff(capability=...)` spells it."""
 
 
+class McpCall(BaseModel):
+    """One call an LLM agent's hop made to an MCP server's tool (`handoff.agents.mcp_tools`)."""
+
+    server: str
+    tool: str
+    """The tool's name on its server (`tools/list` for a listing that failed)."""
+    arguments_digest: str = ""
+    """A digest of the arguments' canonical JSON: the record never holds the arguments themselves."""
+    duration_ms: float = 0.0
+    error: str = ""
+    """Why the call failed ("" when it succeeded): what the model was told."""
+    result_chars: int = 0
+    truncated: bool = False
+    """The result was cut to the server's `max_result_chars`."""
+
+
 class AgentDecision(BaseModel):
     """How an agent that asks a language model chose its step (`handoff.agents.llm`): recorded in its
     hop's entry, so the audit says why the chain went where it went."""
@@ -36,7 +52,10 @@ class AgentDecision(BaseModel):
     model_ms: float = 0.0
     """Time spent waiting for the model, over all its calls."""
     tool_calls: list[str] = Field(default_factory=list)
-    """The agent's own tools the model called before deciding, in order."""
+    """The agent's own tools (and MCP tools, by their offered names) the model called before
+    deciding, in order."""
+    mcp_calls: list[McpCall] = Field(default_factory=list)
+    """Each MCP tool call of the hop, in order, and each MCP listing that failed."""
     trimmed: list[str] = Field(default_factory=list)
     """What of the task, context and earlier results was left out to fit the token budget."""
 
