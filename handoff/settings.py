@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     million tokens in the budget's currency; a budget that names no prices gets these."""
     codec_tokens: str = Field(default="", repr=False)
     """Bearer tokens the codec server accepts, comma separated."""
+    mcp_tokens: str = Field(default="", repr=False)
+    """Bearer tokens `handoff mcp --http` accepts, comma separated."""
 
     @classmethod
     def env_name(cls, field: str) -> str:

@@ -535,3 +535,18 @@ async def test_list_tasks_shows_a_caller_its_own_tasks_filtered_and_in_pages(cli
             assert [t["id"] for t in rest["tasks"]] == started["bob"]
     finally:
         await server.stop()
+
+
+async def test_a_client_of_a2a_0_3_is_served_beside_1_0(client, uid, a2a):
+    """A 0.3 client (its method names, no A2A-Version header) runs the same chain."""
+    agent = f"old-client-{uid}"
+    async with running(client, make_agent(agent, relay(None))), httpx.AsyncClient(timeout=30) as http:
+        reply = await http.post(f"{a2a.url}/agents/{agent}", headers={"Content-Type": "application/json"}, json={
+            "jsonrpc": "2.0", "id": 7, "method": "message/send",
+            "params": {"message": {"kind": "message", "messageId": str(uuid4()), "role": "user",
+                                   "parts": [{"kind": "text", "text": "from an older client"}]}}})
+        assert reply.status_code == 200, reply.text
+        result = reply.json()["result"]
+        assert result.get("kind") == "task" or "id" in result, result
+        record = await wait_chain(client, result["id"])
+    assert record.status is ChainStatus.COMPLETED and record.hops[0].to_agent == agent

@@ -23,8 +23,8 @@ FLOORS: dict[str, int] = {
     **dict.fromkeys(["handoff.workflows", "handoff.activities"], 2),
     "handoff.client": 3,
     "handoff.workers": 4,
-    **dict.fromkeys(["handoff.cli", "handoff.service", "handoff.a2a", "handoff.servers", "handoff.testing",
-                     "handoff.testbed", "handoff.examples", "handoff.eval"], 5),
+    **dict.fromkeys(["handoff.cli", "handoff.service", "handoff.a2a", "handoff.mcp", "handoff.servers",
+                     "handoff.testing", "handoff.testbed", "handoff.examples", "handoff.eval"], 5),
 }
 FOLDERS = {"handoff": "handoff", "workflows": "handoff.workflows", "activities": "handoff.activities",
            "workers": "handoff.workers", "examples": "handoff.examples"}

@@ -100,10 +100,13 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
         Route(CARD_PATH, root_card, methods=["GET"]),
         Route("/agents/{agent_id}" + CARD_PATH, agent_card, methods=["GET"]),
         Route("/agents", agents, methods=["GET"]),
-        *create_jsonrpc_routes(handler, rpc_url="/", context_builder=builder),
-        *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}", context_builder=builder),
+        # JSON-RPC of A2A 1.0, and of 0.3 (`message/send`, ...) for clients that speak it
+        *create_jsonrpc_routes(handler, rpc_url="/", context_builder=builder, enable_v0_3_compat=True),
+        *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}", context_builder=builder,
+                               enable_v0_3_compat=True),
         # the card's URL with a trailing slash, as many HTTP clients write it: served, not redirected
-        *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}/", context_builder=builder),
+        *create_jsonrpc_routes(handler, rpc_url="/agents/{agent_id}/", context_builder=builder,
+                               enable_v0_3_compat=True),
         # the HTTP+JSON (REST) binding: the same handler, the same checks in front
         *_rest_routes(handler, builder, REST_PATH),
         *_rest_routes(handler, builder, "/agents/{agent_id}" + REST_PATH),

@@ -1,0 +1,46 @@
+"""`handoff mcp`: handoff as an MCP server, over stdio (for a client that starts it) or, with
+`--http`, over streamable HTTP until SIGTERM or SIGINT (docs/mcp.md)."""
+
+from __future__ import annotations
+
+import typer
+
+from handoff.cli.common import app, fail, out, run
+from handoff.cli.servers import HostOption, _serve_until_signalled
+from handoff.client import connect
+from handoff.servers.http import BearerAuth
+from handoff.settings import settings, token_list
+
+
+@app.command()
+def mcp(
+    http: bool = typer.Option(False, "--http", help="serve streamable HTTP on --host:--port (default: stdio)"),
+    host: str = HostOption,
+    port: int = typer.Option(8400, "--port", min=1, max=65535, help="with --http: the port"),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="with --http: another Host header to answer (e.g. mcp.example.com:443); repeatable"),
+    allowed_origin: list[str] = typer.Option(
+        [], "--allowed-origin", help="with --http: a web page origin allowed to call it from a browser; repeatable"),
+) -> None:
+    """Serve handoff's chains and agents as MCP tools and resources: over stdio, or with --http over
+    streamable HTTP (bearer tokens it accepts: HANDOFF_MCP_TOKENS, comma separated)."""
+    try:
+        from handoff.mcp import McpHttpServer, handoff_mcp
+    except ImportError as err:
+        fail(f"handoff mcp needs the MCP SDK ({err.name}): pip install 'handoff[mcp]'")
+    if not http:
+        async def over_stdio() -> None:
+            await handoff_mcp(await connect()).run_stdio_async()
+
+        run(over_stdio)
+        return
+
+    async def start():
+        auth = BearerAuth(tokens=token_list(settings().mcp_tokens))
+        server = await McpHttpServer(await connect(), host=host, port=port, auth=auth, allowed_hosts=allowed_host,
+                                     allowed_origins=allowed_origin).start()
+        checks = "bearer token required" if auth.configured else "no credential (loopback only)"
+        out.print(f"MCP server on {server.url}; {checks}", soft_wrap=True, markup=False)
+        return server.stop
+
+    _serve_until_signalled(start, host, port)
