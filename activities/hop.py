@@ -27,8 +27,9 @@ from handoff.constants import (
 )
 from handoff.errors import PermanentError
 from handoff.settings import Settings, settings, switched_on
-from handoff.models import HandoffResult, HopInput, HopOutput, nesting_problem, sized_payload
+from handoff.models import HandoffContext, HandoffResult, HopInput, HopOutput, nesting_problem, sized_payload
 from handoff.payloads.history import ResultMissing, fill_context, hop_results
+from handoff.activities.progress import ProgressSender
 
 log = structlog.get_logger("handoff.hop")
 
@@ -114,6 +115,16 @@ async def _put_back_results(hop: HopInput, attempt: int) -> None:
                        kind=type(err).__name__, permanent=False) from err
 
 
+def _progress_of(ctx: HandoffContext, attempt: int) -> ProgressSender | None:
+    """What sends the handler's `ctx.progress` notes to its chain (None outside a worker)."""
+    try:
+        sender = ProgressSender(str(ctx.chain_id), ctx.handoff_id, attempt)
+    except RuntimeError:  # run outside a worker (ActivityEnvironment): notes go nowhere
+        return None
+    ctx._progress = sender.note
+    return sender
+
+
 def _failure(message: str, attempt: int, *, kind: str, permanent: bool) -> ApplicationError:
     return ApplicationError(message, {"attempt": attempt}, type=kind, non_retryable=permanent)
 
@@ -159,6 +170,7 @@ def hop_activity(agent: Agent):
         if any(hop.result_refs):
             await _put_back_results(hop, attempt)
         beat = _Keeper(hop.heartbeat_interval_s, attempt)
+        progress = _progress_of(ctx, attempt)
         started = time.perf_counter()
         outcome = "failed"
         try:
@@ -178,6 +190,8 @@ def hop_activity(agent: Agent):
             ) from err
         finally:
             beat.stop()
+            if progress is not None:
+                progress.close()
             elapsed = time.perf_counter() - started
             record_handler_duration(outcome, elapsed)
         reported = ctx.reported_usage

@@ -16,6 +16,7 @@ from handoff.client import (
     steer_chain,
     stop_chain,
     wait_chain,
+    watch_chain,
 )
 from handoff.errors import (
     ChainNotFound,
@@ -32,6 +33,7 @@ from handoff.models import (
     ApprovalDecision,
     Branch,
     BranchOutcome,
+    ChainEvent,
     ChainPolicy,
     ChainRecord,
     ChainStatus,
@@ -53,6 +55,7 @@ __all__ = [
     "Branch",
     "BranchOutcome",
     "ChainNotFound",
+    "ChainEvent",
     "ChainPolicy",
     "ChainRecord",
     "ChainStatus",
@@ -82,4 +85,5 @@ __all__ = [
     "steer_chain",
     "stop_chain",
     "wait_chain",
+    "watch_chain",
 ]

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         HOP_ACTIVITY,
         INLINE_RESULT_BYTES,
         NON_RETRYABLE_ERRORS,
+        PROGRESS_SIGNAL,
         SA_STATUS,
         STEER_UPDATE,
         STOP_UPDATE,
@@ -367,6 +368,12 @@ class HandoffChainWorkflow(FanOuts, Lookups):
     @stop_after_hop.validator
     def _check_stop(self, request: StopRequest) -> None:
         self._control.check_stop(request)
+
+    @workflow.signal(name=PROGRESS_SIGNAL)
+    def progress(self, note: RawValue) -> None:
+        """What a running hop says it is doing (`ctx.progress`): kept in the history only, where
+        watchers read it (`handoff.client.watch`); the chain's record and course never depend on
+        it, so it is taken undecoded."""
 
     # -- one try of a hop on one agent ---------------------------------------------------
 

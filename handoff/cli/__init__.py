@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from handoff.cli import chains, eval, mcp, workers, servers  # noqa: F401  (each module adds its commands to `app`)
+from handoff.cli import chains, eval, follow, mcp, workers, servers  # noqa: F401  (each module adds its commands to `app`)
 from handoff.cli.common import EXIT_USAGE, app, say
 
 __all__ = ["app", "main"]

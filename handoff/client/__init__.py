@@ -19,9 +19,11 @@ from handoff.client.connect import connect, context_limit, env_context_limit
 from handoff.client.follow import current_record, follow_chain
 from handoff.client.requests import build_request, capability_of, chain_uuid, checked
 from handoff.client.rerun import rerun_chain
+from handoff.client.watch import ChainWatch, watch_chain
 
 __all__ = [
     "ChainArguments",
+    "ChainWatch",
     "approve_chain",
     "build_request",
     "cancel_chain",
@@ -43,4 +45,5 @@ __all__ = [
     "steer_chain",
     "stop_chain",
     "wait_chain",
+    "watch_chain",
 ]

@@ -40,10 +40,16 @@ class HistoryUnreadable(HandoffError):
 
 
 class _Holder(Interceptor):
-    """Keeps the workflow instance a replay creates, so its record can be read afterwards."""
+    """Keeps the workflow instance a replay creates, and its record as the history left it.
+
+    A replay ends by evicting the workflow, which cancels its running tasks: a fan-out's
+    branches would close their hops as cancelled in the instance's record. So the record is
+    copied as the eviction begins (the SDK's eviction step, the one place it can be seen from
+    outside the workflow), before any task hears of it."""
 
     def __init__(self) -> None:
         self.instance: HandoffChainWorkflow | None = None
+        self.record: ChainRecord | None = None
 
     def workflow_interceptor_class(
         self, input: WorkflowInterceptorClassInput
@@ -53,6 +59,15 @@ class _Holder(Interceptor):
         class Keep(WorkflowInboundInterceptor):
             async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
                 holder.instance = workflow.instance()
+                runtime = workflow._Runtime.current()
+                evict = getattr(runtime, "_apply_remove_from_cache", None)
+                if evict is not None:
+                    def copied_then_evicted(job: Any) -> None:
+                        if holder.instance is not None:
+                            holder.record = holder.instance.record.model_copy(deep=True)
+                        evict(job)
+
+                    runtime._apply_remove_from_cache = copied_then_evicted  # type: ignore[attr-defined]
                 return await super().execute_workflow(input)
 
         return Keep
@@ -157,7 +172,7 @@ async def _replayed_record(history: WorkflowHistory, converter: DataConverter) -
         raise HistoryUnreadable(
             f"the history of {history.workflow_id} does not replay with this version of the chain "
             f"workflow: {result.replay_failure}")
-    return holder.instance.record.model_copy(deep=True)
+    return holder.record if holder.record is not None else holder.instance.record.model_copy(deep=True)
 
 
 def _workflow_failed(history: WorkflowHistory) -> bool:

@@ -43,6 +43,7 @@ from handoff.models.policy import (
 )
 from handoff.models.control import Steering, SteeringMessage, StopRequest
 from handoff.models.usage import Budget, BudgetLeft, ModelUsage, Price, Usage
+from handoff.models.events import ChainEvent, EventKind, ProgressNote
 from handoff.models.wire import (
     AgentCard,
     Candidate,
@@ -83,10 +84,12 @@ __all__ = [
     "Candidate",
     "CapabilityCandidates",
     "ChainPolicy",
+    "ChainEvent",
     "ChainRecord",
     "ChainRequest",
     "ChainStatus",
     "Deregistration",
+    "EventKind",
     "FanOut",
     "FanOutRecord",
     "HandoffContext",
@@ -102,6 +105,7 @@ __all__ = [
     "Join",
     "ModelUsage",
     "Price",
+    "ProgressNote",
     "Registration",
     "RerunOf",
     "ResolveRequest",

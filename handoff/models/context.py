@@ -3,7 +3,7 @@ the chain's rules leave it for its next step. Its methods build the agent's resu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
@@ -121,6 +121,17 @@ class HandoffContext(BaseModel):
     def reported_usage(self) -> Usage | None:
         """What `report_usage` added up, if it was called."""
         return self._reported
+
+    _progress: Callable[[str, dict[str, Any] | None], Awaitable[None]] | None = PrivateAttr(default=None)
+
+    async def progress(self, message: str, data: dict[str, Any] | None = None) -> None:
+        """Say what this hop is doing now: a `hop.progress` event for the chain's watchers
+        (`handoff follow`). Best-effort and bounded: notes reach the chain at most once a second
+        and at most `PROGRESS_PER_HOP` times per attempt (in between, the latest is kept and sent
+        next); a message is cut at 300 characters and `data` over 4 KiB is left out. Never
+        blocks or fails the hop; outside a worker it does nothing."""
+        if self._progress is not None:
+            await self._progress(message, data)
 
     def complete(self, result_data: dict[str, Any] | None = None) -> HandoffResult:
         """This hop's successful result; the chain ends here."""
