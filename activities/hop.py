@@ -115,12 +115,9 @@ async def _put_back_results(hop: HopInput, attempt: int) -> None:
                        kind=type(err).__name__, permanent=False) from err
 
 
-def _progress_of(ctx: HandoffContext, attempt: int) -> ProgressSender | None:
-    """What sends the handler's `ctx.progress` notes to its chain (None outside a worker)."""
-    try:
-        sender = ProgressSender(str(ctx.chain_id), ctx.handoff_id, attempt)
-    except RuntimeError:  # run outside a worker (ActivityEnvironment): notes go nowhere
-        return None
+def _progress_of(ctx: HandoffContext, attempt: int) -> ProgressSender:
+    """What sends the handler's `ctx.progress` notes to its chain, from its first note on."""
+    sender = ProgressSender(str(ctx.chain_id), ctx.handoff_id, attempt)
     ctx._progress = sender.note
     return sender
 
@@ -190,8 +187,7 @@ def hop_activity(agent: Agent):
             ) from err
         finally:
             beat.stop()
-            if progress is not None:
-                progress.close()
+            progress.close()
             elapsed = time.perf_counter() - started
             record_handler_duration(outcome, elapsed)
         reported = ctx.reported_usage

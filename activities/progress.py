@@ -44,7 +44,8 @@ class ProgressSender:
     """The notes of one hop attempt, sent to its chain within the bounds above."""
 
     def __init__(self, chain_id: str, handoff_id: Any, attempt: int) -> None:
-        self._handle = activity.client().get_workflow_handle(chain_id)
+        self._chain_id = chain_id
+        self._handle: Any = None  # the chain's handle, from the first note on: most hops say nothing
         self._handoff_id = handoff_id
         self._attempt = attempt
         self._sent = 0
@@ -82,8 +83,10 @@ class ProgressSender:
 
     async def _signal(self, note: ProgressNote) -> None:
         try:
+            if self._handle is None:
+                self._handle = activity.client().get_workflow_handle(self._chain_id)
             await self._handle.signal(PROGRESS_SIGNAL, note)
-        except Exception as err:  # the chain ended, or the server is unreachable: best-effort
+        except Exception as err:  # no worker (ActivityEnvironment), the chain ended, the server away
             log.debug("progress_not_sent", error=str(err)[:200])
 
     def close(self) -> None:

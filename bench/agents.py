@@ -25,6 +25,10 @@ RELAY_USAGE = {"model": "m", "prompt_tokens": 10, "completion_tokens": 5, "model
 HOP_SLEEP_MS = "hop_sleep_ms"
 """With this in the context, each relay sleeps that many milliseconds before it hands on."""
 WAITER, STEERED = "bench-waiter", "bench-steered"
+PROGRESS_NOTES = "progress_notes"
+"""Context key: each relay hop says this many progress notes, a second apart (`ctx.progress`)."""
+STAMP_DONE = "stamp_done"
+"""Context key: each relay hop's result says when its handler returned (wall clock, `done_at`)."""
 WAIT_FOR = "wait_for"
 """The waiter's context key: the path of the file it waits for."""
 WAIT_POLL_S, WAIT_TIMEOUT_S = 0.005, 30.0
@@ -38,7 +42,8 @@ CAPABILITY_IDS = [f"bench-c{i}" for i in range(HOPS)]
 
 def _result(ctx: HandoffContext, index: int) -> dict:
     size = int(ctx.context_data.get(RESULT_BYTES, 0))
-    return {"hop": index, **({"data": base64.b64encode(os.urandom(size)).decode()} if size else {})}
+    return {"hop": index, **({"data": base64.b64encode(os.urandom(size)).decode()} if size else {}),
+            **({"done_at": time.time()} if ctx.context_data.get(STAMP_DONE) else {})}
 
 
 async def relay(ctx: HandoffContext) -> HandoffResult:
@@ -47,6 +52,9 @@ async def relay(ctx: HandoffContext) -> HandoffResult:
         ctx.report_usage(**RELAY_USAGE)
     if HOP_SLEEP_MS in ctx.context_data:
         await asyncio.sleep(float(ctx.context_data[HOP_SLEEP_MS]) / 1000)
+    for note in range(int(ctx.context_data.get(PROGRESS_NOTES, 0))):
+        await ctx.progress(f"note {note}")
+        await asyncio.sleep(1.05)  # one note a second gets through unbounded by the rate
     if index + 1 < len(IDS) and index + 1 < int(ctx.context_data.get("hops", HOPS)):
         return ctx.handoff(to_agent=IDS[index + 1], task_description=f"hop {index + 1}",
                            result_data=_result(ctx, index))

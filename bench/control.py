@@ -109,6 +109,7 @@ class Chains:
         self.tmp = tmp
         self.released_ms: list[float] = []  # steer call returned -> the waiter saw its file
         self.originals: list[UUID] = []  # the re-run benchmark's original chains, the latest last
+        self.server_pid = 0  # the embedded server's process
 
     async def plain(self) -> float:
         started = time.perf_counter()
@@ -211,7 +212,9 @@ async def stack(tmp: Path) -> AsyncIterator[Chains]:
     try:
         client = await connect(address=server.address)
         await wait_live(client, {a.id for a in [*BENCH_AGENTS, *CONTROL_AGENTS]}, timeout_s=120)
-        yield Chains(client, tmp)
+        chains = Chains(client, tmp)
+        chains.server_pid = server.process.pid
+        yield chains
     finally:
         for worker in workers:
             worker.terminate()

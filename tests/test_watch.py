@@ -249,3 +249,32 @@ async def test_hostile_progress_and_bad_cursors_are_refused_or_left_out(client, 
             ChainWatch(client, chain_id, after=bad)
     with pytest.raises(ChainNotFound):
         await _collect(client, "00000000-0000-0000-0000-000000000001")
+
+
+async def test_many_watchers_in_one_process_share_one_reader_and_see_the_same_events(client, chains, uid):
+    from handoff.client import watch
+
+    ids = [f"crowd{i}-{uid}" for i in range(3)]
+    release = asyncio.Event()
+
+    async def relay(ctx):
+        await release.wait()
+        i = ids.index(ctx.to_agent)
+        if i + 1 < len(ids):
+            return ctx.handoff(to_agent=ids[i + 1], task_description=f"step {i + 1}")
+        return ctx.complete()
+
+    async with running(client, *[make_agent(i, relay) for i in ids]):
+        chain_id = await start_chain(client, to_agent=ids[0], task_description="crowd", search_attributes=False)
+        watching = [asyncio.create_task(_collect(client, chain_id)) for _ in range(100)]
+        late = asyncio.create_task(_collect(client, chain_id, after=2))
+        await asyncio.sleep(0.5)
+        assert len([k for k in watch._readers[client] if k == str(chain_id)]) == 1
+        release.set()
+        seen = await asyncio.wait_for(asyncio.gather(*watching), 60)
+        rest = await late
+    first = [e.model_dump() for e in seen[0]]
+    assert all([e.model_dump() for e in s] == first for s in seen)
+    assert [e.model_dump() for e in rest] == first[2:]
+    assert seen[0][-1].kind is K.CHAIN_ENDED
+    assert str(chain_id) not in watch._readers.get(client, {}), "the reader goes once nobody watches"

@@ -389,7 +389,7 @@ async def _decide(ctx: HandoffContext, settings: _Settings, own: list[Tool], off
             own_calls = [c for c in calls if c.function.name in {t.name for t in own} | set(mcp.tools)]
             if own_calls and rounds < settings.max_tool_rounds:
                 rounds += 1
-                await _run_tools(own, mcp, own_calls, talk)
+                await _run_tools(ctx, own, mcp, own_calls, talk)
                 continue
             return _outcome(ctx, message, offered, talk.decision, settings)
         except _Miss as miss:
@@ -437,8 +437,9 @@ async def _ask(client: Any, settings: _Settings, talk: _Conversation, schemas: l
     return response.choices[0].message
 
 
-async def _run_tools(own: list[Tool], mcp: McpHop, calls: list[Any], talk: _Conversation) -> None:
-    """Run the agent's own tools and the MCP tools the model called and give it their results."""
+async def _run_tools(ctx: HandoffContext, own: list[Tool], mcp: McpHop, calls: list[Any], talk: _Conversation) -> None:
+    """Run the agent's own tools and the MCP tools the model called and give it their results;
+    each call is a progress note of the hop (`ctx.progress`) for the chain's watchers."""
     by_name = {t.name: t for t in own}
     # Some servers refuse an assistant message whose content is null: an empty string instead.
     talk.messages.append({"role": "assistant", "content": "", "tool_calls": [
@@ -446,6 +447,7 @@ async def _run_tools(own: list[Tool], mcp: McpHop, calls: list[Any], talk: _Conv
         for c in calls]})
     for call in calls:
         talk.decision.tool_calls.append(call.function.name)
+        await ctx.progress(f"calling {call.function.name}", {"tool": call.function.name})
         try:
             if call.function.name in mcp.tools:
                 output, record = await mcp.call(call.function.name, _arguments(call))

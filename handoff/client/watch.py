@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from datetime import timezone
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -72,6 +73,23 @@ _CLOSING = frozenset({
     "workflow_execution_terminated_event_attributes",
     "workflow_execution_timed_out_event_attributes",
 })
+# Events after which a workflow task is about to complete: a watcher waits a moment before it asks
+# again, so the task's events come in one answer instead of one each.
+_TASK_COMING = frozenset({
+    "workflow_task_scheduled_event_attributes",
+    "workflow_task_started_event_attributes",
+    "activity_task_completed_event_attributes",
+    "activity_task_failed_event_attributes",
+    "activity_task_timed_out_event_attributes",
+    "activity_task_canceled_event_attributes",
+    "timer_fired_event_attributes",
+    "workflow_execution_signaled_event_attributes",
+    "workflow_execution_update_admitted_event_attributes",
+    "workflow_execution_cancel_requested_event_attributes",
+})
+TASK_COMING_WAIT_S = 0.01
+"""How long a watcher waits, when a workflow task is about to complete, before it asks again."""
+
 # Events between workflow tasks that change nothing the record says: a workflow task they alone
 # caused is not replayed.
 _QUIET = frozenset({
@@ -87,6 +105,13 @@ def _kind(event: HistoryEvent) -> str:
     return event.WhichOneof("attributes") or ""
 
 
+def checked_cursor(after: object) -> int:
+    """`after` as a cursor: a whole number from 0 (ValueError otherwise)."""
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise ValueError(f"a cursor is a whole number from 0, not {after!r}")
+    return after
+
+
 class ChainWatch:
     """One watcher of one chain: iterate it (`async for event in watch`) for its events after
     cursor `after`, as they happen, until the chain ends; `record` is the chain's record as of
@@ -94,14 +119,12 @@ class ChainWatch:
 
     def __init__(self, client: Client, chain_id: UUID | str, *, after: int = 0,
                  reconnect_for_s: float = RECONNECT_FOR_S) -> None:
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise ValueError(f"a cursor is a whole number from 0, not {after!r}")
         self._client = client
         self.chain_id = str(chain_uuid(chain_id))
         self.record: ChainRecord | None = None
         self.cursor = 0
         """The cursor of the last event read (counting those at or before `after`)."""
-        self._after = after
+        self._after = checked_cursor(after)
         self._reconnect_for_s = reconnect_for_s
         self._history: list[HistoryEvent] = []
         self._unit: int | None = None  # where the open workflow task's completion is in the history
@@ -164,6 +187,8 @@ class ChainWatch:
             token = pages.next_page_token
             known = len(self._history)
             yield [e for e in page if e.event_id > known], len(page) >= PAGE_EVENTS
+            if self._history and _kind(self._history[-1]) in _TASK_COMING:
+                await asyncio.sleep(TASK_COMING_WAIT_S)
             if not token:
                 if not self.ended:  # the history ended without a close this watcher understood
                     raise ServerUnreachable(f"the history of chain {self.chain_id} ended before the chain did")
@@ -263,14 +288,77 @@ def _place_of(record: ChainRecord, handoff_id: UUID) -> str:
                  if isinstance(item, Entry) and item.hop.handoff_id == handoff_id), "")
 
 
+class _Shared:
+    """One reader of one chain (`ChainWatch`) for every watcher of it in this process: a hundred
+    watchers of a chain cost the server what one does. It keeps the chain's events (a chain's are
+    bounded: its hops, and at most `PROGRESS_PER_HOP` notes each) so a watcher that comes later,
+    or resumes, starts from any cursor."""
+
+    def __init__(self, client: Client, chain_id: str, readers: dict[str, _Shared]) -> None:
+        self.events: list[ChainEvent] = []
+        self.watchers = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._more = asyncio.Event()
+        self._readers = readers
+        self._chain_id = chain_id
+        self._task = asyncio.create_task(self._read(client))
+
+    async def _read(self, client: Client) -> None:
+        try:
+            async for event in ChainWatch(client, self._chain_id):
+                self.events.append(event)
+                self._wake()
+        except Exception as err:  # ChainNotFound, ServerUnreachable: every watcher hears it
+            self.error = err
+        finally:
+            self.done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = asyncio.Event()
+
+    def _forget(self) -> None:
+        """Once nobody watches, the reader stops (a later watcher starts another)."""
+        if self.watchers:
+            return
+        if self._readers.get(self._chain_id) is self:
+            del self._readers[self._chain_id]
+        if not self.done:
+            self._task.cancel()
+
+    async def after(self, cursor: int) -> AsyncIterator[ChainEvent]:
+        self.watchers += 1
+        try:
+            shown = cursor
+            while True:
+                while shown < len(self.events):
+                    shown += 1
+                    yield self.events[shown - 1]
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self._more.wait()
+        finally:
+            self.watchers -= 1
+            self._forget()
+
+
+_readers: weakref.WeakKeyDictionary[Client, dict[str, _Shared]] = weakref.WeakKeyDictionary()
+
+
 def watch_chain(client: Client, chain_id: UUID | str, *, after: int = 0) -> AsyncIterator[ChainEvent]:
     """The chain's events after cursor `after` (0: from its start), each as it happens, ending
     with `chain.ended`. Resume with the last cursor seen to get every later event once, in
-    order, across restarts of workers and of the server. Raises `ChainNotFound` for an unknown
-    chain, `ServerUnreachable` if the server stays away longer than `RECONNECT_FOR_S`."""
-    return aiter(ChainWatch(client, chain_id, after=after))
-
-
-async def events_so_far(client: Client, chain_id: UUID | str) -> Sequence[ChainEvent]:
-    """Every event of a chain that has ended (for a running chain: waits for its end)."""
-    return [event async for event in watch_chain(client, chain_id)]
+    order, across restarts of workers and of the server. Watchers of one chain in one process
+    share one reader of its history. Raises `ChainNotFound` for an unknown chain,
+    `ServerUnreachable` if the server stays away longer than `RECONNECT_FOR_S`."""
+    checked_cursor(after)
+    key = str(chain_uuid(chain_id))
+    readers = _readers.setdefault(client, {})
+    shared = readers.get(key)
+    if shared is None:
+        shared = readers[key] = _Shared(client, key, readers)
+    return shared.after(after)
