@@ -14,7 +14,8 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
     subprocess.run(
         [sys.executable, "-m", "bench", "--samples", "2", "--load-chains", "4", "--rounds", "2",
          "--context-samples", "1", "--skip-default", "--no-plot", "--out", str(out),
-         "--registry-sizes", "2,5", "--registry-chains", "4", "--stale", "6", "--skip-cost", "--skip-control"],
+         "--registry-sizes", "2,5", "--registry-chains", "4", "--stale", "6", "--skip-cost", "--skip-control",
+         "--skip-watch"],
         cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL)
     results = json.loads(out.read_text())
     assert sorted(results["latency_by_hops"]) == ["1", "2", "3", "4", "5"]
@@ -81,3 +82,17 @@ def test_the_peer_sends_no_traces_anywhere(monkeypatch):
     assert isinstance(trace("bench"), NoOpTrace)
     assert isinstance(DefaultTraceProvider().create_trace("plugin's provider"), NoOpTrace)
     assert get_trace_provider()._multi_processor._processors == ()
+
+
+def test_the_watch_bench_checks_what_it_measures_and_writes_json(tmp_path):
+    out = tmp_path / "watch.json"
+    subprocess.run([sys.executable, "-m", "bench.watch", "--latency-chains", "2", "--turns", "2", "--crowd-chains", "1",
+                    "--at-once", "5", "--out", str(out)], cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL)
+    found = json.loads(out.read_text())
+    assert found["latency_ms"]["n"] == 2 * 5, "every hop of every measured chain reached the watcher"
+    assert 0 < found["latency_ms"]["p50"] < 5000
+    assert found["crowd"]["watchers"] == 100 and found["crowd"]["watched_ms"] > 0
+    assert found["at_once"]["chains"] == 5 and found["at_once"]["unwatched_ms"] > 0
+    assert found["progress"]["events_per_note"] >= 1
+    assert len(found["targets"]) == 4
+    assert out.with_suffix(".md").read_text().count("| watching:") == 6
