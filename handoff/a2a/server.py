@@ -50,11 +50,13 @@ from starlette.routing import Route
 from temporalio.client import Client
 
 from handoff.client import context_limit
-from handoff.servers.http import BearerAuth, HttpGuard, host_of_url
+from handoff.servers.events import chain_events_route
+from handoff.servers.http import BearerAuth, HttpGuard, Principal, host_of_url
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 from handoff.a2a.cards import CARD_PATH, REST_PATH, LiveCards, agent_card_of, handoff_card
 from handoff.a2a.executor import ChainRequestHandler
+from handoff.a2a.tasks import visible_memo
 
 DEFAULT_PORT = 8090
 ENV_TOKENS = Settings.env_name("a2a_tokens")
@@ -68,6 +70,11 @@ class _AgentContextBuilder(DefaultServerCallContextBuilder):
         if "agent_id" in request.path_params:
             context.state["agent_id"] = request.path_params["agent_id"]
         return context
+
+
+EVENTS_PATH = "/chains/{chain_id}/events"
+"""A chain's events as Server-Sent Events (`handoff.servers.events`), for pages and programs that
+watch what they started."""
 
 
 def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), version: str = "1") -> Starlette:
@@ -96,8 +103,15 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
                              for c in await cards.registered()])
 
     builder = _AgentContextBuilder()
+    async def may_watch(request: Request, chain_id: str) -> bool:
+        """The caller `HttpGuard` named may watch the chains it may see as tasks."""
+        user, auth = request.scope.get("user"), request.scope.get("auth")
+        caller = Principal(getattr(user, "username", ""), operator="operator" in getattr(auth, "scopes", ()))
+        return await visible_memo(client, chain_id, caller) is not None
+
     routes = [
         Route(CARD_PATH, root_card, methods=["GET"]),
+        chain_events_route(EVENTS_PATH, client, may_watch),
         Route("/agents/{agent_id}" + CARD_PATH, agent_card, methods=["GET"]),
         Route("/agents", agents, methods=["GET"]),
         # JSON-RPC of A2A 1.0, and of 0.3 (`message/send`, ...) for clients that speak it
