@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from handoff import AgentCapability, ChainStatus, HandoffContext, HopStatus, get_chain, run_chain
+from handoff import AgentCapability, ChainStatus, HandoffContext, HopStatus, get_chain, run_chain, watch_chain
 from handoff.agents.llm import fit_prompt, llm_agent, transfers
-from handoff.models import AgentCard, HopLimits
+from handoff.models import AgentCard, EventKind, HopLimits
 from handoff.testing import Reply, ScriptedModel, call, offered
 from tests.support import cli, make_agent, running
 
@@ -245,6 +245,9 @@ async def test_own_tools_run_before_the_decision_and_the_trim_is_recorded(client
     assert decision.tool_calls == ["lookup"] and decision.model_calls == 2
     assert decision.trimmed == ["context_data.catalogue"]
     assert len(model.requests[0]["messages"][1]["content"]) <= 800
+    notes = [e async for e in watch_chain(client, record.chain_id) if e.kind is EventKind.HOP_PROGRESS]
+    assert [(n.summary, n.data["data"]) for n in notes] == [("calling lookup", {"tool": "lookup"})], \
+        "each tool call is a progress note of the hop"
 
 
 async def test_handoff_show_says_what_the_model_chose(client, uid, cli_env):
