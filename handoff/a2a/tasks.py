@@ -246,3 +246,39 @@ class ChainTaskStore(TaskStore):
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         self._tasks.pop((caller_of(context).name, task_id), None)
+
+
+APPROVAL_PROMPT = "answer `approve` (or `approve: comment`) or `reject: reason`"
+
+
+class ChainProgress:
+    """What changed in a chain since the last record seen, as A2A says it: an artifact per hop
+    completed since, and the task's new status when what the chain does changes (WORKING with a
+    new status line, INPUT_REQUIRED, or how it ended). The one reading of progress that both a
+    request following its task (`handoff.a2a.executor`) and push notifications
+    (`handoff.a2a.push`) use."""
+
+    def __init__(self, shown: set[str] | None = None) -> None:
+        self.shown = set(shown or ())
+        self._last: tuple[int, str] | None = None
+        self.paused = False
+        """The last record ended the chain or left it waiting for a person."""
+
+    def changes(self, record: ChainRecord) -> tuple[list[Artifact], TaskStatus | None]:
+        artifacts = []
+        for hop in completed_hops(record):
+            if str(hop.handoff_id) not in self.shown:
+                self.shown.add(str(hop.handoff_id))
+                artifacts.append(artifact_of(hop))
+        line = status_line(record)
+        self.paused = record.status.ended or record.status is ChainStatus.AWAITING_APPROVAL
+        state = STATE_OF[record.status] if record.status.ended or self.paused else TaskState.TASK_STATE_WORKING
+        if (state, line) == self._last:
+            return artifacts, None
+        self._last = (state, line)
+        if record.status.ended:
+            data = record.final_result if record.status is ChainStatus.COMPLETED else None
+            return artifacts, TaskStatus(state=state, message=agent_message(line, data))
+        if self.paused:
+            return artifacts, TaskStatus(state=state, message=agent_message(f"{line}: {APPROVAL_PROMPT}"))
+        return artifacts, TaskStatus(state=state, message=agent_message(line))
