@@ -1,5 +1,7 @@
 """handoff as an A2A server (`handoff a2a-server`, and `handoff dev`): the Agent2Agent protocol
-(`a2a-sdk`, protocol 1.0, over JSON-RPC and HTTP+JSON) in front of the registry and the chains.
+(`a2a-sdk`, protocol 1.0, over JSON-RPC, HTTP+JSON and, with a gRPC port, gRPC:
+`handoff.a2a.grpc_binding`) in front of the registry and the chains, all three on one request
+handler. Push notifications: `handoff.a2a.push`.
 
 - **Agent cards.** `/.well-known/agent-card.json` is handoff's own card: its skills are the
   capabilities live agents serve now. `/agents/<id>/.well-known/agent-card.json` is each registered
