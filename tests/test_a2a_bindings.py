@@ -329,3 +329,48 @@ async def test_the_extended_card_lists_every_agent_to_authenticated_callers_only
             assert as_json(over_grpc)["skills"] == extended["skills"]
     finally:
         await server.stop()
+
+
+async def test_requests_in_flight_are_counted_across_the_bindings(client, uid):
+    """A caller's requests in flight are one count over HTTP and gRPC: with a bound of one, a
+    blocking send over JSON-RPC leaves no room for a gRPC call, and a gRPC stream none for HTTP."""
+    held = f"held-{uid}"
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(ctx):
+        started.set()
+        await release.wait()
+        return ctx.complete({})
+
+    server = await A2AServer(client, port=free_port(), grpc_port=0, max_in_flight=1).start()
+    try:
+        async with running(client, make_agent(held, hold)), httpx.AsyncClient(timeout=30) as http, \
+                grpc.aio.insecure_channel(server.grpc_url) as channel:
+            stub = a2a_pb2_grpc.A2AServiceStub(channel)
+            sending = asyncio.create_task(http.post(f"{server.url}/agents/{held}", headers=HEADERS, json={
+                "jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": message("wait")}}))
+            await asyncio.wait_for(started.wait(), 15)
+            with pytest.raises(grpc.aio.AioRpcError) as busy:
+                await stub.GetTask(a2a_pb2.GetTaskRequest(id=str(uuid4())))
+            assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            assert (await sending).status_code == 200
+            with pytest.raises(grpc.aio.AioRpcError) as room:
+                await stub.GetTask(a2a_pb2.GetTaskRequest(id=str(uuid4())))
+            assert room.value.code() == grpc.StatusCode.NOT_FOUND, "the count went down with the request"
+            started.clear()
+            release.clear()
+            stream = stub.SendStreamingMessage(Grpc._request(held, message("wait again")))
+            streaming = asyncio.create_task(_drain(stream))
+            await asyncio.wait_for(started.wait(), 15)
+            assert (await http.get(f"{server.url}/agents")).status_code == 429
+            release.set()
+            await asyncio.wait_for(streaming, 30)
+            assert (await http.get(f"{server.url}/agents")).status_code == 200
+    finally:
+        release.set()
+        await server.stop()
+
+
+async def _drain(stream) -> list:
+    return [event async for event in stream]

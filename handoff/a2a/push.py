@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import socket
 import time
+from collections import OrderedDict
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,9 @@ MAX_CONFIGS_PER_TASK = 10
 """Webhooks one caller may register for one task."""
 MAX_FOLLOWED = 1000
 """Chains with webhooks this process follows at once; past it a new config is refused."""
+MAX_KEPT_TASKS = 1000
+"""Tasks whose configs are kept; past it, those of the longest-kept task no chain is followed for
+go (the configs of chains that ended long ago)."""
 CHAIN_APPEAR_S = 10.0
 """How long a config set with the message that starts its chain waits for the chain to exist."""
 
@@ -138,6 +142,7 @@ class OwnedPushConfigs(InMemoryPushNotificationConfigStore):
     def __init__(self, policy: PushPolicy, notifier: PushNotifier) -> None:
         super().__init__(owner_resolver=lambda context: caller_of(context).name)
         self._policy, self._notifier = policy, notifier
+        self._kept: OrderedDict[str, None] = OrderedDict()
 
     async def set_info(self, task_id: str, notification_config: TaskPushNotificationConfig,
                        context: ServerCallContext) -> TaskPushNotificationConfig:
@@ -149,7 +154,21 @@ class OwnedPushConfigs(InMemoryPushNotificationConfigStore):
             raise InvalidParamsError(message=f"at most {MAX_CONFIGS_PER_TASK} push configs per task")
         if not self._notifier.follow(task_id):
             raise InvalidParamsError(message=f"this server follows {MAX_FOLLOWED} chains with webhooks already")
-        return await super().set_info(task_id, notification_config, context)
+        stored = await super().set_info(task_id, notification_config, context)
+        self._kept[task_id] = None
+        self._kept.move_to_end(task_id)
+        self._forget_beyond(MAX_KEPT_TASKS)
+        return stored
+
+    def _forget_beyond(self, limit: int) -> None:
+        for task_id in list(self._kept):
+            if len(self._kept) <= limit:
+                return
+            if not self._notifier.following(task_id):
+                del self._kept[task_id]
+                with self.lock:
+                    for owned in self._push_notification_infos.values():
+                        owned.pop(task_id, None)
 
 
 @dataclass
@@ -170,6 +189,9 @@ class PushNotifier:
         self._followed: dict[str, asyncio.Task] = {}
         self._lanes: dict[tuple[str, str, str], _Lane] = {}
         self._http = httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False)
+
+    def following(self, task_id: str) -> bool:
+        return task_id in self._followed
 
     def follow(self, task_id: str) -> bool:
         """Follow chain `task_id` for its webhooks (unless it is followed already); False: too

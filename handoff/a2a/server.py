@@ -53,7 +53,7 @@ from starlette.routing import Route
 from temporalio.client import Client
 
 from handoff.client import context_limit
-from handoff.servers.http import BearerAuth, HttpGuard, host_of_url
+from handoff.servers.http import MAX_IN_FLIGHT, BearerAuth, HttpGuard, host_of_url
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 from handoff.a2a.cards import CARD_PATH, REST_PATH, LiveCards, Served, agent_card_of, extended_card, handoff_card
@@ -161,7 +161,7 @@ class A2AServer:
     (`allowed_origins`, none by default: no browser page may call it), the caller (with
     authentication configured, every path but the public card needs a credential; without it,
     loopback only), bodies up to the largest context this deployment carries plus the envelope
-    (`max_body_bytes`), and requests in flight per caller. With `grpc_port` (0: one the system
+    (`max_body_bytes`), and requests in flight per caller (`max_in_flight`). With `grpc_port` (0: one the system
     chooses), the gRPC binding too, on `host` at that port, behind the same credentials, bound
     and in-flight count (`handoff.a2a.grpc_binding`), declared in every card at `grpc_url`. With
     `push` enabled, push notifications (`handoff.a2a.push`)."""
@@ -170,7 +170,8 @@ class A2AServer:
                  auth: BearerAuth = BearerAuth(), public_url: str | None = None,
                  allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = (),
                  max_body_bytes: int | None = None, grpc_port: int | None = None,
-                 grpc_public_url: str | None = None, push: PushPolicy = PushPolicy()) -> None:
+                 grpc_public_url: str | None = None, push: PushPolicy = PushPolicy(),
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         auth.require_on(host, "the A2A server starts chains for its callers", f"{ENV_TOKENS}, or --jwks-url")
         import uvicorn
 
@@ -179,14 +180,16 @@ class A2AServer:
         max_body = max_body_bytes or context_limit(client) + MESSAGE_OVERHEAD_BYTES
         in_flight: Counter[str] = Counter()
         self._grpc = None if grpc_port is None else GrpcBinding(host=host, port=grpc_port, auth=auth,
-                                                                max_message_bytes=max_body, in_flight=in_flight)
+                                                                max_message_bytes=max_body, in_flight=in_flight,
+                                                                max_in_flight=max_in_flight)
         self.grpc_url = None if self._grpc is None else (grpc_public_url or grpc_target(self.url, self._grpc.port))
         self._push = PushNotifier(client, push) if push.enabled else None
         served = Served(self.url, auth, grpc_url=self.grpc_url, push=self._push is not None)
         cards = LiveCards(client)
         self.handler = chain_handler(client, served, cards, push=self._push)
         app = HttpGuard(a2a_app(self.handler, cards, served), hosts=hosts, origins=allowed_origins, auth=auth,
-                        max_body_bytes=max_body, public=[CARD_PATH], in_flight=in_flight)
+                        max_body_bytes=max_body, public=[CARD_PATH], in_flight=in_flight,
+                        max_in_flight=max_in_flight)
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      lifespan="off", access_log=False))
         self._task: asyncio.Task[None] | None = None
