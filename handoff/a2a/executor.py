@@ -56,6 +56,7 @@ from handoff.errors import ChainNotFound, InvalidRequest
 from handoff.models import nesting_problem
 from handoff.a2a.tasks import (
     MEMO_KEY,
+    NEW_TASK,
     ChainTaskStore,
     ChainProgress,
     caller_of,
@@ -234,7 +235,10 @@ class ChainRequestHandler(DefaultRequestHandler):
 
     async def _setup_active_task(self, params: SendMessageRequest, call_context: ServerCallContext):
         """The SDK's set-up of a message's task (where its task id is known), counted as a listener
-        of that task until the request ends (`on_message_send`, `on_message_send_stream`)."""
+        of that task until the request ends (`on_message_send`, `on_message_send_stream`). A
+        message naming no task starts one whose id this server makes: no chain has it yet, so the
+        task store does not ask Temporal for it (`NEW_TASK`)."""
+        call_context.state[NEW_TASK] = not params.message.task_id
         active, request_context = await super()._setup_active_task(params, call_context)
         self._listeners.add(request_context.task_id)
         call_context.state[LISTENING] = request_context.task_id

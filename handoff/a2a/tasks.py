@@ -162,6 +162,10 @@ ENDED = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED, TaskState.
          TaskState.TASK_STATE_REJECTED}
 
 
+NEW_TASK = "handoff_new_task"
+"""The call context's note that its message starts a new task (its id made by this server)."""
+
+
 DEFAULT_PAGE, MAX_PAGE = 50, 100
 """Tasks per page of ListTasks: by default, and at most."""
 MAX_LISTED = 1000
@@ -216,6 +220,8 @@ class ChainTaskStore(TaskStore):
             found = Task()
             found.CopyFrom(kept)
             return found
+        if context.state.get(NEW_TASK):
+            return None  # the task this request starts, not saved yet: no chain has its id
         return await chain_task(self._client, task_id, caller_of(context))
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
