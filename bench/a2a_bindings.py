@@ -128,7 +128,8 @@ async def stack(tmp: Path) -> AsyncIterator[Starts]:
         client = await connect(address=server.address)
         await wait_live(client, {a.id for a in BENCH_AGENTS}, timeout_s=120)
         await _serving(url, processes[-1])
-        async with httpx.AsyncClient(timeout=60) as http, grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+        async with httpx.AsyncClient(timeout=60) as http, channel:
             yield Starts(client, http, channel, url)
     finally:
         for process in processes:

@@ -264,6 +264,18 @@ async def test_every_binding_runs_the_same_scenarios_with_the_same_results(clien
     assert results["JSONRPC"] == results["HTTP+JSON"] == results["GRPC"]
 
 
+async def test_a_json_rpc_requests_tenant_names_its_agent_as_over_grpc(client, uid, bound):
+    server, token = bound
+    agent = f"tenant-{uid}"
+    async with running(client, make_agent(agent, relay(None))), httpx.AsyncClient(timeout=30) as http:
+        answer = await http.post(f"{server.url}/", headers={**HEADERS, "Authorization": f"Bearer {token}"}, json={
+            "jsonrpc": "2.0", "id": 1, "method": "SendMessage",
+            "params": {"tenant": agent, "message": message("by tenant")}})
+        task = answer.json()["result"]["task"]
+        record = await wait_chain(client, task["id"])
+    assert record.status is ChainStatus.COMPLETED and record.hops[0].to_agent == agent
+
+
 async def test_grpc_holds_the_same_credentials_bounds_and_errors(client, uid):
     token = f"grpc-{uid}"
     server = await A2AServer(client, port=free_port(), auth=BearerAuth(tokens=(token,)), grpc_port=0,
