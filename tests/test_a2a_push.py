@@ -30,11 +30,20 @@ LOOPBACK = PushPolicy(hosts=("127.0.0.1",), allow_http=True, allow_private=True,
 
 
 @asynccontextmanager
-async def receiver() -> AsyncIterator[tuple[str, list[tuple[str | None, dict]]]]:
-    """A webhook on loopback; yields its URL and what it received (token header, body)."""
+async def receiver(failing: int = 0, seen: list | None = None) -> AsyncIterator[tuple[str, list]]:
+    """A webhook on loopback; yields its URL and what it received (token header, body). It
+    answers its first `failing` POSTs 503 (keeping nothing of them); `seen` gets every POST's
+    headers."""
     got: list[tuple[str | None, dict]] = []
+    answered = 0
 
     async def hook(request: web.Request) -> web.Response:
+        nonlocal answered
+        answered += 1
+        if seen is not None:
+            seen.append(dict(request.headers))
+        if answered <= failing:
+            return web.Response(status=503)
         got.append((request.headers.get(TOKEN_HEADER), await request.json()))
         return web.Response(status=204)
 
@@ -137,6 +146,27 @@ async def test_every_change_of_the_chain_reaches_the_webhook_once_in_order_with_
     assert order == sorted(order), seen
     assert ("status", "TASK_STATE_WORKING") in seen[order[2]:order[3]], "hop 1 started after the approval"
     assert all(a != b for a, b in zip(seen, seen[1:])), "no change is sent twice"
+
+
+async def test_a_failing_webhook_is_retried_until_it_answers_in_order_with_its_credentials(client, uid):
+    agent = f"retried-{uid}"
+    server = await A2AServer(client, port=free_port(), push=LOOPBACK).start()
+    headers: list[dict] = []
+    try:
+        async with receiver(failing=3, seen=headers) as (url, got), httpx.AsyncClient(timeout=30) as http, \
+                running(client, make_agent(agent, relay(None, 0.3))):
+            config = {"url": url, "token": "tok", "authentication": {"scheme": "Bearer", "credentials": "hook-key"}}
+            answer = await Caller(http, server.url, "none").call("SendMessage", {
+                "message": message("t", agent=agent), "configuration": {"taskPushNotificationConfig": config}})
+            await wait_chain(client, answer["result"]["task"]["id"])
+            await until(lambda: ("status", "TASK_STATE_COMPLETED") in changes(got))
+    finally:
+        await server.stop()
+    assert len(headers) >= 3 + len(got), "the failed POSTs were tried again"
+    assert all(h.get("Authorization") == "Bearer hook-key" and h.get(TOKEN_HEADER) == "tok" for h in headers)
+    seen = changes(got)
+    assert seen[0] == ("status", "TASK_STATE_WORKING") and seen[-1] == ("status", "TASK_STATE_COMPLETED")
+    assert ("artifact", f"hop 0: starter -> {agent}") in seen
 
 
 async def test_a_webhook_that_is_down_does_not_slow_the_chain(client, uid):
