@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     """Bearer tokens the A2A server accepts, comma separated: each caller sees its own tasks."""
     a2a_operator_tokens: str = Field(default="", repr=False)
     """Bearer tokens of A2A operators, comma separated: they see and decide every chain."""
+    a2a_push_hosts: str = ""
+    """Hosts A2A push-notification webhooks may be on, comma separated (`*`: any public host);
+    unset: no push notifications."""
+    a2a_push_http: str = ""
+    """`on`: webhooks may also be plain http URLs (default off: https only)."""
+    a2a_push_private: str = ""
+    """`on`: webhooks may also be on loopback, link-local, private or reserved addresses (default off)."""
     prices: str = ""
     """Model prices for chain budgets, as JSON: `{"MODEL": {"prompt": P, "completion": C}}`, per
     million tokens in the budget's currency; a budget that names no prices gets these."""

@@ -384,8 +384,8 @@ async def test_killing_the_remote_agent_mid_hop_falls_back_to_another_agent(clie
 async def test_handoff_a2a_server_serves_and_refuses_to_listen_wide_open(cli_env):
     refused = await cli(cli_env, "a2a-server", "--host", "0.0.0.0", "--port", str(free_port()))
     assert_usage_error(refused, "beyond loopback")
-    port = free_port()
-    server = subprocess.Popen([HANDOFF, "a2a-server", "--port", str(port)], env=cli_env,
+    port, grpc_port = free_port(), free_port()
+    server = subprocess.Popen([HANDOFF, "a2a-server", "--port", str(port), "--grpc-port", str(grpc_port)], env=cli_env,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for _ in range(100):
@@ -394,10 +394,13 @@ async def test_handoff_a2a_server_serves_and_refuses_to_listen_wide_open(cli_env
             await asyncio.sleep(0.1)
         status, card = await asyncio.to_thread(get_json, f"http://127.0.0.1:{port}/.well-known/agent-card.json")
         assert status == 200 and parse_agent_card(card).name == "handoff"
+        grpc = next(i for i in card["supportedInterfaces"] if i["protocolBinding"] == "GRPC")
+        assert grpc["url"] == f"127.0.0.1:{grpc_port}"
     finally:
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=15)
     assert server.returncode == 0 and f"A2A server on http://127.0.0.1:{port}" in output
+    assert f"gRPC on 127.0.0.1:{grpc_port}" in output
 
 
 async def test_handoff_worker_serves_a_remote_a2a_agent(client, uid, cli_env, peer):

@@ -65,6 +65,16 @@ def test_the_control_bench_checks_what_it_measures_and_writes_json(tmp_path):
     assert out.with_suffix(".md").read_text().count("\n| ") >= 3
 
 
+def test_the_a2a_bindings_bench_runs_every_binding_and_writes_json(tmp_path):
+    out = tmp_path / "a2a_bindings.json"
+    subprocess.run([sys.executable, "-m", "bench.a2a_bindings", "--samples", "2", "--out", str(out)],
+                   cwd=ROOT, check=True, timeout=240, stdout=subprocess.DEVNULL)
+    results = json.loads(out.read_text())
+    assert set(results["bindings"]) == {"JSON-RPC", "HTTP+JSON (REST)", "gRPC"}
+    assert all(b["ms"]["n"] == 2 and isinstance(b["met"], bool) for b in results["bindings"].values())
+    assert out.with_suffix(".md").read_text().count("\n| A2A over ") == 3
+
+
 def test_the_peer_sends_no_traces_anywhere(monkeypatch):
     """The peer's worker runs with the SDK's tracing off and no trace processor to export with,
     also under the trace provider the Temporal plugin installs when its worker runs (a fresh one,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 import time
@@ -19,10 +20,11 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
-from a2a.server.tasks import TaskUpdater
+from a2a.server.tasks import PushNotificationConfigStore, TaskUpdater
 from a2a.types import (
     AgentCard,
     CancelTaskRequest,
+    GetExtendedAgentCardRequest,
     GetTaskRequest,
     SendMessageRequest,
     SubscribeToTaskRequest,
@@ -30,7 +32,12 @@ from a2a.types import (
     TaskState,
     TaskStatus,
 )
-from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
+from a2a.utils.errors import (
+    ExtendedAgentCardNotConfiguredError,
+    InvalidRequestError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+)
 from google.protobuf import json_format
 from temporalio.client import Client
 
@@ -46,16 +53,15 @@ from handoff.client import (
 )
 from handoff.constants import MAX_NESTING
 from handoff.errors import ChainNotFound, InvalidRequest
-from handoff.models import ChainStatus, nesting_problem
+from handoff.models import nesting_problem
 from handoff.a2a.tasks import (
     MEMO_KEY,
+    NEW_TASK,
     ChainTaskStore,
+    ChainProgress,
     caller_of,
     agent_message,
-    artifact_of,
     chain_task,
-    completed_hops,
-    status_line,
     visible_memo,
 )
 
@@ -123,6 +129,14 @@ def _decision(context: RequestContext) -> tuple[bool, str]:
     raise InvalidRequest("answer `approve` (optionally `approve: comment`) or `reject: reason`")
 
 
+def agent_of(call: ServerCallContext | None) -> str | None:
+    """The agent a request names: its per-agent endpoint's, or its `tenant` (how a gRPC or
+    JSON-RPC request names an agent: the per-agent card's gRPC interface declares it)."""
+    if call is None:
+        return None
+    return call.state.get("agent_id") or call.tenant or None
+
+
 class Listeners:
     """How many requests listen to each task (a blocking send, a stream, a resubscription): a
     chain is followed for its task only while someone does."""
@@ -156,7 +170,7 @@ class ChainExecutor(AgentExecutor):
             await self._decide(context, updater)
             await self._follow(UUID(context.task_id), updater, {a.artifact_id for a in current.artifacts})
             return
-        agent = context.call_context.state.get("agent_id") if context.call_context else None
+        agent = agent_of(context.call_context)
         task = Task(id=context.task_id, context_id=context.context_id,
                     status=TaskStatus(state=TaskState.TASK_STATE_SUBMITTED), history=[context.message])
         await event_queue.enqueue_event(task)
@@ -183,33 +197,21 @@ class ChainExecutor(AgentExecutor):
         """Emit the chain's progress until it ends or waits for a person, or nobody listens any
         more (the chain goes on; GetTask reads it from Temporal): a status update when what it does
         changes, an artifact per completed hop."""
-        last = ""
+        progress = ChainProgress(shown)
         unheard = 0
         async with aclosing(follow_chain(self._client, chain_id, every_s=POLL_S)) as records:
             async for record in records:
                 unheard = 0 if str(chain_id) in self._listeners else unheard + 1
                 if unheard >= UNHEARD_POLLS and not record.status.ended:
                     return
-                for hop in completed_hops(record):
-                    if str(hop.handoff_id) not in shown:
-                        shown.add(str(hop.handoff_id))
-                        artifact = artifact_of(hop)
-                        await updater.add_artifact(list(artifact.parts), artifact_id=artifact.artifact_id,
-                                                   name=artifact.name, metadata=dict(artifact.metadata))
-                line = status_line(record)
-                if record.status.ended:
-                    data = record.final_result if record.status is ChainStatus.COMPLETED else None
-                    final = {ChainStatus.COMPLETED: updater.complete, ChainStatus.CANCELLED: updater.cancel,
-                             ChainStatus.REJECTED: updater.reject}.get(record.status, updater.failed)
-                    await final(agent_message(line, data))
+                artifacts, status = progress.changes(record)
+                for artifact in artifacts:
+                    await updater.add_artifact(list(artifact.parts), artifact_id=artifact.artifact_id,
+                                               name=artifact.name, metadata=dict(artifact.metadata))
+                if status is not None:
+                    await updater.update_status(status.state, status.message)
+                if progress.paused:
                     return
-                if record.status is ChainStatus.AWAITING_APPROVAL:
-                    await updater.requires_input(agent_message(
-                        f"{line}: answer `approve` (or `approve: comment`) or `reject: reason`"))
-                    return
-                if line != last:
-                    last = line
-                    await updater.start_work(agent_message(line))
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         try:
@@ -223,15 +225,25 @@ class ChainRequestHandler(DefaultRequestHandler):
     task, wherever and whenever it was started, for the callers who may see it. It counts the
     requests listening to each task, so a chain is followed only while someone listens."""
 
-    def __init__(self, client: Client, card: AgentCard) -> None:
+    def __init__(self, client: Client, card: AgentCard, *, push_configs: PushNotificationConfigStore | None = None,
+                 extended_card: Callable[[ServerCallContext], Awaitable[AgentCard]] | None = None) -> None:
         self._listeners = Listeners()
+        self._extended_card = extended_card
         super().__init__(agent_executor=ChainExecutor(client, self._listeners), task_store=ChainTaskStore(client),
-                         agent_card=card)
+                         agent_card=card, push_config_store=push_configs)
         self._client = client
+
+    @property
+    def client(self) -> Client:
+        """The Temporal client the handler reads and starts chains with."""
+        return self._client
 
     async def _setup_active_task(self, params: SendMessageRequest, call_context: ServerCallContext):
         """The SDK's set-up of a message's task (where its task id is known), counted as a listener
-        of that task until the request ends (`on_message_send`, `on_message_send_stream`)."""
+        of that task until the request ends (`on_message_send`, `on_message_send_stream`). A
+        message naming no task starts one whose id this server makes: no chain has it yet, so the
+        task store does not ask Temporal for it (`NEW_TASK`)."""
+        call_context.state[NEW_TASK] = not params.message.task_id
         active, request_context = await super()._setup_active_task(params, call_context)
         self._listeners.add(request_context.task_id)
         call_context.state[LISTENING] = request_context.task_id
@@ -311,3 +323,13 @@ class ChainRequestHandler(DefaultRequestHandler):
             if task is None or task.status.state == TaskState.TASK_STATE_CANCELED or time.monotonic() > deadline:
                 return task
             await asyncio.sleep(0.1)
+
+    async def on_get_extended_agent_card(self, params: GetExtendedAgentCardRequest,
+                                         context: ServerCallContext) -> AgentCard:
+        """The extended card, to an authenticated caller only (the guards in front refuse the
+        others first: 401, UNAUTHENTICATED)."""
+        if self._extended_card is None:
+            raise ExtendedAgentCardNotConfiguredError
+        if not caller_of(context).name:
+            raise InvalidRequestError(message="the extended card is for authenticated callers")
+        return await self._extended_card(context)

@@ -1,5 +1,7 @@
 """handoff as an A2A server (`handoff a2a-server`, and `handoff dev`): the Agent2Agent protocol
-(`a2a-sdk`, protocol 1.0, over JSON-RPC and HTTP+JSON) in front of the registry and the chains.
+(`a2a-sdk`, protocol 1.0, over JSON-RPC, HTTP+JSON and, with a gRPC port, gRPC:
+`handoff.a2a.grpc_binding`) in front of the registry and the chains, all three on one request
+handler. Push notifications: `handoff.a2a.push`.
 
 - **Agent cards.** `/.well-known/agent-card.json` is handoff's own card: its skills are the
   capabilities live agents serve now. `/agents/<id>/.well-known/agent-card.json` is each registered
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 
 from a2a.server.context import ServerCallContext
@@ -51,11 +54,13 @@ from temporalio.client import Client
 
 from handoff.client import context_limit
 from handoff.servers.events import chain_events_route
-from handoff.servers.http import BearerAuth, HttpGuard, Principal, host_of_url
+from handoff.servers.http import MAX_IN_FLIGHT, BearerAuth, HttpGuard, Principal, host_of_url
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
-from handoff.a2a.cards import CARD_PATH, REST_PATH, LiveCards, agent_card_of, handoff_card
+from handoff.a2a.cards import CARD_PATH, REST_PATH, LiveCards, Served, agent_card_of, extended_card, handoff_card
 from handoff.a2a.executor import ChainRequestHandler
+from handoff.a2a.grpc_binding import GrpcBinding
+from handoff.a2a.push import PushNotifier, PushPolicy
 from handoff.a2a.tasks import visible_memo
 
 DEFAULT_PORT = 8090
@@ -77,23 +82,32 @@ EVENTS_PATH = "/chains/{chain_id}/events"
 watch what they started."""
 
 
-def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), version: str = "1") -> Starlette:
-    """The A2A application: cards, the JSON-RPC endpoints, and `/agents` (without the checks of
-    `HttpGuard`, which `A2AServer` puts in front of it)."""
-    cards = LiveCards(client)
-    base_url = base_url.rstrip("/")
-    card = handoff_card([], base_url, auth, version)
-    handler = ChainRequestHandler(client, card)
+def chain_handler(client: Client, served: Served, cards: LiveCards, *, version: str = "1",
+                  push: PushNotifier | None = None) -> ChainRequestHandler:
+    """The one request handler every binding (JSON-RPC, REST, gRPC) serves: chains as tasks,
+    push configs when `push` is given, and the extended card."""
+
+    async def extended(context: ServerCallContext) -> AgentCard:
+        return extended_card(await cards.registered(), await cards.live(), served, version)
+
+    return ChainRequestHandler(client, handoff_card([], served, version), extended_card=extended,
+                               push_configs=push.configs if push is not None else None)
+
+
+def a2a_app(handler: ChainRequestHandler, cards: LiveCards, served: Served, version: str = "1") -> Starlette:
+    """The A2A application: cards, the JSON-RPC and REST endpoints, and `/agents` (without the
+    checks of `HttpGuard`, which `A2AServer` puts in front of it)."""
+    base_url = served.base_url
 
     async def root_card(request: Request) -> Response:
-        return card_response(request, handoff_card(await cards.live(), base_url, auth, version))
+        return card_response(request, handoff_card(await cards.live(), served, version))
 
     async def agent_card(request: Request) -> Response:
         agent_id = request.path_params["agent_id"]
         found = next((c for c in await cards.registered() if c.agent_id == agent_id), None)
         if found is None:
             return JSONResponse({"error": f"no agent {agent_id!r} is registered"}, status_code=404)
-        return card_response(request, agent_card_of(found, base_url, auth))
+        return card_response(request, agent_card_of(found, served))
 
     async def agents(request: Request) -> Response:
         live = {c.agent_id for c in await cards.live()}
@@ -103,15 +117,16 @@ def a2a_app(client: Client, base_url: str, *, auth: BearerAuth = BearerAuth(), v
                              for c in await cards.registered()])
 
     builder = _AgentContextBuilder()
+
     async def may_watch(request: Request, chain_id: str) -> bool:
         """The caller `HttpGuard` named may watch the chains it may see as tasks."""
         user, auth = request.scope.get("user"), request.scope.get("auth")
         caller = Principal(getattr(user, "username", ""), operator="operator" in getattr(auth, "scopes", ()))
-        return await visible_memo(client, chain_id, caller) is not None
+        return await visible_memo(handler.client, chain_id, caller) is not None
 
     routes = [
         Route(CARD_PATH, root_card, methods=["GET"]),
-        chain_events_route(EVENTS_PATH, client, may_watch),
+        chain_events_route(EVENTS_PATH, handler.client, may_watch),
         Route("/agents/{agent_id}" + CARD_PATH, agent_card, methods=["GET"]),
         Route("/agents", agents, methods=["GET"]),
         # JSON-RPC of A2A 1.0, and of 0.3 (`message/send`, ...) for clients that speak it
@@ -161,20 +176,35 @@ class A2AServer:
     (`allowed_origins`, none by default: no browser page may call it), the caller (with
     authentication configured, every path but the public card needs a credential; without it,
     loopback only), bodies up to the largest context this deployment carries plus the envelope
-    (`max_body_bytes`), and requests in flight per caller."""
+    (`max_body_bytes`), and requests in flight per caller (`max_in_flight`). With `grpc_port` (0: one the system
+    chooses), the gRPC binding too, on `host` at that port, behind the same credentials, bound
+    and in-flight count (`handoff.a2a.grpc_binding`), declared in every card at `grpc_url`. With
+    `push` enabled, push notifications (`handoff.a2a.push`)."""
 
     def __init__(self, client: Client, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  auth: BearerAuth = BearerAuth(), public_url: str | None = None,
                  allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = (),
-                 max_body_bytes: int | None = None) -> None:
+                 max_body_bytes: int | None = None, grpc_port: int | None = None,
+                 grpc_public_url: str | None = None, push: PushPolicy = PushPolicy(),
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         auth.require_on(host, "the A2A server starts chains for its callers", f"{ENV_TOKENS}, or --jwks-url")
         import uvicorn
 
         self.url = (public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}").rstrip("/")
         hosts = hosts_for(host, port, [host_of_url(self.url), *(h.lower() for h in allowed_hosts)])
-        app = HttpGuard(a2a_app(client, self.url, auth=auth), hosts=hosts, origins=allowed_origins, auth=auth,
-                        max_body_bytes=max_body_bytes or context_limit(client) + MESSAGE_OVERHEAD_BYTES,
-                        public=[CARD_PATH])
+        max_body = max_body_bytes or context_limit(client) + MESSAGE_OVERHEAD_BYTES
+        in_flight: Counter[str] = Counter()
+        self._grpc = None if grpc_port is None else GrpcBinding(host=host, port=grpc_port, auth=auth,
+                                                                max_message_bytes=max_body, in_flight=in_flight,
+                                                                max_in_flight=max_in_flight)
+        self.grpc_url = None if self._grpc is None else (grpc_public_url or grpc_target(self.url, self._grpc.port))
+        self._push = PushNotifier(client, push) if push.enabled else None
+        served = Served(self.url, auth, grpc_url=self.grpc_url, push=self._push is not None)
+        cards = LiveCards(client)
+        self.handler = chain_handler(client, served, cards, push=self._push)
+        app = HttpGuard(a2a_app(self.handler, cards, served), hosts=hosts, origins=allowed_origins, auth=auth,
+                        max_body_bytes=max_body, public=[CARD_PATH], in_flight=in_flight,
+                        max_in_flight=max_in_flight)
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      lifespan="off", access_log=False))
         self._task: asyncio.Task[None] | None = None
@@ -186,9 +216,23 @@ class A2AServer:
                 self._task.result()  # the port: in use, or not ours to bind
                 raise OSError("the A2A server stopped before it started")
             await asyncio.sleep(0.05)
+        if self._grpc is not None:
+            await self._grpc.start(self.handler)
         return self
 
     async def stop(self) -> None:
         self._server.should_exit = True
+        if self._grpc is not None:
+            await self._grpc.stop()
         if self._task is not None:
             await self._task
+        if self._push is not None:
+            await self._push.aclose()
+
+
+def grpc_target(url: str, port: int) -> str:
+    """The gRPC target (`host:port`) beside the HTTP server at `url`: its host, the gRPC port."""
+    from urllib.parse import urlsplit
+
+    name = urlsplit(url).hostname or "127.0.0.1"
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"

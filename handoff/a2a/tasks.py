@@ -162,6 +162,10 @@ ENDED = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED, TaskState.
          TaskState.TASK_STATE_REJECTED}
 
 
+NEW_TASK = "handoff_new_task"
+"""The call context's note that its message starts a new task (its id made by this server)."""
+
+
 DEFAULT_PAGE, MAX_PAGE = 50, 100
 """Tasks per page of ListTasks: by default, and at most."""
 MAX_LISTED = 1000
@@ -216,6 +220,8 @@ class ChainTaskStore(TaskStore):
             found = Task()
             found.CopyFrom(kept)
             return found
+        if context.state.get(NEW_TASK):
+            return None  # the task this request starts, not saved yet: no chain has its id
         return await chain_task(self._client, task_id, caller_of(context))
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
@@ -246,3 +252,39 @@ class ChainTaskStore(TaskStore):
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         self._tasks.pop((caller_of(context).name, task_id), None)
+
+
+APPROVAL_PROMPT = "answer `approve` (or `approve: comment`) or `reject: reason`"
+
+
+class ChainProgress:
+    """What changed in a chain since the last record seen, as A2A says it: an artifact per hop
+    completed since, and the task's new status when what the chain does changes (WORKING with a
+    new status line, INPUT_REQUIRED, or how it ended). The one reading of progress that both a
+    request following its task (`handoff.a2a.executor`) and push notifications
+    (`handoff.a2a.push`) use."""
+
+    def __init__(self, shown: set[str] | None = None) -> None:
+        self.shown = set(shown or ())
+        self._last: tuple[int, str] | None = None
+        self.paused = False
+        """The last record ended the chain or left it waiting for a person."""
+
+    def changes(self, record: ChainRecord) -> tuple[list[Artifact], TaskStatus | None]:
+        artifacts = []
+        for hop in completed_hops(record):
+            if str(hop.handoff_id) not in self.shown:
+                self.shown.add(str(hop.handoff_id))
+                artifacts.append(artifact_of(hop))
+        line = status_line(record)
+        self.paused = record.status.ended or record.status is ChainStatus.AWAITING_APPROVAL
+        state = STATE_OF[record.status] if record.status.ended or self.paused else TaskState.TASK_STATE_WORKING
+        if (state, line) == self._last:
+            return artifacts, None
+        self._last = (state, line)
+        if record.status.ended:
+            data = record.final_result if record.status is ChainStatus.COMPLETED else None
+            return artifacts, TaskStatus(state=state, message=agent_message(line, data))
+        if self.paused:
+            return artifacts, TaskStatus(state=state, message=agent_message(f"{line}: {APPROVAL_PROMPT}"))
+        return artifacts, TaskStatus(state=state, message=agent_message(line))

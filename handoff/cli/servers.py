@@ -154,9 +154,17 @@ def a2a_server(
         [], "--allowed-host", help="another Host header to answer (e.g. a2a.example.com:443); repeatable"),
     allowed_origin: list[str] = typer.Option(
         [], "--allowed-origin", help="a web page origin allowed to call it from a browser (CORS); repeatable"),
+    grpc_port: int | None = typer.Option(
+        None, "--grpc-port", min=0, max=65535, help="also serve the gRPC binding on this port of --host (0: any free "
+                                                    "port); off unless given"),
+    grpc_public_url: str | None = typer.Option(
+        None, "--grpc-public-url", help="the gRPC target clients reach, for the cards (default HOST:GRPC-PORT)"),
 ) -> None:
-    """Serve A2A: agent cards from the registry, and chains as A2A tasks. Bearer tokens it accepts:
-    HANDOFF_A2A_TOKENS (each caller sees its own tasks) and HANDOFF_A2A_OPERATOR_TOKENS (every chain)."""
+    """Serve A2A: agent cards from the registry, and chains as A2A tasks, over JSON-RPC and REST
+    (and gRPC with --grpc-port). Bearer tokens it accepts: HANDOFF_A2A_TOKENS (each caller sees its
+    own tasks) and HANDOFF_A2A_OPERATOR_TOKENS (every chain); push notifications to the hosts in
+    HANDOFF_A2A_PUSH_HOSTS."""
+    from handoff.a2a.push import PushPolicy
     from handoff.a2a.server import A2AServer
 
     async def start():
@@ -164,9 +172,11 @@ def a2a_server(
         auth = BearerAuth(tokens=token_list(env.a2a_tokens), operator_tokens=token_list(env.a2a_operator_tokens),
                           jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
         server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url,
-                                 allowed_hosts=allowed_host, allowed_origins=allowed_origin).start()
+                                 allowed_hosts=allowed_host, allowed_origins=allowed_origin, grpc_port=grpc_port,
+                                 grpc_public_url=grpc_public_url, push=PushPolicy.from_settings(env)).start()
         checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
-        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; {checks}",
+        grpc = f"; gRPC on {server.grpc_url}" if server.grpc_url else ""
+        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json{grpc}; {checks}",
                   soft_wrap=True)
         return server.stop
 

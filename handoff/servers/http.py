@@ -170,15 +170,18 @@ class HttpGuard:
     """ASGI middleware applying the checks above to every HTTP request, in order: Host, Origin
     (and CORS preflights for allowed origins), the body bound, the caller (`scope["user"]` and
     `scope["auth"]` for the application: a Starlette user named after the principal, whose scopes
-    say `operator` for an operator), and its requests in flight. `public`: paths served to
-    anyone who passes the Host and Origin checks (a server's public card)."""
+    say `operator` for an operator), and its requests in flight (`in_flight`: a counter shared
+    with another binding of the same server). `public`: paths served to anyone who passes the
+    Host and Origin checks (a server's public card)."""
 
     def __init__(self, app: Any, *, hosts: set[str], origins: Sequence[str] = (), auth: BearerAuth = BearerAuth(),
-                 max_body_bytes: int, public: Sequence[str] = (), max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 max_body_bytes: int, public: Sequence[str] = (), max_in_flight: int = MAX_IN_FLIGHT,
+                 in_flight: Counter[str] | None = None) -> None:
         self.app, self._hosts, self._origins = app, hosts, tuple(o.rstrip("/") for o in origins)
         self._verifier = BearerVerifier(auth) if auth.configured else None
         self._max_body, self._public, self._max_in_flight = max_body_bytes, tuple(public), max_in_flight
-        self._in_flight: Counter[str] = Counter()
+        # requests in flight per caller; a server with another binding (A2A's gRPC) shares it
+        self._in_flight: Counter[str] = in_flight if in_flight is not None else Counter()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
