@@ -1,5 +1,6 @@
 """The CLI's server commands: the embedded Temporal server, `handoff dev` (everything in one
-process), the A2A server and the codec server. Each runs until SIGTERM or SIGINT."""
+process), the A2A server and the codec server. Each runs until SIGTERM or SIGINT. The credentials
+of every HTTP server of the CLI (`handoff mcp --http` too) are built by `server_auth`."""
 
 from __future__ import annotations
 
@@ -115,6 +116,19 @@ HostOption = typer.Option("127.0.0.1", "--host",
                           help="address to listen on (beyond loopback: authentication required)")
 
 
+def server_auth(tokens: str, operator_tokens: str = "", *, jwks_url: str | None, jwt_issuer: str | None,
+                jwt_audience: str | None) -> BearerAuth:
+    """A server's credentials: the bearer tokens of its settings (comma separated), its operators'
+    tokens, and the JWTs `--jwks-url`, `--jwt-issuer` and `--jwt-audience` say it accepts."""
+    return BearerAuth(tokens=token_list(tokens), operator_tokens=token_list(operator_tokens), jwks_url=jwks_url,
+                      issuer=jwt_issuer, audience=jwt_audience)
+
+
+def credential_checks(auth: BearerAuth) -> str:
+    """What a server says it asks of its callers, as it starts."""
+    return "bearer credential required" if auth.configured else "no credential (loopback only)"
+
+
 def _stop_on_signals() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT, from now on (before the server can answer a request)."""
     stop = asyncio.Event()
@@ -161,13 +175,12 @@ def a2a_server(
 
     async def start():
         env = settings()
-        auth = BearerAuth(tokens=token_list(env.a2a_tokens), operator_tokens=token_list(env.a2a_operator_tokens),
-                          jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
+        auth = server_auth(env.a2a_tokens, env.a2a_operator_tokens, jwks_url=jwks_url, jwt_issuer=jwt_issuer,
+                           jwt_audience=jwt_audience)
         server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url,
                                  allowed_hosts=allowed_host, allowed_origins=allowed_origin).start()
-        checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
-        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; {checks}",
-                  soft_wrap=True)
+        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json; "
+                  f"{credential_checks(auth)}", soft_wrap=True)
         return server.stop
 
     _serve_until_signalled(start, host, port)
@@ -193,12 +206,11 @@ def codec_server(
     from handoff.servers.codec import start_codec_server
 
     async def start():
-        auth = BearerAuth(tokens=token_list(settings().codec_tokens), jwks_url=jwks_url, issuer=jwt_issuer,
-                          audience=jwt_audience)
+        auth = server_auth(settings().codec_tokens, jwks_url=jwks_url, jwt_issuer=jwt_issuer,
+                           jwt_audience=jwt_audience)
         runner = await start_codec_server(codec_from_env(strict=False), host=host, port=port, ui_origins=ui_origin,
                                           allowed_hosts=allowed_host, auth=auth, allow_encode=allow_encode)
-        checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
-        out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {checks}")
+        out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {credential_checks(auth)}")
         return runner.cleanup
 
     _serve_until_signalled(start, host, port)
