@@ -281,6 +281,13 @@ async def test_over_http_it_will_not_listen_beyond_loopback_without_tokens(clien
         McpHttpServer(client, host="0.0.0.0", port=free_port())
 
 
+async def test_over_http_a_port_in_use_is_an_os_error_before_it_serves(client):
+    async with over_http(client) as serving:
+        taken = McpHttpServer(client, port=int(serving.url.rsplit(":", 1)[1].split("/")[0]))
+        with pytest.raises(OSError, match="in use"):
+            await taken.start()
+
+
 async def test_over_http_a_body_over_the_bound_is_refused(client):
     server = await McpHttpServer(client, port=free_port(), max_body_bytes=1024).start()
     try:

@@ -73,12 +73,14 @@ def dev(
                              "server; the llm-local extra, `make run-llm`); the demo starts at it"),
     a2a_port: int = typer.Option(
         8090, "--a2a-port", min=0, max=65535, help="serve A2A (cards, chains as tasks) on this loopback port; 0: not"),
+    mcp_port: int = typer.Option(
+        8400, "--mcp-port", min=0, max=65535, help="serve MCP (streamable HTTP at /mcp) on this loopback port; 0: not"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
     codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
-    """Embedded server + chain worker + every example agent + the A2A server in one process
+    """Embedded server + chain worker + every example agent + the A2A and MCP servers in one process
     (Ctrl-C stops)."""
     from handoff.cli.dev import run_dev
     from handoff.payloads.codec import CodecSettings
@@ -98,9 +100,12 @@ def dev(
     try:
         code = run_loop(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
                                 telemetry=telemetry, approve=approve, llm_url=model.url if model else None,
-                                a2a_port=a2a_port or None))
+                                a2a_port=a2a_port or None, mcp_port=mcp_port or None))
     except KeyboardInterrupt:
         code = 0
+    except OSError as err:  # a port of the A2A or MCP server in use, or not ours to bind
+        fail(f"handoff dev cannot serve A2A on port {a2a_port} or MCP on port {mcp_port}: {err.strerror or err} "
+             "(--a2a-port 0 or --mcp-port 0 turns one off)")
     finally:
         telemetry.flush()
         embedded.stop()

@@ -18,7 +18,7 @@ from temporalio.client import Client
 
 from handoff.client import context_limit
 from handoff.mcp.tools import handoff_mcp
-from handoff.servers.http import BearerAuth, HttpGuard
+from handoff.servers.http import BearerAuth, HttpGuard, bound_socket
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 
@@ -81,13 +81,17 @@ class McpHttpServer:
                             origins=allowed_origins, auth=auth, max_body_bytes=bound)
         self._server = uvicorn.Server(uvicorn.Config(guarded, host=host, port=port, log_level="warning",
                                                      lifespan="on", access_log=False))
+        self._address = (host, port)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> McpHttpServer:
-        self._task = asyncio.create_task(self._server.serve())
+        """Serve; an `OSError` when the port is in use or not ours to bind."""
+        sock = bound_socket(*self._address)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # the port: in use, or not ours to bind
+                sock.close()
+                self._task.result()
                 raise OSError("the MCP server stopped before it started")
             await asyncio.sleep(0.05)
         return self
