@@ -31,6 +31,7 @@ from bench.agents import FAN_OUT, LEAD
 from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
 from bench.control import control_rows, control_targets, run_control
 from bench.cost import cost_rows, cost_targets, run_cost
+from bench.mcp import mcp_rows, mcp_targets, run_mcp
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
 from bench.race import (
@@ -417,6 +418,8 @@ def targets(results: dict) -> dict:
         checks.update(cost_targets(results["cost"]))
     if "control" in results:
         checks.update(control_targets(results["control"]))
+    if "mcp" in results:
+        checks.update(mcp_targets(results["mcp"]))
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
@@ -486,6 +489,8 @@ def markdown(results: dict) -> str:
         rows += cost_rows(results["cost"], goal)
     if "control" in results:
         rows += control_rows(results["control"], goal)
+    if "mcp" in results:
+        rows += mcp_rows(results["mcp"], goal)
     rows += [
         "",
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
@@ -545,6 +550,8 @@ def run(args: argparse.Namespace) -> dict:
         results["cost"] = run_cost()
     if not args.skip_control:
         results["control"] = run_control()
+    if not args.skip_mcp:
+        results["mcp"] = run_mcp()
     results["targets"] = targets(results)
     return results
 
@@ -575,6 +582,8 @@ def main() -> None:
                         help="skip what each chain shape costs in actions and history (`python -m bench.cost`)")
     parser.add_argument("--skip-control", action="store_true",
                         help="skip budget accounting, steering and re-run figures (`python -m bench.control`)")
+    parser.add_argument("--skip-mcp", action="store_true",
+                        help="skip chains through `handoff mcp` and MCP tool calls in a hop (`python -m bench.mcp`)")
     parser.add_argument("--race-only", action="store_true",
                         help="only the 5-hop race (handoff, bare, the peer): JSON out, no table")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"),
