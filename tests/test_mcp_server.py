@@ -90,6 +90,33 @@ async def test_over_stdio_the_caller_approves_a_waiting_hop_in_its_own_name(clie
         assert twice.is_error
 
 
+async def test_over_stdio_a_wait_reports_progress_as_each_hop_completes(client, uid, cli_env):
+    last = make_agent(f"mcp-last-{uid}", completing)
+
+    async def handing_on(ctx):
+        await asyncio.sleep(0.5)  # long enough for a read of the chain between the hops
+        return ctx.handoff(to_agent=last.id, task_description="finish it", result_data={"first": True})
+
+    first = make_agent(f"mcp-first-{uid}", handing_on)
+    reported: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reported.append((progress, total, message))
+
+    async with running(client, first, last), over_stdio(cli_env) as session:
+        result = await session.call_tool("start_chain", {"to_agent": first.id, "task": "two hops", "wait_s": 30},
+                                         progress_callback=on_progress)
+        assert result.structured_content["status"] == "completed", result.content
+        assert reported == [(1, None, f"hop 0: starter -> {first.id} completed"),
+                            (2, None, f"hop 1: {first.id} -> {last.id} completed")], reported
+
+        reported.clear()
+        again = await session.call_tool("get_chain", {"chain_id": result.structured_content["chain_id"], "wait_s": 5},
+                                        progress_callback=on_progress)
+        assert again.structured_content["status"] == "completed"
+        assert [p for p, _, _ in reported] == [1, 2], "an ended chain's hops, each once"
+
+
 @pytest.mark.parametrize("arguments, says", [
     ({"task": "x", "to_agent": "a", "capability": "TESTING"}, "exactly one"),
     ({"task": "x", "capability": "NO_SUCH_THING"}, "capability"),

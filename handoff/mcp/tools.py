@@ -7,13 +7,17 @@ JWT's subject, or `local` without authentication), over stdio `local`. A chain s
 MCP keeps its caller as its owner (memo key `mcp`), set as it starts; a caller sees and decides
 only the chains it owns, unless it is an operator (an operator token, a JWT with the operator
 scope, `local`). To any other caller such a chain answers as a chain that does not exist. What a
-caller decides, steers or stops is recorded as `mcp:<principal>`."""
+caller decides, steers or stops is recorded as `mcp:<principal>`.
+
+A tool that waits for a chain (`wait_s`) and was sent a progress token follows the chain and
+reports MCP progress each time one of its hops completes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -26,6 +30,7 @@ from handoff.client import (
     approve_chain,
     cancel_chain,
     chain_uuid,
+    follow_chain,
     get_chain,
     reject_chain,
     rerun_chain,
@@ -36,7 +41,7 @@ from handoff.client import (
 )
 from handoff.client.search import chain_query, find_chains, parse_since
 from handoff.errors import ChainNotFound, HandoffError, unless_missing
-from handoff.models import ChainRecord, ChainStatus
+from handoff.models import ChainRecord, ChainStatus, HopStatus
 from handoff.models.checks import one_line
 from handoff.registry import agent_statuses
 from handoff.servers.http import LOCAL, Principal
@@ -45,6 +50,8 @@ MAX_WAIT_S = 300.0
 """The longest a tool waits for a chain to end before it answers with the chain as it is."""
 MAX_LIST = 200
 """The most chains `list_chains` returns at once."""
+PROGRESS_POLL_S = 0.25
+"""How often a wait that reports progress reads the chain (each read of a running chain is a query)."""
 CHAIN_URI = "handoff://chains/{chain_id}"
 AGENTS_URI = "handoff://agents"
 MEMO_KEY = "mcp"
@@ -142,14 +149,48 @@ def json_result(text: str, data: dict[str, Any]) -> CallToolResult:
                           structured_content=json.loads(json.dumps(data, default=str)))
 
 
-async def until_ended(client: Client, chain_id: Any, wait_s: float) -> ChainRecord:
-    """The chain's record once it ends, or as it is after `wait_s` seconds."""
+Progress = Callable[[int, str], Awaitable[None]]
+"""Reports that `n` hops have completed, with a line saying which one did last."""
+
+
+def progress_of(ctx: Context) -> Progress | None:
+    """How to report a tool's progress to its caller, when the caller sent a progress token."""
+    meta = ctx.request_context.meta or {}
+    if meta.get("progress_token") is None:
+        return None
+
+    async def report(completed: int, message: str) -> None:
+        await ctx.report_progress(completed, None, message)
+
+    return report
+
+
+async def until_ended(client: Client, chain_id: Any, wait_s: float, progress: Progress | None = None) -> ChainRecord:
+    """The chain's record once it ends, or as it is after `wait_s` seconds; with `progress`, each
+    of its hops is reported as it completes meanwhile."""
     if wait_s > 0:
+        ending = wait_chain(client, chain_id) if progress is None else followed(client, chain_id, progress)
         try:
-            return await asyncio.wait_for(wait_chain(client, chain_id), wait_s)
+            return await asyncio.wait_for(ending, wait_s)
         except TimeoutError:
             pass
     return await get_chain(client, chain_id)
+
+
+async def followed(client: Client, chain_id: Any, progress: Progress) -> ChainRecord:
+    """Follow the chain to its end (`follow_chain`): its final record, each hop reported to
+    `progress` once, when it is first seen completed."""
+    completed: set[tuple[Any, ...]] = set()
+    async with aclosing(follow_chain(client, chain_id, every_s=PROGRESS_POLL_S)) as records:
+        async for record in records:
+            for hop in record.all_hops():
+                seen = (hop.handoff_id, hop.hop, hop.to_agent)
+                if hop.status is HopStatus.COMPLETED and seen not in completed:
+                    completed.add(seen)
+                    await progress(len(completed), f"hop {hop.hop}: {hop.from_agent} -> {hop.to_agent} completed")
+            if record.status.ended:
+                return record
+    raise AssertionError("a followed chain always ends with its record")
 
 
 async def handoff_errors(call: Any) -> Any:
@@ -190,13 +231,13 @@ def handoff_mcp(client: Client) -> HandoffMCP:
         chain_id = await handoff_errors(start_chain(client, task_description=task, to_agent=to_agent,
                                                     capability=capability, context_data=context, policy=policy,
                                                     memo=owned_by(caller_of(ctx))))
-        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s)))
+        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s, progress_of(ctx))))
 
     @server.tool(name="get_chain")
     async def get_chain_record(ctx: Context, chain_id: ChainId, wait_s: WaitS = 0) -> CallToolResult:
         """A chain's record (hops, statuses, results), read back from its history; with wait_s, once it ends."""
         await seen(ctx, chain_id)
-        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s)))
+        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s, progress_of(ctx))))
 
     @server.tool()
     async def list_chains(
@@ -300,7 +341,7 @@ def handoff_mcp(client: Client) -> HandoffMCP:
         new_id = await handoff_errors(rerun_chain(client, chain_id, from_hop=from_hop, to_agent=to_agent,
                                                   capability=capability, task_description=task,
                                                   memo=owned_by(caller)))
-        return record_result(await handoff_errors(until_ended(client, new_id, wait_s)))
+        return record_result(await handoff_errors(until_ended(client, new_id, wait_s, progress_of(ctx))))
 
     @server.resource(CHAIN_URI, mime_type="application/json", description="a chain's record, by its id")
     async def chain_resource(chain_id: str, ctx: Context) -> str:
