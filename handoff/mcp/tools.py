@@ -113,7 +113,8 @@ def may_see(caller: Principal, memo: Mapping[str, Any]) -> bool:
     """Whether `caller` may see and decide a chain whose memo is `memo`: the caller that started
     it through MCP, or an operator. A chain started otherwise (the CLI, the client API, the A2A
     server) has no MCP owner: operators alone see it."""
-    owner = (memo.get(MEMO_KEY) or {}).get("owner")
+    mcp = memo.get(MEMO_KEY)
+    owner = mcp.get("owner") if isinstance(mcp, Mapping) else None
     return caller.operator or (bool(caller.name) and owner == caller.name)
 
 
