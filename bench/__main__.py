@@ -32,6 +32,7 @@ from bench.baseline import UNSANDBOXED_QUEUE, WORKFLOW_QUEUE
 from bench.control import control_rows, control_targets, run_control
 from bench.watch import run_watch, watch_rows, watch_targets
 from bench.cost import cost_rows, cost_targets, run_cost
+from bench.mcp import mcp_rows, mcp_targets, run_mcp
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
 from bench.race import (
@@ -420,6 +421,8 @@ def targets(results: dict) -> dict:
         checks.update(control_targets(results["control"]))
     if "watch" in results:
         checks.update(watch_targets(results["watch"]))
+    if "mcp" in results:
+        checks.update(mcp_targets(results["mcp"]))
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
@@ -491,6 +494,8 @@ def markdown(results: dict) -> str:
         rows += control_rows(results["control"], goal)
     if "watch" in results:
         rows += watch_rows(results["watch"], goal)
+    if "mcp" in results:
+        rows += mcp_rows(results["mcp"], goal)
     rows += [
         "",
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
@@ -552,6 +557,8 @@ def run(args: argparse.Namespace) -> dict:
         results["control"] = run_control()
     if not args.skip_watch:
         results["watch"] = run_watch()
+    if not args.skip_mcp:
+        results["mcp"] = run_mcp()
     results["targets"] = targets(results)
     return results
 
@@ -584,6 +591,8 @@ def main() -> None:
                         help="skip budget accounting, steering and re-run figures (`python -m bench.control`)")
     parser.add_argument("--skip-watch", action="store_true",
                         help="skip how soon a watcher hears and what watching costs (`python -m bench.watch`)")
+    parser.add_argument("--skip-mcp", action="store_true",
+                        help="skip chains through `handoff mcp` and MCP tool calls in a hop (`python -m bench.mcp`)")
     parser.add_argument("--race-only", action="store_true",
                         help="only the 5-hop race (handoff, bare, the peer): JSON out, no table")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"),

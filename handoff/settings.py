@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     codec_tokens: str = Field(default="", repr=False)
     """Bearer tokens the codec server accepts, comma separated."""
     mcp_tokens: str = Field(default="", repr=False)
-    """Bearer tokens `handoff mcp --http` accepts, comma separated."""
+    """Bearer tokens `handoff mcp --http` accepts, comma separated: each caller sees its own chains."""
+    mcp_operator_tokens: str = Field(default="", repr=False)
+    """Bearer tokens of MCP operators, comma separated: they see and decide every chain."""
 
     @classmethod
     def env_name(cls, field: str) -> str:

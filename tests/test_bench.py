@@ -15,7 +15,7 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
         [sys.executable, "-m", "bench", "--samples", "2", "--load-chains", "4", "--rounds", "2",
          "--context-samples", "1", "--skip-default", "--no-plot", "--out", str(out),
          "--registry-sizes", "2,5", "--registry-chains", "4", "--stale", "6", "--skip-cost", "--skip-control",
-         "--skip-watch"],
+         "--skip-watch", "--skip-mcp"],
         cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL)
     results = json.loads(out.read_text())
     assert sorted(results["latency_by_hops"]) == ["1", "2", "3", "4", "5"]

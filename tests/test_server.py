@@ -3,6 +3,7 @@ search attributes registered, data persisted in --db across restarts."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from handoff.client import connect, get_chain
 from handoff.constants import SEARCH_ATTRIBUTES
 from handoff.servers.embedded import EmbeddedServer, ServerError, free_port
 from handoff.workers.chain_worker import chain_worker
-from tests.support import HANDOFF, ROOT, make_agent, running
+from tests.support import HANDOFF, ROOT, assert_usage_error, make_agent, running
 
 
 async def test_server_registers_search_attributes_and_persists_chains(tmp_path, uid):
@@ -48,7 +49,7 @@ def test_dev_runs_the_demo_chain_end_to_end():
     """What `make run` does, with free ports and an in-memory database, stopping after the demo."""
     result = subprocess.run(
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--a2a-port", str(free_port()),
+         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()),
          "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo", "--approve"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
@@ -63,5 +64,19 @@ def test_dev_runs_the_demo_chain_end_to_end():
     assert "hop 3: analyzer -> deployer awaits approval" in out
     assert "approved by handoff dev --approve" in out
     assert "A2A server: http://127.0.0.1:" in out
+    assert "MCP server: http://127.0.0.1:" in out and "/mcp" in out
     assert "final result: release blocked" in out
     assert "/namespaces/default/workflows/" in out
+
+
+def test_dev_says_in_one_line_when_the_port_of_a_server_it_offers_is_taken():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
+             "--a2a-port", str(free_port()), "--mcp-port", str(port), "--exit-after-demo"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+    assert_usage_error(result, f"MCP on port {port}: Address already in use")

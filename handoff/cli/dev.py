@@ -1,4 +1,5 @@
-"""`handoff dev`: the embedded server, the chain worker and every example agent in one process."""
+"""`handoff dev`: the embedded server, the chain worker, every example agent and the A2A and MCP
+servers (on loopback) in one process."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import sys
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from rich.console import Console
@@ -89,10 +91,11 @@ async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: 
 async def run_dev(
     server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
     telemetry: Telemetry | None = None, approve: bool = False, llm_url: str | None = None,
-    a2a_port: int | None = None,
+    a2a_port: int | None = None, mcp_port: int | None = None,
 ) -> int:
     """`llm_url`: a local model's OpenAI-compatible URL; the LLM triage agent runs too and the
-    demo chain starts at it. `a2a_port`: serve A2A there (loopback)."""
+    demo chain starts at it. `a2a_port`: serve A2A there (loopback); `mcp_port`: serve MCP over
+    streamable HTTP there (loopback, its one caller an operator)."""
     from handoff.examples import ALL_AGENTS
 
     agents = list(ALL_AGENTS)
@@ -102,6 +105,7 @@ async def run_dev(
         agents.append(triage)
     telemetry = telemetry or Telemetry()
     client = await connect(address=server.address, runtime=telemetry.runtime, tracing=telemetry.tracing)
+    served = await serve_beside(client, a2a_port=a2a_port, mcp_port=mcp_port)
     stop = asyncio.Event()
     stop_on_signals(stop)
     workers = asyncio.create_task(run_workers(client, agents, chains=True, stop=stop))
@@ -112,13 +116,8 @@ async def run_dev(
         console.print(f"Prometheus metrics: {telemetry.metrics_url}")
     if llm_url is not None:
         console.print(f"local model: {llm_url}")
-    a2a = None
-    if a2a_port is not None:
-        from handoff.a2a.cards import CARD_PATH
-        from handoff.a2a.server import A2AServer
-
-        a2a = await A2AServer(client, port=a2a_port).start()
-        console.print(f"A2A server: {a2a.url} (card {a2a.url}{CARD_PATH})", soft_wrap=True)
+    for line in served.values():
+        console.print(line, soft_wrap=True)
     await wait_live(client, {a.id for a in agents}, timeout_s=30)
     console.print(f"agents live: {', '.join(a.id for a in agents)}")
     code = 0
@@ -130,6 +129,29 @@ async def run_dev(
     if not stop.is_set():
         console.print("running; Ctrl-C stops the server and the workers")
     await workers
-    if a2a is not None:
-        await a2a.stop()
+    for http_server in served:
+        await http_server.stop()
     return code
+
+
+async def serve_beside(client: Client, *, a2a_port: int | None, mcp_port: int | None) -> dict[Any, str]:
+    """The A2A and MCP servers `handoff dev` offers on loopback, started, each with the line that
+    announces it; if one cannot start (its port in use, say), none is left serving."""
+    served: dict[Any, str] = {}
+    try:
+        if a2a_port is not None:
+            from handoff.a2a.cards import CARD_PATH
+            from handoff.a2a.server import A2AServer
+
+            a2a = await A2AServer(client, port=a2a_port).start()
+            served[a2a] = f"A2A server: {a2a.url} (card {a2a.url}{CARD_PATH})"
+        if mcp_port is not None:
+            from handoff.mcp import McpHttpServer
+
+            mcp = await McpHttpServer(client, port=mcp_port).start()
+            served[mcp] = f"MCP server: {mcp.url}"
+    except BaseException:
+        for http_server in served:
+            await http_server.stop()
+        raise
+    return served

@@ -1,5 +1,6 @@
 """The CLI's server commands: the embedded Temporal server, `handoff dev` (everything in one
-process), the A2A server and the codec server. Each runs until SIGTERM or SIGINT."""
+process), the A2A server and the codec server. Each runs until SIGTERM or SIGINT. The credentials
+of every HTTP server of the CLI (`handoff mcp --http` too) are built by `server_auth`."""
 
 from __future__ import annotations
 
@@ -72,12 +73,14 @@ def dev(
                              "server; the llm-local extra, `make run-llm`); the demo starts at it"),
     a2a_port: int = typer.Option(
         8090, "--a2a-port", min=0, max=65535, help="serve A2A (cards, chains as tasks) on this loopback port; 0: not"),
+    mcp_port: int = typer.Option(
+        8400, "--mcp-port", min=0, max=65535, help="serve MCP (streamable HTTP at /mcp) on this loopback port; 0: not"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
     codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
-    """Embedded server + chain worker + every example agent + the A2A server in one process
+    """Embedded server + chain worker + every example agent + the A2A and MCP servers in one process
     (Ctrl-C stops)."""
     from handoff.cli.dev import run_dev
     from handoff.payloads.codec import CodecSettings
@@ -97,9 +100,12 @@ def dev(
     try:
         code = run_loop(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
                                 telemetry=telemetry, approve=approve, llm_url=model.url if model else None,
-                                a2a_port=a2a_port or None))
+                                a2a_port=a2a_port or None, mcp_port=mcp_port or None))
     except KeyboardInterrupt:
         code = 0
+    except OSError as err:  # a port of the A2A or MCP server in use, or not ours to bind
+        fail(f"handoff dev cannot serve A2A on port {a2a_port} or MCP on port {mcp_port}: {err.strerror or err} "
+             "(--a2a-port 0 or --mcp-port 0 turns one off)")
     finally:
         telemetry.flush()
         embedded.stop()
@@ -113,6 +119,19 @@ IssuerOption = typer.Option(None, "--jwt-issuer", help="with --jwks-url: the iss
 AudienceOption = typer.Option(None, "--jwt-audience", help="with --jwks-url: the audience (aud) required")
 HostOption = typer.Option("127.0.0.1", "--host",
                           help="address to listen on (beyond loopback: authentication required)")
+
+
+def server_auth(tokens: str, operator_tokens: str = "", *, jwks_url: str | None, jwt_issuer: str | None,
+                jwt_audience: str | None) -> BearerAuth:
+    """A server's credentials: the bearer tokens of its settings (comma separated), its operators'
+    tokens, and the JWTs `--jwks-url`, `--jwt-issuer` and `--jwt-audience` say it accepts."""
+    return BearerAuth(tokens=token_list(tokens), operator_tokens=token_list(operator_tokens), jwks_url=jwks_url,
+                      issuer=jwt_issuer, audience=jwt_audience)
+
+
+def credential_checks(auth: BearerAuth) -> str:
+    """What a server says it asks of its callers, as it starts."""
+    return "bearer credential required" if auth.configured else "no credential (loopback only)"
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -169,15 +188,14 @@ def a2a_server(
 
     async def start():
         env = settings()
-        auth = BearerAuth(tokens=token_list(env.a2a_tokens), operator_tokens=token_list(env.a2a_operator_tokens),
-                          jwks_url=jwks_url, issuer=jwt_issuer, audience=jwt_audience)
+        auth = server_auth(env.a2a_tokens, env.a2a_operator_tokens, jwks_url=jwks_url, jwt_issuer=jwt_issuer,
+                           jwt_audience=jwt_audience)
         server = await A2AServer(await connect(), host=host, port=port, auth=auth, public_url=public_url,
                                  allowed_hosts=allowed_host, allowed_origins=allowed_origin, grpc_port=grpc_port,
                                  grpc_public_url=grpc_public_url, push=PushPolicy.from_settings(env)).start()
-        checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
         grpc = f"; gRPC on {server.grpc_url}" if server.grpc_url else ""
-        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json{grpc}; {checks}",
-                  soft_wrap=True)
+        out.print(f"A2A server on {server.url}: card {server.url}/.well-known/agent-card.json{grpc}; "
+                  f"{credential_checks(auth)}", soft_wrap=True)
         return server.stop
 
     _serve_until_signalled(start, host, port)
@@ -203,12 +221,11 @@ def codec_server(
     from handoff.servers.codec import start_codec_server
 
     async def start():
-        auth = BearerAuth(tokens=token_list(settings().codec_tokens), jwks_url=jwks_url, issuer=jwt_issuer,
-                          audience=jwt_audience)
+        auth = server_auth(settings().codec_tokens, jwks_url=jwks_url, jwt_issuer=jwt_issuer,
+                           jwt_audience=jwt_audience)
         runner = await start_codec_server(codec_from_env(strict=False), host=host, port=port, ui_origins=ui_origin,
                                           allowed_hosts=allowed_host, auth=auth, allow_encode=allow_encode)
-        checks = "bearer credential required" if auth.configured else "no credential (loopback only)"
-        out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {checks}")
+        out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {credential_checks(auth)}")
         return runner.cleanup
 
     _serve_until_signalled(start, host, port)

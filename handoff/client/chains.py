@@ -62,7 +62,8 @@ async def start_request(
     """Start the chain workflow for a validated request. A chain id already used, by a running
     chain or one that ended, is refused (its audit trail stays the one `get_chain` reads) unless
     `reuse_id` starts a new run under the id of a chain that has ended. `memo`: what the starter
-    keeps with the chain (the A2A server keeps the request's A2A message there)."""
+    keeps with the chain, set in the same call that starts it (the A2A server keeps the request's
+    A2A message and its caller there, the MCP server its caller)."""
     first = request.to_agent or (request.capability.value if request.capability else "")
     attributes = (
         TypedSearchAttributes([
@@ -118,14 +119,17 @@ class ChainArguments(TypedDict, total=False):
     """False on a server without handoff's search attributes registered."""
     reuse_id: bool
     """Start a new run under the id of a chain that has ended (see `start_request`)."""
+    memo: Mapping[str, Any] | None
+    """What the starter keeps with the chain, set as it starts (see `start_request`)."""
 
 
 async def _start(client: Client, arguments: ChainArguments) -> WorkflowHandle:
     options = dict(arguments)
     search_attributes = options.pop("search_attributes", True)
     reuse_id = options.pop("reuse_id", False)
+    memo = options.pop("memo", None)
     request = build_request(**options, max_context_bytes=context_limit(client))
-    return await start_request(client, request, search_attributes=search_attributes, reuse_id=reuse_id)
+    return await start_request(client, request, search_attributes=search_attributes, reuse_id=reuse_id, memo=memo)
 
 
 async def start_chain(client: Client, **arguments: Unpack[ChainArguments]) -> UUID:

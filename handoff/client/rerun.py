@@ -73,14 +73,16 @@ def _rerun_index(record: ChainRecord, from_hop: int) -> int:
                          f"{', '.join(str(h.hop) for h in record.hops) or 'none'})")
 
 
-async def rerun_chain(client: Client, chain_id: UUID | str, *, from_hop: int, **changes: Any) -> UUID:
+async def rerun_chain(client: Client, chain_id: UUID | str, *, from_hop: int,
+                      memo: Mapping[str, Any] | None = None, **changes: Any) -> UUID:
     """Start a re-run of `chain_id` from its hop `from_hop`; the new chain's id. The new chain
     starts with the original's entries before that hop (`carried_from` set on them; their agents
     are not called again) and runs the hop again with the context and earlier results it had, on
     the same agent unless `to_agent` or `capability` says otherwise, with `task_description`,
     `context_data` or `policy` replacing the original's when given. Its record says where it came
     from (`rerun_of`), and `handoff list --rerun-of` finds it. The use: roll out a fixed version of
-    an agent (`handoff rollout`), then re-run the chains it got wrong from its hop."""
+    an agent (`handoff rollout`), then re-run the chains it got wrong from its hop. `memo`: what
+    the starter keeps with the new chain (see `start_request`)."""
     request = await rerun_request(client, chain_id, from_hop=from_hop, **changes)
-    await start_request(client, request)
+    await start_request(client, request, memo=memo)
     return request.chain_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
@@ -26,6 +27,8 @@ _FINAL = {s.value for s in ChainStatus if s.ended}
 """Statuses a chain's workflow writes when it ends; any other one is stale once the execution ended."""
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+MAX_SCANNED = 1000
+"""Chains `find_chains` looks through (newest first) for those its `keep` accepts."""
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
@@ -69,10 +72,17 @@ def chain_query(*, agent: str | None = None, status: str | None = None,
     return " AND ".join(clauses)
 
 
-async def find_chains(client: Client, query: str, *, limit: int = 20) -> list[dict[str, Any]]:
-    """Newest first: id, status, agents visited, depth reached, start time."""
+async def find_chains(client: Client, query: str, *, limit: int = 20,
+                      keep: Callable[[Mapping[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+    """Newest first: id, status, agents visited, depth reached, start time. `keep`: only the
+    chains whose memo it accepts (a server keeping its callers' chains apart), looked for among
+    the newest `MAX_SCANNED` the query finds."""
     rows: list[dict[str, Any]] = []
-    async for execution in client.list_workflows(query, limit=limit):
+    async for execution in client.list_workflows(query, limit=limit if keep is None else MAX_SCANNED):
+        if len(rows) >= limit:
+            break
+        if keep is not None and not keep(await execution.memo()):
+            continue
         attrs = execution.typed_search_attributes
         status = attrs.get(SA_STATUS)
         ended = _ENDED_AS.get(execution.status) if execution.status is not None else None

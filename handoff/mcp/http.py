@@ -1,8 +1,10 @@
 """The MCP server over streamable HTTP (`handoff mcp --http`), served by uvicorn in this process's
 event loop behind `HttpGuard`: the `Host` must be one it answers to (its loopback names, its own
-address, `allowed_hosts`), no browser `Origin` unless `allowed_origins`, a bearer token from
-`HANDOFF_MCP_TOKENS` when any is set (loopback only without), bodies up to the deployment's
-context limit plus an envelope, and at most so many requests in flight per caller. The SDK's own
+address, `allowed_hosts`), no browser `Origin` unless `allowed_origins`, a bearer credential when
+`auth` takes any (tokens from `HANDOFF_MCP_TOKENS` and `HANDOFF_MCP_OPERATOR_TOKENS`, JWTs; loopback
+only without), bodies up to the deployment's context limit plus an envelope, and at most so many
+requests in flight per caller. Each caller sees its own chains, an operator every chain
+(`handoff.mcp.tools`). The SDK's own
 Host and Origin checks are left off: the guard's are the ones every handoff server makes."""
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from temporalio.client import Client
 
 from handoff.client import context_limit
 from handoff.mcp.tools import handoff_mcp
-from handoff.servers.http import BearerAuth, HttpGuard
+from handoff.servers.http import BearerAuth, HttpGuard, bound_socket
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 
 DEFAULT_PORT = 8400
 PATH = "/mcp"
 ENV_TOKENS = Settings.env_name("mcp_tokens")
+ENV_OPERATOR_TOKENS = Settings.env_name("mcp_operator_tokens")
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 """What a request may hold besides a chain's context: the JSON-RPC envelope, the task, the policy."""
 
@@ -64,7 +67,8 @@ class McpHttpServer:
     def __init__(self, client: Client, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  auth: BearerAuth = BearerAuth(), allowed_hosts: Sequence[str] = (),
                  allowed_origins: Sequence[str] = (), max_body_bytes: int | None = None) -> None:
-        auth.require_on(host, "the MCP server starts and decides chains for its callers", ENV_TOKENS)
+        auth.require_on(host, "the MCP server starts and decides chains for its callers",
+                        f"{ENV_TOKENS}, {ENV_OPERATOR_TOKENS}, or --jwks-url")
         import uvicorn
 
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -77,13 +81,17 @@ class McpHttpServer:
                             origins=allowed_origins, auth=auth, max_body_bytes=bound)
         self._server = uvicorn.Server(uvicorn.Config(guarded, host=host, port=port, log_level="warning",
                                                      lifespan="on", access_log=False))
+        self._address = (host, port)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> McpHttpServer:
-        self._task = asyncio.create_task(self._server.serve())
+        """Serve; an `OSError` when the port is in use or not ours to bind."""
+        sock = bound_socket(*self._address)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # the port: in use, or not ours to bind
+                sock.close()
+                self._task.result()
                 raise OSError("the MCP server stopped before it started")
             await asyncio.sleep(0.05)
         return self

@@ -2,14 +2,22 @@
 and bounded as the CLI is, and answers with the record's JSON (structured content) and a one-line
 summary. Bad input is a tool error with one sentence; nothing is started from it.
 
-Who calls is recorded as `mcp:<principal>` (the decider of an approval or a rejection, who steered
-or stopped a chain): over HTTP the principal `HttpGuard` named (`token-N`, a JWT's subject, or
-`local` without authentication), over stdio `local`."""
+Who calls (`caller_of`): over HTTP the principal `HttpGuard` named (`token-N`, `operator-N`, a
+JWT's subject, or `local` without authentication), over stdio `local`. A chain started through
+MCP keeps its caller as its owner (memo key `mcp`), set as it starts; a caller sees and decides
+only the chains it owns, unless it is an operator (an operator token, a JWT with the operator
+scope, `local`). To any other caller such a chain answers as a chain that does not exist. What a
+caller decides, steers or stops is recorded as `mcp:<principal>`.
+
+A tool that waits for a chain (`wait_s`) and was sent a progress token follows the chain and
+reports MCP progress each time one of its hops completes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -21,6 +29,8 @@ from temporalio.client import Client
 from handoff.client import (
     approve_chain,
     cancel_chain,
+    chain_uuid,
+    follow_chain,
     get_chain,
     reject_chain,
     rerun_chain,
@@ -30,17 +40,22 @@ from handoff.client import (
     wait_chain,
 )
 from handoff.client.search import chain_query, find_chains, parse_since
-from handoff.errors import HandoffError
-from handoff.models import ChainRecord, ChainStatus
+from handoff.errors import ChainNotFound, HandoffError, unless_missing
+from handoff.models import ChainRecord, ChainStatus, HopStatus
 from handoff.models.checks import one_line
 from handoff.registry import agent_statuses
+from handoff.servers.http import LOCAL, Principal
 
 MAX_WAIT_S = 300.0
 """The longest a tool waits for a chain to end before it answers with the chain as it is."""
 MAX_LIST = 200
 """The most chains `list_chains` returns at once."""
+PROGRESS_POLL_S = 0.25
+"""How often a wait that reports progress reads the chain (each read of a running chain is a query)."""
 CHAIN_URI = "handoff://chains/{chain_id}"
 AGENTS_URI = "handoff://agents"
+MEMO_KEY = "mcp"
+"""The chain's memo key for what the MCP server knows of it: the caller that started it (its owner)."""
 
 ChainId = Annotated[str, Field(description="the chain's id (a UUID)", max_length=64)]
 WaitS = Annotated[float, Field(ge=0, le=MAX_WAIT_S,
@@ -70,11 +85,48 @@ class HandoffMCP(MCPServer):
             raise
 
 
-def caller(ctx: Context) -> str:
-    """`mcp:<principal>`: who calls, as `HttpGuard` named it (stdio: `local`)."""
+def caller_of(ctx: Context) -> Principal:
+    """Who calls: over HTTP the principal `HttpGuard` put in the request's scope (an operator when
+    its credential says so); over stdio the user's own process, `local`, an operator. A request
+    over HTTP with no principal (an app served without the guard) is no one and sees nothing."""
     request = ctx.request_context.request
-    user = getattr(request, "scope", {}).get("user") if request is not None else None
-    return f"mcp:{getattr(user, 'username', None) or 'local'}"
+    if request is None:
+        return Principal(LOCAL, operator=True)
+    scope = getattr(request, "scope", {})
+    user = scope.get("user")
+    if not getattr(user, "is_authenticated", False):
+        return Principal("")
+    return Principal(user.username, operator="operator" in getattr(scope.get("auth"), "scopes", ()))
+
+
+def decider(caller: Principal) -> str:
+    """How a caller's decisions are recorded: `mcp:<principal>`."""
+    return f"mcp:{caller.name}"
+
+
+def owned_by(caller: Principal) -> dict[str, Any]:
+    """The memo of a chain `caller` starts: it is the chain's owner."""
+    return {MEMO_KEY: {"owner": caller.name}}
+
+
+def may_see(caller: Principal, memo: Mapping[str, Any]) -> bool:
+    """Whether `caller` may see and decide a chain whose memo is `memo`: the caller that started
+    it through MCP, or an operator. A chain started otherwise (the CLI, the client API, the A2A
+    server) has no MCP owner: operators alone see it."""
+    mcp = memo.get(MEMO_KEY)
+    owner = mcp.get("owner") if isinstance(mcp, Mapping) else None
+    return caller.operator or (bool(caller.name) and owner == caller.name)
+
+
+async def visible(client: Client, chain_id: str, caller: Principal) -> None:
+    """Return when `caller` may see chain `chain_id`; else raise `ChainNotFound`, as for a chain
+    that does not exist, so a caller cannot tell another's chains exist. An operator's call is
+    not looked up here: the call it guards says whether the chain exists."""
+    if caller.operator:
+        return
+    description = await unless_missing(client.get_workflow_handle(str(chain_uuid(chain_id))).describe())
+    if description is None or not may_see(caller, await description.memo()):
+        raise ChainNotFound(str(chain_id))
 
 
 def record_result(record: ChainRecord) -> CallToolResult:
@@ -98,14 +150,48 @@ def json_result(text: str, data: dict[str, Any]) -> CallToolResult:
                           structured_content=json.loads(json.dumps(data, default=str)))
 
 
-async def until_ended(client: Client, chain_id: Any, wait_s: float) -> ChainRecord:
-    """The chain's record once it ends, or as it is after `wait_s` seconds."""
+Progress = Callable[[int, str], Awaitable[None]]
+"""Reports that `n` hops have completed, with a line saying which one did last."""
+
+
+def progress_of(ctx: Context) -> Progress | None:
+    """How to report a tool's progress to its caller, when the caller sent a progress token."""
+    meta = ctx.request_context.meta or {}
+    if meta.get("progress_token") is None:
+        return None
+
+    async def report(completed: int, message: str) -> None:
+        await ctx.report_progress(completed, None, message)
+
+    return report
+
+
+async def until_ended(client: Client, chain_id: Any, wait_s: float, progress: Progress | None = None) -> ChainRecord:
+    """The chain's record once it ends, or as it is after `wait_s` seconds; with `progress`, each
+    of its hops is reported as it completes meanwhile."""
     if wait_s > 0:
+        ending = wait_chain(client, chain_id) if progress is None else followed(client, chain_id, progress)
         try:
-            return await asyncio.wait_for(wait_chain(client, chain_id), wait_s)
+            return await asyncio.wait_for(ending, wait_s)
         except TimeoutError:
             pass
     return await get_chain(client, chain_id)
+
+
+async def followed(client: Client, chain_id: Any, progress: Progress) -> ChainRecord:
+    """Follow the chain to its end (`follow_chain`): its final record, each hop reported to
+    `progress` once, when it is first seen completed."""
+    completed: set[tuple[Any, ...]] = set()
+    async with aclosing(follow_chain(client, chain_id, every_s=PROGRESS_POLL_S)) as records:
+        async for record in records:
+            for hop in record.all_hops():
+                seen = (hop.handoff_id, hop.hop, hop.to_agent)
+                if hop.status is HopStatus.COMPLETED and seen not in completed:
+                    completed.add(seen)
+                    await progress(len(completed), f"hop {hop.hop}: {hop.from_agent} -> {hop.to_agent} completed")
+            if record.status.ended:
+                return record
+    raise AssertionError("a followed chain always ends with its record")
 
 
 async def handoff_errors(call: Any) -> Any:
@@ -123,8 +209,15 @@ def handoff_mcp(client: Client) -> HandoffMCP:
         instructions="Start, follow and decide handoff chains (durable Temporal workflows of agents handing "
                      "work to each other), and list the registered agents.")
 
+    async def seen(ctx: Context, chain_id: str) -> Principal:
+        """The caller, once it may see chain `chain_id`; else the tool's error: there is no such chain."""
+        caller = caller_of(ctx)
+        await handoff_errors(visible(client, chain_id, caller))
+        return caller
+
     @server.tool(name="start_chain")
     async def start_chain_tool(
+        ctx: Context,
         task: Annotated[str, Field(description="what the first agent is asked to do", min_length=1,
                                    max_length=100_000)],
         to_agent: Annotated[str | None, Field(description="the first agent, by id", max_length=200)] = None,
@@ -137,16 +230,19 @@ def handoff_mcp(client: Client) -> HandoffMCP:
     ) -> CallToolResult:
         """Start a chain at an agent or a capability; its record, once it ends or after wait_s seconds."""
         chain_id = await handoff_errors(start_chain(client, task_description=task, to_agent=to_agent,
-                                                    capability=capability, context_data=context, policy=policy))
-        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s)))
+                                                    capability=capability, context_data=context, policy=policy,
+                                                    memo=owned_by(caller_of(ctx))))
+        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s, progress_of(ctx))))
 
     @server.tool(name="get_chain")
-    async def get_chain_record(chain_id: ChainId, wait_s: WaitS = 0) -> CallToolResult:
+    async def get_chain_record(ctx: Context, chain_id: ChainId, wait_s: WaitS = 0) -> CallToolResult:
         """A chain's record (hops, statuses, results), read back from its history; with wait_s, once it ends."""
-        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s)))
+        await seen(ctx, chain_id)
+        return record_result(await handoff_errors(until_ended(client, chain_id, wait_s, progress_of(ctx))))
 
     @server.tool()
     async def list_chains(
+        ctx: Context,
         agent: Annotated[str | None, Field(description="chains that visited this agent", max_length=200)] = None,
         status: Annotated[str | None, Field(description="running, completed, failed, awaiting_approval, ...",
                                             max_length=40)] = None,
@@ -154,11 +250,13 @@ def handoff_mcp(client: Client) -> HandoffMCP:
                                            max_length=40)] = None,
         limit: Annotated[int, Field(ge=1, le=MAX_LIST, description=f"at most this many (1-{MAX_LIST})")] = 20,
     ) -> CallToolResult:
-        """Chains found through their search attributes, newest first."""
+        """Chains found through their search attributes, newest first (the caller's own, unless it is an operator)."""
+        caller = caller_of(ctx)
 
         async def found() -> list[dict[str, Any]]:
             query = chain_query(agent=agent, status=status, since=parse_since(since) if since else None)
-            return await find_chains(client, query, limit=limit)
+            return await find_chains(client, query, limit=limit,
+                                     keep=None if caller.operator else lambda memo: may_see(caller, memo))
 
         rows = await handoff_errors(found())
         return json_result(f"{len(rows)} chain{'s' if len(rows) != 1 else ''}", {"chains": rows})
@@ -177,8 +275,8 @@ def handoff_mcp(client: Client) -> HandoffMCP:
         hop: HopId = None,
     ) -> CallToolResult:
         """Approve the hop a chain waits on: it starts at once."""
-        entry = await handoff_errors(approve_chain(client, chain_id, by=caller(ctx), comment=comment,
-                                                   handoff_id=hop))
+        by = decider(await seen(ctx, chain_id))
+        entry = await handoff_errors(approve_chain(client, chain_id, by=by, comment=comment, handoff_id=hop))
         return json_result(f"chain {chain_id}: hop {entry.hop} {entry.from_agent} -> {entry.to_agent} approved",
                            entry.model_dump(mode="json"))
 
@@ -190,7 +288,8 @@ def handoff_mcp(client: Client) -> HandoffMCP:
         hop: HopId = None,
     ) -> CallToolResult:
         """Reject the hop a chain waits on: the chain (or its branch) ends rejected."""
-        entry = await handoff_errors(reject_chain(client, chain_id, by=caller(ctx), reason=reason, handoff_id=hop))
+        by = decider(await seen(ctx, chain_id))
+        entry = await handoff_errors(reject_chain(client, chain_id, by=by, reason=reason, handoff_id=hop))
         return json_result(f"chain {chain_id}: hop {entry.hop} {entry.from_agent} -> {entry.to_agent} rejected",
                            entry.model_dump(mode="json"))
 
@@ -202,8 +301,9 @@ def handoff_mcp(client: Client) -> HandoffMCP:
         reason: Annotated[str, Field(description="with after_hop: why (recorded)", max_length=2000)] = "",
     ) -> CallToolResult:
         """Cancel a running chain: its running hops are cancelled (or, with after_hop, finish first)."""
+        by = decider(await seen(ctx, chain_id))
         if after_hop:
-            await handoff_errors(stop_chain(client, chain_id, by=caller(ctx), reason=reason))
+            await handoff_errors(stop_chain(client, chain_id, by=by, reason=reason))
             said = "stops once its running hops end"
         else:
             await handoff_errors(cancel_chain(client, chain_id))
@@ -219,15 +319,15 @@ def handoff_mcp(client: Client) -> HandoffMCP:
             max_length=200)] = None,
     ) -> CallToolResult:
         """Tell a running chain's next hop something (and maybe where its next handoff goes)."""
-        sent = await handoff_errors(steer_chain(client, chain_id, message=message, by=caller(ctx),
-                                                redirect=redirect))
+        by = decider(await seen(ctx, chain_id))
+        sent = await handoff_errors(steer_chain(client, chain_id, message=message, by=by, redirect=redirect))
         text = f"chain {chain_id}: the next hop will hear it" + (
             f"; its next handoff goes to {sent.redirect}" if sent.redirect else "")
         return json_result(text, sent.model_dump(mode="json"))
 
     @server.tool()
     async def rerun(
-        chain_id: ChainId,
+        ctx: Context, chain_id: ChainId,
         from_hop: Annotated[int, Field(ge=0, le=4, description="the hop to run again (its depth)")],
         to_agent: Annotated[str | None, Field(description="run the hop on this agent instead", max_length=200)] = None,
         capability: Annotated[str | None, Field(description="run the hop by this capability instead",
@@ -236,14 +336,18 @@ def handoff_mcp(client: Client) -> HandoffMCP:
                                           max_length=100_000)] = None,
         wait_s: WaitS = 0,
     ) -> CallToolResult:
-        """Re-run a chain from one of its hops: the hops before it are carried as they were."""
+        """Re-run a chain from one of its hops: the hops before it are carried as they were; the new chain is
+        the caller's."""
+        caller = await seen(ctx, chain_id)
         new_id = await handoff_errors(rerun_chain(client, chain_id, from_hop=from_hop, to_agent=to_agent,
-                                                  capability=capability, task_description=task))
-        return record_result(await handoff_errors(until_ended(client, new_id, wait_s)))
+                                                  capability=capability, task_description=task,
+                                                  memo=owned_by(caller)))
+        return record_result(await handoff_errors(until_ended(client, new_id, wait_s, progress_of(ctx))))
 
     @server.resource(CHAIN_URI, mime_type="application/json", description="a chain's record, by its id")
-    async def chain_resource(chain_id: str) -> str:
+    async def chain_resource(chain_id: str, ctx: Context) -> str:
         try:
+            await visible(client, chain_id, caller_of(ctx))
             return (await get_chain(client, chain_id)).model_dump_json(indent=2)
         except HandoffError as err:
             raise ResourceError(str(err)) from None
