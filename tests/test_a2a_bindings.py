@@ -386,3 +386,70 @@ async def test_requests_in_flight_are_counted_across_the_bindings(client, uid):
 
 async def _drain(stream) -> list:
     return [event async for event in stream]
+
+
+async def _sse_results(answer: httpx.Response, *, until: str | None = None) -> list[dict]:
+    """The JSON-RPC results (or errors) of an SSE answer, to its end or the first event with key `until`."""
+    found = []
+    async for line in answer.aiter_lines():
+        if line.startswith("data:"):
+            body = json.loads(line[5:])
+            found.append(body.get("result", body))
+            if until is not None and until in found[-1]:
+                break
+    return found
+
+
+async def test_a_client_that_lost_its_stream_resubscribes_and_gets_what_it_missed(client, uid, bound):
+    server, token = bound
+    ids = [f"rs{i}-{uid}" for i in range(3)]
+    gates = {ids[1]: asyncio.Event(), ids[2]: asyncio.Event()}
+
+    async def relay_after_gate(ctx):
+        if ctx.to_agent in gates:
+            await gates[ctx.to_agent].wait()
+        i = ids.index(ctx.to_agent)
+        if i + 1 < len(ids):
+            return ctx.handoff(to_agent=ids[i + 1], task_description="go on", result_data={"by": ctx.to_agent})
+        return ctx.complete({"by": ctx.to_agent})
+
+    headers = {**HEADERS, "Authorization": f"Bearer {token}"}
+
+    def rpc(method: str, params: dict) -> dict:
+        return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+
+    async with running(client, *[make_agent(i, relay_after_gate) for i in ids], register=True), \
+            httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", f"{server.url}/agents/{ids[0]}", headers=headers,
+                               json=rpc("SendStreamingMessage", {"message": message("relay it")})) as answer:
+            before = await _sse_results(answer, until="artifactUpdate")  # then the connection drops
+        task_id = next(e["task"]["id"] for e in before if "task" in e)
+        gates[ids[1]].set()  # a hop completes while nobody listens
+        for _ in range(100):
+            if sum(h.status.value == "completed" for h in (await get_chain(client, task_id)).hops) == 2:
+                break
+            await asyncio.sleep(0.05)
+        async with http.stream("POST", f"{server.url}/", headers=headers,
+                               json=rpc("SubscribeToTask", {"id": task_id})) as answer:
+            first, after = None, []
+            async for line in answer.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                result = json.loads(line[5:])["result"]
+                if first is None:
+                    first = result
+                    gates[ids[2]].set()  # the last hop may go on once the task is read
+                else:
+                    after.append(result)
+        ended = await http.post(f"{server.url}/", headers=headers, json=rpc("SubscribeToTask", {"id": task_id}))
+        unknown = await http.post(f"{server.url}/", headers=headers, json=rpc("SubscribeToTask", {"id": str(uuid4())}))
+        record = await wait_chain(client, task_id)
+    assert artifact_names(before) and len(artifact_names(before)) == 1
+    missed = first["task"]
+    assert missed["id"] == task_id and missed["status"]["state"] == "TASK_STATE_WORKING"
+    assert len(missed["artifacts"]) == 2, "the task comes first, with every hop's artifact so far"
+    assert len(artifact_names(after)) == 1, "then the hop that completes after the resubscription, once"
+    assert states_of(after)[-1] == "TASK_STATE_COMPLETED"
+    assert record.status is ChainStatus.COMPLETED
+    assert "UnsupportedOperation" in ended.text or "-32004" in ended.text
+    assert "-32001" in unknown.text

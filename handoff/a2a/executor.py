@@ -20,6 +20,7 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers.default_request_handler import TERMINAL_TASK_STATES
 from a2a.server.tasks import PushNotificationConfigStore, TaskUpdater
 from a2a.types import (
     AgentCard,
@@ -29,14 +30,17 @@ from a2a.types import (
     SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
+    TaskArtifactUpdateEvent,
     TaskState,
     TaskStatus,
+    TaskStatusUpdateEvent,
 )
 from a2a.utils.errors import (
     ExtendedAgentCardNotConfiguredError,
     InvalidRequestError,
     TaskNotCancelableError,
     TaskNotFoundError,
+    UnsupportedOperationError,
 )
 from google.protobuf import json_format
 from temporalio.client import Client
@@ -46,11 +50,11 @@ from handoff.client import (
     build_request,
     cancel_chain,
     context_limit,
-    follow_chain,
     reject_chain,
     start_request,
     steer_chain,
 )
+from handoff.client.watch import watched_records
 from handoff.constants import MAX_NESTING
 from handoff.errors import ChainNotFound, InvalidRequest
 from handoff.models import nesting_problem
@@ -62,13 +66,13 @@ from handoff.a2a.tasks import (
     caller_of,
     agent_message,
     chain_task,
+    task_of,
     visible_memo,
 )
 
-POLL_S = 0.25
 CANCEL_WAIT_S = 5.0
 UNHEARD_POLLS = 4
-"""Polls with nobody listening after which a task's chain is no longer followed (about a second)."""
+"""Changes of the chain seen with nobody listening after which its task is no longer followed."""
 LISTENING = "handoff_listening_to"
 """The call context's note of the task a request listens to."""
 
@@ -199,7 +203,7 @@ class ChainExecutor(AgentExecutor):
         changes, an artifact per completed hop."""
         progress = ChainProgress(shown)
         unheard = 0
-        async with aclosing(follow_chain(self._client, chain_id, every_s=POLL_S)) as records:
+        async with aclosing(watched_records(self._client, chain_id)) as records:
             async for record in records:
                 unheard = 0 if str(chain_id) in self._listeners else unheard + 1
                 if unheard >= UNHEARD_POLLS and not record.status.ended:
@@ -292,12 +296,34 @@ class ChainRequestHandler(DefaultRequestHandler):
             self._done_listening(context)
 
     async def on_subscribe_to_task(self, params: SubscribeToTaskRequest, context: ServerCallContext):
-        self._listeners.add(params.id)
-        try:
-            async for event in super().on_subscribe_to_task(params, context):
-                yield event
-        finally:
-            self._listeners.remove(params.id)
+        """The task as it stands first, every hop's artifact so far among it (what a client that
+        lost its stream missed), then its changes as they happen, until it ends or waits for a
+        person: read from the chain's history (`watched_records`), so it serves any task this
+        caller may see, followed by this server or not, before and after a restart of either."""
+        a2a = await visible_memo(self._client, params.id, caller_of(context))
+        if a2a is None:
+            raise TaskNotFoundError
+        progress: ChainProgress | None = None
+        context_id = ""
+        async with aclosing(watched_records(self._client, params.id)) as records:
+            async for record in records:
+                if progress is None:
+                    task = task_of(record, a2a)
+                    if task.status.state in TERMINAL_TASK_STATES:
+                        raise UnsupportedOperationError(
+                            message=f"task {task.id} has ended ({TaskState.Name(task.status.state)}): GetTask reads it")
+                    yield task
+                    context_id = task.context_id
+                    progress = ChainProgress({a.artifact_id for a in task.artifacts})
+                    progress.changes(record)
+                else:
+                    artifacts, status = progress.changes(record)
+                    for artifact in artifacts:
+                        yield TaskArtifactUpdateEvent(task_id=params.id, context_id=context_id, artifact=artifact)
+                    if status is not None:
+                        yield TaskStatusUpdateEvent(task_id=params.id, context_id=context_id, status=status)
+                if progress.paused:
+                    return
 
     async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
         task = await chain_task(self._client, params.id, caller_of(context))

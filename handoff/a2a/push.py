@@ -4,7 +4,7 @@ started, a hop completed, waiting for approval, how it ended) is POSTed to it as
 `StreamResponse`, with the config's token in `X-A2A-Notification-Token` (and its `authentication`
 as `Authorization`).
 
-- **Off the chain's path.** The server follows a chain with a webhook itself (`follow_chain`, as a
+- **Off the chain's path.** The server follows a chain with a webhook itself (`watched_records`, as a
   request following its task does, through the same `ChainProgress`), whoever listens or not,
   until the chain ends or its webhooks are deleted. Each webhook has its own delivery task and a
   bounded queue: a notification is queued and the following goes on; the delivery task POSTs
@@ -46,7 +46,7 @@ from a2a.utils.errors import InvalidParamsError
 from google.protobuf import json_format
 from temporalio.client import Client
 
-from handoff.client import follow_chain
+from handoff.client.watch import watched_records
 from handoff.errors import unless_missing
 from handoff.settings import Settings, switched_on, token_list
 from handoff.a2a.tasks import ChainProgress, caller_of
@@ -213,7 +213,7 @@ class PushNotifier:
                 return
             await asyncio.sleep(POLL_S)
         progress = ChainProgress()
-        async with aclosing(follow_chain(self._client, task_id, every_s=POLL_S)) as records:
+        async with aclosing(watched_records(self._client, task_id)) as records:
             async for record in records:
                 configs = await self.configs.get_info_for_dispatch(task_id)
                 if not configs:

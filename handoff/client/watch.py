@@ -139,16 +139,23 @@ class ChainWatch:
         return self._events()
 
     async def _events(self) -> AsyncIterator[ChainEvent]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[ChainEvent]]:
+        """The events (after `after`) each answer of the server brings, as a list, possibly empty
+        (a long poll that timed out); `record` is up to date when each is yielded."""
         async for page, full in self._pages():
+            found: list[ChainEvent] = []
             for event in page:
                 for change in await self._take(event):
-                    for ready in self._numbered(change):
-                        yield ready
+                    found.extend(self._numbered(change))
             if not full and self._unit is not None:
                 for change in await self._close_unit(len(self._history) - 1):
-                    for ready in self._numbered(change):
-                        yield ready
+                    found.extend(self._numbered(change))
             self.caught_up = self.caught_up or not full
+            yield found
             if self.ended:
                 return
 
@@ -286,6 +293,18 @@ class ChainWatch:
 def _place_of(record: ChainRecord, handoff_id: UUID) -> str:
     return next((item.place for item in entries(record.hops)
                  if isinstance(item, Entry) and item.hop.handoff_id == handoff_id), "")
+
+
+async def watched_records(client: Client, chain_id: UUID | str) -> AsyncIterator[ChainRecord]:
+    """The chain's record as it stands, then again each time it changes, last as the chain ended:
+    what a follower of a chain's state needs (the A2A server's tasks), read from its history as
+    `ChainWatch` reads it, with no query of the chain."""
+    watch = ChainWatch(client, chain_id)
+    shown = False
+    async for batch in watch.batches():
+        if watch.record is not None and watch.caught_up and (batch or not shown):
+            shown = True
+            yield watch.record
 
 
 class _Shared:

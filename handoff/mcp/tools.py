@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import aclosing
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -30,7 +29,6 @@ from handoff.client import (
     approve_chain,
     cancel_chain,
     chain_uuid,
-    follow_chain,
     get_chain,
     reject_chain,
     rerun_chain,
@@ -40,8 +38,9 @@ from handoff.client import (
     wait_chain,
 )
 from handoff.client.search import chain_query, find_chains, parse_since
+from handoff.client.watch import ChainWatch
 from handoff.errors import ChainNotFound, HandoffError, unless_missing
-from handoff.models import ChainRecord, ChainStatus, HopStatus
+from handoff.models import ChainRecord, ChainStatus, EventKind
 from handoff.models.checks import one_line
 from handoff.registry import agent_statuses
 from handoff.servers.http import LOCAL, Principal
@@ -50,7 +49,6 @@ MAX_WAIT_S = 300.0
 """The longest a tool waits for a chain to end before it answers with the chain as it is."""
 MAX_LIST = 200
 """The most chains `list_chains` returns at once."""
-PROGRESS_POLL_S = 0.25
 """How often a wait that reports progress reads the chain (each read of a running chain is a query)."""
 CHAIN_URI = "handoff://chains/{chain_id}"
 AGENTS_URI = "handoff://agents"
@@ -179,19 +177,17 @@ async def until_ended(client: Client, chain_id: Any, wait_s: float, progress: Pr
 
 
 async def followed(client: Client, chain_id: Any, progress: Progress) -> ChainRecord:
-    """Follow the chain to its end (`follow_chain`): its final record, each hop reported to
-    `progress` once, when it is first seen completed."""
-    completed: set[tuple[Any, ...]] = set()
-    async with aclosing(follow_chain(client, chain_id, every_s=PROGRESS_POLL_S)) as records:
-        async for record in records:
-            for hop in record.all_hops():
-                seen = (hop.handoff_id, hop.hop, hop.to_agent)
-                if hop.status is HopStatus.COMPLETED and seen not in completed:
-                    completed.add(seen)
-                    await progress(len(completed), f"hop {hop.hop}: {hop.from_agent} -> {hop.to_agent} completed")
-            if record.status.ended:
-                return record
-    raise AssertionError("a followed chain always ends with its record")
+    """Follow the chain to its end through its stream of events (`handoff.client.watch`, no
+    query of the chain): its final record, each hop reported to `progress` as it completes."""
+    watch = ChainWatch(client, chain_id)
+    done = 0
+    async for event in watch:
+        if event.kind is EventKind.HOP_COMPLETED:
+            done += 1
+            await progress(done, f"{event.place}: {event.data.get('from_agent', '')} -> {event.agent} completed")
+    if watch.record is None:
+        raise AssertionError("a watched chain always ends with its record")
+    return watch.record
 
 
 async def handoff_errors(call: Any) -> Any:
