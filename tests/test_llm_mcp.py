@@ -85,6 +85,30 @@ async def test_the_model_calls_an_mcp_tool_and_hands_off_with_its_answer(client,
     assert "secret" not in record.model_dump_json()
 
 
+async def test_a_published_mcp_server_from_pypi_answers_an_llm_agent(client, uid):
+    """The MCP project's own time server (`mcp-server-time`, from PyPI), over stdio: the model
+    asks it the time in a zone and finishes with its answer."""
+    server = McpStdioServer(name=f"time-{uid}", command=sys.executable,
+                            args=["-m", "mcp_server_time", "--local-timezone", "UTC"])
+    tool = f"mcp__{server.name}__get_current_time"
+
+    def answer(request, n):
+        if n == 1:
+            assert tool in offered(request)
+            return call(tool, timezone="Asia/Tokyo")
+        return call("finish", answer=last_tool_result(request))
+
+    async with ScriptedModel(answer) as model:
+        lead = agent(f"clock-{uid}", model.url, [server])
+        async with running(client, lead):
+            record = await run_chain(client, to_agent=lead.id, task_description="what time is it in Tokyo?")
+    assert record.status is ChainStatus.COMPLETED, record.error
+    said = record.final_result["answer"]
+    assert '"timezone": "Asia/Tokyo"' in said and "+09:00" in said
+    (mcp_call,) = record.hops[0].decision.mcp_calls
+    assert (mcp_call.tool, mcp_call.error) == ("get_current_time", "")
+
+
 async def test_a_killed_http_server_fails_its_call_with_a_reason_and_the_chain_completes(client, uid):
     server_name = f"web-{uid}"
     lookup = f"mcp__{server_name}__lookup_owner"
