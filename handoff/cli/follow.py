@@ -35,14 +35,14 @@ async def _follow(chain_id: str, after: int, from_start: bool, as_json: bool) ->
     earlier = 0
     if as_json or not out.is_terminal:
         async for event in watch:
-            if not everything and not watch.caught_up:
+            if not everything and watch.backlog:
                 continue
             print(event.model_dump_json() if as_json else event.line(), flush=True)
         return watch.record
     latest: deque[ChainEvent] = deque(maxlen=SHOWN_EVENTS)
     with Live(_screen(watch, latest, 0), console=out, auto_refresh=False, transient=False) as live:
         async for event in watch:
-            if not everything and not watch.caught_up:
+            if not everything and watch.backlog:
                 earlier += 1
                 continue
             latest.append(event)

@@ -132,8 +132,10 @@ class ChainWatch:
         self._notes: dict[UUID, int] = {}  # progress notes shown, by hop
         self.ended = False
         self.caught_up = False
-        """Whether the events read so far reach what the history held when the watch began (the
-        events after it are new)."""
+        """Whether the events read so far reach what the history held when the watch began."""
+        self.backlog = True
+        """Whether the events being read were in the history when the watch began (False for the
+        events that happen while it watches)."""
 
     def __aiter__(self) -> AsyncIterator[ChainEvent]:
         return self._events()
@@ -154,6 +156,7 @@ class ChainWatch:
             if not full and self._unit is not None:
                 for change in await self._close_unit(len(self._history) - 1):
                     found.extend(self._numbered(change))
+            self.backlog = not self.caught_up
             self.caught_up = self.caught_up or not full
             yield found
             if self.ended:
