@@ -46,7 +46,7 @@ from a2a.utils.errors import InvalidParamsError
 from google.protobuf import json_format
 from temporalio.client import Client
 
-from handoff.client.watch import watched_records
+from handoff.client.watch import TASK_COMING_WAIT_S, watched_records
 from handoff.errors import unless_missing
 from handoff.settings import Settings, switched_on, token_list
 from handoff.a2a.tasks import ChainProgress, caller_of
@@ -213,7 +213,7 @@ class PushNotifier:
                 return
             await asyncio.sleep(POLL_S)
         progress = ChainProgress()
-        async with aclosing(watched_records(self._client, task_id)) as records:
+        async with aclosing(watched_records(self._client, task_id, settle_s=TASK_COMING_WAIT_S)) as records:
             async for record in records:
                 configs = await self.configs.get_info_for_dispatch(task_id)
                 if not configs:
