@@ -161,7 +161,8 @@ def watch_targets(found: dict) -> dict[str, tuple[float, float, bool]]:
     """(value, target, met) of each watching target."""
     lat = found["latency_ms"]
     crowd_, once = found["crowd"]["ratio"], found["at_once"]["ratio"]
-    return {LATENCY_TARGET_P50: (lat["p50"], 50, lat["p50"] < 50), LATENCY_TARGET_P99: (lat["p99"], 250, lat["p99"] < 250),
+    return {LATENCY_TARGET_P50: (lat["p50"], 50, lat["p50"] < 50),
+            LATENCY_TARGET_P99: (lat["p99"], 250, lat["p99"] < 250),
             CROWD_TARGET: (crowd_, 1.2, crowd_ <= 1.2), AT_ONCE_TARGET: (once, 1.2, once <= 1.2)}
 
 
@@ -185,14 +186,16 @@ async def measured(tmp: Path, args: argparse.Namespace) -> dict:
             "at_once": {**await at_once(client, cpu, args.at_once), "chains": args.at_once},
             "progress": await progress_cost(client),
         }
-    found["targets"] = {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in watch_targets(found).items()}
+    found["targets"] = {name: {"value": v, "target": t, "met": met}
+                        for name, (v, t, met) in watch_targets(found).items()}
     return found
 
 
 def watch_rows(found: dict, goal: Any) -> list[str]:
     """Rows of the results table (| measure | handoff | baseline | ratio | target | met |);
     `goal(name, text)` gives the target and met cells."""
-    lat, turns, crowd_, once, notes = (found[k] for k in ("latency_ms", "nobody_watching", "crowd", "at_once", "progress"))
+    lat, turns, crowd_, once, notes = (
+        found[k] for k in ("latency_ms", "nobody_watching", "crowd", "at_once", "progress"))
     return [
         f"| watching: a hop completed to its event at a watcher, p50 | {lat['p50']:.1f} ms ({lat['n']} hops) | | | "
         f"{goal(LATENCY_TARGET_P50, '< {} ms')} |",
@@ -200,7 +203,8 @@ def watch_rows(found: dict, goal: Any) -> list[str]:
         f"{goal(LATENCY_TARGET_P99, '< {} ms')} |",
         f"| watching: 5-hop chain p50, one watcher in the starter's process | {turns['watched_ms']['p50']:.1f} ms | "
         f"nobody watching {turns['unwatched_ms']['p50']:.1f} ms | {turns['ratio_p50']:.3f} | | |",
-        f"| watching: server CPU per chain, {crowd_['watchers']} watchers in one process | {crowd_['watched_ms']:.1f} ms | "
+        f"| watching: server CPU per chain, {crowd_['watchers']} watchers in one process | "
+        f"{crowd_['watched_ms']:.1f} ms | "
         f"none {crowd_['unwatched_ms']:.1f} ms | {crowd_['ratio']:.2f} | {goal(CROWD_TARGET, '<= {}x')} |",
         f"| watching: server CPU per chain, {once['chains']:,} chains at once, one watcher each | "
         f"{once['watched_ms']:.1f} ms | none {once['unwatched_ms']:.1f} ms | {once['ratio']:.2f} | "
@@ -215,7 +219,8 @@ def markdown(found: dict) -> str:
         target = found["targets"][name]
         return f"{text.format(target['target'])} | {'yes' if target['met'] else 'no'}"
 
-    rows = ["| measure | handoff | baseline | ratio | target | met |", "|---|---|---|---|---|---|", *watch_rows(found, goal)]
+    rows = ["| measure | handoff | baseline | ratio | target | met |", "|---|---|---|---|---|---|",
+            *watch_rows(found, goal)]
     return "\n".join(["# Watching a chain", "", "`python -m bench.watch`", "", *rows, ""])
 
 

@@ -52,7 +52,8 @@ async def test_a_chain_with_a_fan_out_an_approval_and_a_fallback_reads_as_the_ex
     spare_done = asyncio.Event()
 
     async def fan(ctx):
-        return ctx.fan_out([Branch(to_agent=w1, task_description="left"), Branch(to_agent=w2, task_description="right")],
+        return ctx.fan_out([Branch(to_agent=w1, task_description="left"),
+                            Branch(to_agent=w2, task_description="right")],
                            join=Join(to_agent=joiner, task_description="decide"), result_data={"fanned": 2})
 
     async def slow_left(ctx):
@@ -208,7 +209,8 @@ async def test_an_agent_that_says_a_hundred_thousand_things_stays_within_its_bou
         history = await client.get_workflow_handle(str(chain_id)).fetch_history()
     notes = [e for e in seen if e.kind is K.HOP_PROGRESS]
     assert 2 <= len(notes) <= PROGRESS_PER_HOP
-    assert sum(1 for e in history.events if e.HasField("workflow_execution_signaled_event_attributes")) <= PROGRESS_PER_HOP
+    signals = sum(1 for e in history.events if e.HasField("workflow_execution_signaled_event_attributes"))
+    assert signals <= PROGRESS_PER_HOP
     assert len(history.events) < 20 + 4 * PROGRESS_PER_HOP, "each note adds a signal and at most a workflow task"
     numbers = [n.data["data"]["i"] for n in notes]
     assert numbers == sorted(numbers) and numbers[0] == 0, "in order, the latest kept when coalesced"

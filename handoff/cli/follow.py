@@ -54,7 +54,8 @@ async def _follow(chain_id: str, after: int, from_start: bool, as_json: bool) ->
 @app.command()
 def follow(
     chain_id: str = typer.Argument(..., help="the chain id"),
-    from_start: bool = typer.Option(False, "--from-start", help="every event since the chain started, not only new ones"),
+    from_start: bool = typer.Option(
+        False, "--from-start", help="every event since the chain started, not only new ones"),
     after: int | None = typer.Option(None, "--after", help="the events after this cursor (resume where you left off)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per event on stdout"),
 ) -> None:

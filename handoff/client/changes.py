@@ -71,7 +71,11 @@ class Entry:
     """The entry before it in its list of hops (whose agent handed to it, unless a fallback)."""
 
 
-def entries(hops: list[HopRecord], label: str = "", key: tuple[Any, ...] = ()) -> Iterator[Entry | tuple[str, tuple[Any, ...], BranchRecord]]:
+BranchEntry = tuple[str, tuple[Any, ...], BranchRecord]
+"""A branch as `entries` lists it: its label, its key, its record."""
+
+
+def entries(hops: list[HopRecord], label: str = "", key: tuple[Any, ...] = ()) -> Iterator[Entry | BranchEntry]:
     """The tree in order: each entry, then its fan-out's branches (their entries, then the
     branch itself, as `(label, key, branch)`, once its hops are listed)."""
     for position, hop in enumerate(hops):
@@ -101,7 +105,8 @@ def _scheduled(entry: Entry) -> Iterator[Change]:
     at = hop.started_at or hop.completed_at or _NEVER
     if hop.fallback_for:
         yield Change(EventKind.FALLBACK, at, entry.place, hop.to_agent,
-                     f"{hop.fallback_for} failed: trying {hop.to_agent}", {"from": hop.fallback_for, "to": hop.to_agent})
+                     f"{hop.fallback_for} failed: trying {hop.to_agent}",
+                     {"from": hop.fallback_for, "to": hop.to_agent})
     kind = EventKind.JOIN_STARTED if hop.kind is HopKind.JOIN else EventKind.HOP_SCHEDULED
     by = f" by {hop.capability.value}" if hop.capability else ""
     why = entry.before.decision.summary if (entry.before is not None and entry.before.decision is not None
@@ -138,7 +143,8 @@ def hop_changes(entry: Entry, old: HopRecord | None) -> Iterator[Change]:
     approval = hop.approval
     if approval is not None and old is None:
         yield Change(EventKind.APPROVAL_AWAITED, approval.requested_at, entry.place, hop.to_agent,
-                     f"{hop.from_agent} → {hop.to_agent} waits for a person's approval (asked by {approval.asked_by})",
+                     f"{hop.from_agent} → {hop.to_agent} waits for a person's approval "
+                     f"(asked by {approval.asked_by})",
                      _hop_data(hop))
     if approval is not None and approval.decision and (old is None or old.approval is None
                                                        or not old.approval.decision):
@@ -149,7 +155,8 @@ def hop_changes(entry: Entry, old: HopRecord | None) -> Iterator[Change]:
     was_scheduled = old is not None and (old.status is HopStatus.RUNNING or old.status in _RAN
                                          or (old.status is HopStatus.CANCELLED and old.attempts > 0))
     ran = hop.status is HopStatus.RUNNING or hop.status in _RAN or (
-        hop.status is HopStatus.CANCELLED and (hop.attempts > 0 or (old is not None and old.status is HopStatus.RUNNING)))
+        hop.status is HopStatus.CANCELLED
+        and (hop.attempts > 0 or (old is not None and old.status is HopStatus.RUNNING)))
     if ran and not was_scheduled:
         yield from _scheduled(entry)
     if not hop.status.open and (old is None or old.status.open):

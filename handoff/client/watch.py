@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from pydantic import ValidationError
 from pydantic_core import to_json
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHistory
@@ -192,7 +191,8 @@ class ChainWatch:
                     token = None  # a page token the server no longer knows: read again from the start
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self._reconnect_for_s:
-                    raise ServerUnreachable(f"the history of chain {self.chain_id} cannot be read: {err.message}") from err
+                    raise ServerUnreachable(
+                        f"the history of chain {self.chain_id} cannot be read: {err.message}") from err
                 await asyncio.sleep(1.0)
                 continue
             failing_since = None
@@ -255,7 +255,7 @@ class ChainWatch:
     async def _decoded(self, payloads: Any, model: type) -> Any:
         try:
             [value] = await self._client.data_converter.decode(list(payloads.payloads), [model])
-        except (ValueError, ValidationError, TypeError, LookupError):  # malformed: not an event
+        except Exception:  # malformed, or in an encoding this client cannot read: not an event
             return None
         return value
 
@@ -273,7 +273,8 @@ class ChainWatch:
             stop = await self._decoded(request.input.args, StopRequest)
             if stop is None:
                 return []
-            return [Change(EventKind.STOP_REQUESTED, at, summary=f"{stop.by} asked the chain to stop after its running hops",
+            return [Change(EventKind.STOP_REQUESTED, at,
+                           summary=f"{stop.by} asked the chain to stop after its running hops",
                            data=stop.model_dump(mode="json", exclude_none=True))]
         return []
 
