@@ -54,6 +54,7 @@ class ProgressSender:
         self._coalesced = 0
         self._flush: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._in_order = asyncio.Lock()  # one signal at a time, in the order said (the lock is FIFO)
 
     async def note(self, message: str, data: dict[str, Any] | None = None) -> None:
         if self._sent >= PROGRESS_PER_HOP:
@@ -83,9 +84,10 @@ class ProgressSender:
 
     async def _signal(self, note: ProgressNote) -> None:
         try:
-            if self._handle is None:
-                self._handle = activity.client().get_workflow_handle(self._chain_id)
-            await self._handle.signal(PROGRESS_SIGNAL, note)
+            async with self._in_order:
+                if self._handle is None:
+                    self._handle = activity.client().get_workflow_handle(self._chain_id)
+                await self._handle.signal(PROGRESS_SIGNAL, note)
         except Exception as err:  # no worker (ActivityEnvironment), the chain ended, the server away
             log.debug("progress_not_sent", error=str(err)[:200])
 

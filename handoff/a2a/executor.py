@@ -273,7 +273,10 @@ class ChainRequestHandler(DefaultRequestHandler):
             await steer_chain(self._client, task_id, message=text, by=f"a2a:{caller_of(context).name}")
         except InvalidRequest:
             return None  # it ended meanwhile, say: the SDK's handling says so
-        return await self.task_store.get(task_id, context)
+        steered = await self.task_store.get(task_id, context)
+        if steered is not None and steered.status.state == TaskState.TASK_STATE_SUBMITTED:
+            steered.status.state = TaskState.TASK_STATE_WORKING  # it took the steer: it runs
+        return steered
 
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext):
         steered = await self._steered(params, context)
