@@ -6,7 +6,10 @@ hop to that agent, in new and in already running chains, runs on it.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from temporalio.api.workflowservice.v1 import (
     DescribeWorkerDeploymentRequest,
@@ -22,6 +25,11 @@ from handoff.errors import InvalidRequest, unless_missing
 from handoff.models import check_agent_id
 
 DEPLOYMENT_PREFIX = "handoff-agent-"
+# The server bounds the calls about one deployment; a call refused as one too many is tried
+# again after these pauses.
+DEPLOYMENT_RETRIES_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+T = TypeVar("T")
 
 
 def deployment_name(agent_id: str) -> str:
@@ -49,8 +57,8 @@ class Routing:
 
 async def routing_of(client: Client, agent_id: str) -> Routing | None:
     """The agent's deployment routing; None when it has no versioned workers (no deployment)."""
-    response = await unless_missing(client.workflow_service.describe_worker_deployment(
-        DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=deployment_name(agent_id))))
+    response = await patiently(lambda: unless_missing(client.workflow_service.describe_worker_deployment(
+        DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=deployment_name(agent_id)))))
     if response is None:
         return None
     info = response.worker_deployment_info
@@ -83,12 +91,24 @@ async def set_current_build_id(client: Client, agent_id: str, build_id: str, *, 
         raise InvalidRequest(f"cannot roll out {agent_id} {build_id}: no worker of that version has polled "
                              f"(versions seen: {seen}); start them first")
     try:
-        await client.workflow_service.set_worker_deployment_current_version(
+        await patiently(lambda: client.workflow_service.set_worker_deployment_current_version(
             SetWorkerDeploymentCurrentVersionRequest(
                 namespace=client.namespace, deployment_name=deployment_name(agent_id), build_id=build_id,
-                allow_no_pollers=True))
+                allow_no_pollers=True)))
     except RPCError as err:
         if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT,
                           RPCStatusCode.FAILED_PRECONDITION):
             raise InvalidRequest(f"cannot roll out {agent_id} {build_id}: {err.message}") from None
         raise
+
+
+async def patiently(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, tried again after a pause while the server refuses it as one too many."""
+    for pause in (*DEPLOYMENT_RETRIES_S, None):
+        try:
+            return await call()
+        except RPCError as err:
+            if err.status != RPCStatusCode.RESOURCE_EXHAUSTED or pause is None:
+                raise
+        await asyncio.sleep(pause)
+    raise AssertionError("unreachable: the last try returns or raises")

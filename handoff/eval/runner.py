@@ -20,7 +20,6 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TypeVar
 from uuid import UUID, uuid5
 
 import structlog
@@ -28,10 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from temporalio.api.enums.v1 import RoutingConfigUpdateState
 from temporalio.api.workflowservice.v1 import DescribeWorkerDeploymentRequest
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
 
 from handoff.client import cancel_chain, context_limit, get_chain, start_request, wait_chain
-from handoff.client.versioning import deployment_name, routing_of, set_current_build_id
+from handoff.client.versioning import deployment_name, patiently, routing_of, set_current_build_id
 from handoff.errors import ChainNotFound, InvalidRequest
 from handoff.eval.cases import NamedCase
 from handoff.eval.scoring import Capabilities, RunScore, score_run, unscored
@@ -39,7 +37,6 @@ from handoff.models import ChainRecord, ChainStatus, check_agent_id
 from handoff.registry import registered_agents
 
 log = structlog.get_logger("handoff.eval")
-T = TypeVar("T")
 
 CHAIN_ID_NAMESPACE = UUID("5d0f6a3e-7c61-4d51-9a55-2b6f1e0c8a47")
 """The namespace of the name-based (version 5) UUIDs of an evaluation's chains."""
@@ -47,9 +44,6 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ROUTED_TIMEOUT_S = 30.0
 """How long a switch of builds may take to reach the agent's task queues."""
 ROUTED_POLL_S = 0.5
-DEPLOYMENT_RETRIES_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
-"""Pauses before calls about the agent's Worker Deployment are tried again when the server says
-too many were made (it bounds them per deployment)."""
 RUN_TIMEOUT_S = 600.0
 
 
@@ -186,7 +180,7 @@ class Evaluation:
     async def _check_builds(self) -> None:
         agent = self.settings.agent
         assert agent is not None
-        routing = await _patiently(lambda: routing_of(self.client, agent))
+        routing = await routing_of(self.client, agent)
         if routing is None:
             raise InvalidRequest(f"cannot evaluate builds of {agent}: it has no versioned workers "
                                  "(run them with `handoff worker --versioned`)")
@@ -292,7 +286,7 @@ class Evaluation:
         assert agent is not None
         if await routed_to(self.client, agent, build):
             return
-        await _patiently(lambda: set_current_build_id(self.client, agent, build))
+        await set_current_build_id(self.client, agent, build)
         deadline = asyncio.get_running_loop().time() + ROUTED_TIMEOUT_S
         while not await routed_to(self.client, agent, build):
             if asyncio.get_running_loop().time() > deadline:
@@ -310,9 +304,9 @@ class Evaluation:
         if agent is None or original is None:
             return
         try:
-            routing = await _patiently(lambda: routing_of(self.client, agent))
+            routing = await routing_of(self.client, agent)
             if routing is not None and routing.current != original:
-                await _patiently(lambda: set_current_build_id(self.client, agent, original))
+                await set_current_build_id(self.client, agent, original)
                 log.info("eval_build_restored", agent_id=agent, build_id=original)
         except Exception as err:
             log.error("eval_build_not_restored", agent_id=agent, build_id=original, error=str(err))
@@ -337,23 +331,12 @@ async def _to_the_end(work: Awaitable[None]) -> None:
 async def routed_to(client: Client, agent: str, build: str) -> bool:
     """Whether hops to `agent` go to `build`: its deployment's current build, with the change
     reached every task queue of the deployment."""
-    response = await _patiently(lambda: client.workflow_service.describe_worker_deployment(
+    response = await patiently(lambda: client.workflow_service.describe_worker_deployment(
         DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=deployment_name(agent))))
     info = response.worker_deployment_info
     settled = info.routing_config_update_state != RoutingConfigUpdateState.ROUTING_CONFIG_UPDATE_STATE_IN_PROGRESS
     return info.routing_config.current_deployment_version.build_id == build and settled
 
-
-async def _patiently(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, tried again after a pause while the server refuses it as one too many."""
-    for pause in (*DEPLOYMENT_RETRIES_S, None):
-        try:
-            return await call()
-        except RPCError as err:
-            if err.status != RPCStatusCode.RESOURCE_EXHAUSTED or pause is None:
-                raise
-        await asyncio.sleep(pause)
-    raise AssertionError("unreachable: the last try returns or raises")
 
 
 async def run_eval(client: Client, cases: Sequence[NamedCase], settings: EvalSettings,
