@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     """Bearer tokens `handoff mcp --http` accepts, comma separated: each caller sees its own chains."""
     mcp_operator_tokens: str = Field(default="", repr=False)
     """Bearer tokens of MCP operators, comma separated: they see and decide every chain."""
+    console_tokens: str = Field(default="", repr=False)
+    """Tokens people sign in to the console with, comma separated, each `NAME=TOKEN` (the name
+    decisions are recorded under)."""
+    console_proxy_header: str = ""
+    """A header naming the signed-in person, set by a reverse proxy in front of the console
+    (e.g. `X-Forwarded-User`); believed only from `HANDOFF_CONSOLE_PROXY_ADDRESSES`."""
+    console_proxy_addresses: str = ""
+    """The addresses the console's reverse proxy connects from, comma separated."""
+    console_roles: str = ""
+    """Console roles, comma separated: `NAME=viewer`, `NAME=approver` (`NAME=approver:SCOPE|SCOPE`:
+    only hops to those agents or capabilities), `NAME=operator`; anyone else is a viewer."""
+    console_secret: str = Field(default="", repr=False)
+    """The key the console signs its session cookies with (default: new at each start, which
+    signs everyone out when it restarts; set it when several console processes serve one site)."""
 
     @classmethod
     def env_name(cls, field: str) -> str:

@@ -24,7 +24,7 @@ FLOORS: dict[str, int] = {
     "handoff.client": 3,
     "handoff.workers": 4,
     **dict.fromkeys(["handoff.cli", "handoff.service", "handoff.a2a", "handoff.mcp", "handoff.servers",
-                     "handoff.testing", "handoff.testbed", "handoff.examples", "handoff.eval"], 5),
+                     "handoff.testing", "handoff.testbed", "handoff.examples", "handoff.eval", "handoff.console"], 5),
 }
 FOLDERS = {"handoff": "handoff", "workflows": "handoff.workflows", "activities": "handoff.activities",
            "workers": "handoff.workers", "examples": "handoff.examples"}

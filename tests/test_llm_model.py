@@ -115,7 +115,7 @@ async def test_make_run_llm_runs_the_demo_from_an_llm_triage_agent(cli_env):
     result = await asyncio.to_thread(
         subprocess.run,
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()),
+         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()), "--console-port", str(free_port()),
          "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo",
          "--approve", "--llm"],
         capture_output=True, text=True, timeout=200, cwd=ROOT, env={**cli_env, "COLUMNS": "200"})

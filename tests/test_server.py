@@ -49,7 +49,7 @@ def test_dev_runs_the_demo_chain_end_to_end():
     """What `make run` does, with free ports and an in-memory database, stopping after the demo."""
     result = subprocess.run(
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()),
+         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()), "--console-port", str(free_port()),
          "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo", "--approve"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
@@ -65,6 +65,7 @@ def test_dev_runs_the_demo_chain_end_to_end():
     assert "approved by handoff dev --approve" in out
     assert "A2A server: http://127.0.0.1:" in out
     assert "MCP server: http://127.0.0.1:" in out and "/mcp" in out
+    assert "console: http://127.0.0.1:" in out
     assert "final result: release blocked" in out
     assert "/namespaces/default/workflows/" in out
 
@@ -76,7 +77,9 @@ def test_dev_says_in_one_line_when_the_port_of_a_server_it_offers_is_taken():
         port = taken.getsockname()[1]
         result = subprocess.run(
             [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-             "--a2a-port", str(free_port()), "--mcp-port", str(port), "--exit-after-demo"],
+             "--a2a-port", str(free_port()), "--mcp-port", str(port), "--console-port", str(free_port()),
+             "--exit-after-demo"],
             capture_output=True, text=True, timeout=120, cwd=ROOT,
         )
-    assert_usage_error(result, f"MCP on port {port}: Address already in use")
+    assert_usage_error(result, f"MCP on port {port} or the console")
+    assert "Address already in use" in result.stderr

@@ -275,7 +275,7 @@ async def test_dev_exports_spans_and_announces_metrics():
     result = await asyncio.to_thread(
         subprocess.run,
         [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()),
+         "--a2a-port", str(free_port()), "--mcp-port", str(free_port()), "--console-port", str(free_port()),
          "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py"), "--exit-after-demo", "--approve",
          "--metrics-port", str(port), "--otel"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,

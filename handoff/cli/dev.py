@@ -1,5 +1,5 @@
-"""`handoff dev`: the embedded server, the chain worker, every example agent and the A2A and MCP
-servers (on loopback) in one process."""
+"""`handoff dev`: the embedded server, the chain worker, every example agent, the A2A and MCP
+servers and the console (on loopback) in one process."""
 
 from __future__ import annotations
 
@@ -91,11 +91,12 @@ async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: 
 async def run_dev(
     server: EmbeddedServer, console: Console, *, demo: Path | None, exit_after_demo: bool,
     telemetry: Telemetry | None = None, approve: bool = False, llm_url: str | None = None,
-    a2a_port: int | None = None, mcp_port: int | None = None,
+    a2a_port: int | None = None, mcp_port: int | None = None, console_port: int | None = None,
 ) -> int:
     """`llm_url`: a local model's OpenAI-compatible URL; the LLM triage agent runs too and the
     demo chain starts at it. `a2a_port`: serve A2A there (loopback); `mcp_port`: serve MCP over
-    streamable HTTP there (loopback, its one caller an operator)."""
+    streamable HTTP there (loopback, its one caller an operator); `console_port`: serve the
+    console there (loopback, its one user the person running it, an operator)."""
     from handoff.examples import ALL_AGENTS
 
     agents = list(ALL_AGENTS)
@@ -105,7 +106,8 @@ async def run_dev(
         agents.append(triage)
     telemetry = telemetry or Telemetry()
     client = await connect(address=server.address, runtime=telemetry.runtime, tracing=telemetry.tracing)
-    served = await serve_beside(client, a2a_port=a2a_port, mcp_port=mcp_port)
+    served = await serve_beside(client, a2a_port=a2a_port, mcp_port=mcp_port, console_port=console_port,
+                                ui_base=server.ui_url)
     stop = asyncio.Event()
     stop_on_signals(stop)
     workers = asyncio.create_task(run_workers(client, agents, chains=True, stop=stop))
@@ -134,9 +136,10 @@ async def run_dev(
     return code
 
 
-async def serve_beside(client: Client, *, a2a_port: int | None, mcp_port: int | None) -> dict[Any, str]:
-    """The A2A and MCP servers `handoff dev` offers on loopback, started, each with the line that
-    announces it; if one cannot start (its port in use, say), none is left serving."""
+async def serve_beside(client: Client, *, a2a_port: int | None, mcp_port: int | None,
+                       console_port: int | None = None, ui_base: str | None = None) -> dict[Any, str]:
+    """The A2A and MCP servers and the console `handoff dev` offers on loopback, started, each with
+    the line that announces it; if one cannot start (its port in use, say), none is left serving."""
     served: dict[Any, str] = {}
     try:
         if a2a_port is not None:
@@ -150,6 +153,11 @@ async def serve_beside(client: Client, *, a2a_port: int | None, mcp_port: int | 
 
             mcp = await McpHttpServer(client, port=mcp_port).start()
             served[mcp] = f"MCP server: {mcp.url}"
+        if console_port is not None:
+            from handoff.console import ConsoleServer
+
+            console = await ConsoleServer(client, port=console_port, ui_base=ui_base).start()
+            served[console] = f"console: {console.url}/ (approvals, chains as live trees, agents)"
     except BaseException:
         for http_server in served:
             await http_server.stop()

@@ -75,13 +75,15 @@ def dev(
         8090, "--a2a-port", min=0, max=65535, help="serve A2A (cards, chains as tasks) on this loopback port; 0: not"),
     mcp_port: int = typer.Option(
         8400, "--mcp-port", min=0, max=65535, help="serve MCP (streamable HTTP at /mcp) on this loopback port; 0: not"),
+    console_port: int = typer.Option(
+        8300, "--console-port", min=0, max=65535, help="serve the console on this loopback port; 0: not"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     otel: bool = OtelOption,
     codec_endpoint: str | None = CodecEndpointOption,
 ) -> None:
-    """Embedded server + chain worker + every example agent + the A2A and MCP servers in one process
-    (Ctrl-C stops)."""
+    """Embedded server + chain worker + every example agent + the A2A and MCP servers and the console
+    in one process (Ctrl-C stops)."""
     from handoff.cli.dev import run_dev
     from handoff.payloads.codec import CodecSettings
 
@@ -100,12 +102,13 @@ def dev(
     try:
         code = run_loop(run_dev(embedded, out, demo=demo, exit_after_demo=exit_after_demo,
                                 telemetry=telemetry, approve=approve, llm_url=model.url if model else None,
-                                a2a_port=a2a_port or None, mcp_port=mcp_port or None))
+                                a2a_port=a2a_port or None, mcp_port=mcp_port or None,
+                                console_port=console_port or None))
     except KeyboardInterrupt:
         code = 0
-    except OSError as err:  # a port of the A2A or MCP server in use, or not ours to bind
-        fail(f"handoff dev cannot serve A2A on port {a2a_port} or MCP on port {mcp_port}: {err.strerror or err} "
-             "(--a2a-port 0 or --mcp-port 0 turns one off)")
+    except OSError as err:  # a port of the A2A or MCP server or the console in use, or not ours to bind
+        fail(f"handoff dev cannot serve A2A on port {a2a_port}, MCP on port {mcp_port} or the console on port "
+             f"{console_port}: {err.strerror or err} (--a2a-port 0, --mcp-port 0 or --console-port 0 turns one off)")
     finally:
         telemetry.flush()
         embedded.stop()
@@ -227,5 +230,34 @@ def codec_server(
                                           allowed_hosts=allowed_host, auth=auth, allow_encode=allow_encode)
         out.print(f"codec server on http://{host}:{port} for {', '.join(ui_origin)}; {credential_checks(auth)}")
         return runner.cleanup
+
+    _serve_until_signalled(start, host, port)
+
+
+@app.command()
+def console(
+    port: int = typer.Option(8300, "--port", min=1, max=65535),
+    host: str = HostOption,
+    public_url: str | None = typer.Option(
+        None, "--public-url", help="the URL people reach it at (behind a proxy, say); its host is answered too"),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="another Host header to answer (e.g. console.example.com:443); repeatable"),
+    jwks_url: str | None = JwksOption,
+    jwt_issuer: str | None = IssuerOption,
+    jwt_audience: str | None = AudienceOption,
+) -> None:
+    """The console: the approvals inbox, chains as live trees, the fleet, for people in a browser.
+    Who may use it: HANDOFF_CONSOLE_PROXY_HEADER (from HANDOFF_CONSOLE_PROXY_ADDRESSES),
+    HANDOFF_CONSOLE_TOKENS, JWTs; what they may do: HANDOFF_CONSOLE_ROLES. Without any, loopback only."""
+    from handoff.console import ConsoleAuth, ConsoleServer
+
+    async def start():
+        auth = ConsoleAuth.from_settings(settings(), server_auth("", jwks_url=jwks_url, jwt_issuer=jwt_issuer,
+                                                                 jwt_audience=jwt_audience))
+        server = await ConsoleServer(await connect(), host=host, port=port, auth=auth, public_url=public_url,
+                                     allowed_hosts_extra=allowed_host).start()
+        who = "people sign in" if auth.configured else "no sign-in (loopback only): you are an operator"
+        out.print(f"console on {server.url}/; {who}", soft_wrap=True)
+        return server.stop
 
     _serve_until_signalled(start, host, port)

@@ -1,0 +1,196 @@
+"""The console (`handoff console`), over HTTP: the inbox shows a hop that waits, with what its
+approver needs; a decision is made by the signed-in person, once; who may not decide is refused;
+forged, foreign and malformed requests are refused; nothing from a chain is rendered as markup.
+The browser's view of the same pages is tests/test_console_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from html import unescape
+
+import httpx
+import pytest
+
+from handoff import ChainStatus, start_chain, wait_chain
+from handoff.console import ConsoleAuth, ConsoleServer, Role
+from handoff.console.auth import People, parse_roles
+from handoff.errors import InvalidRequest
+from handoff.servers.embedded import free_port
+from handoff.settings import settings
+from tests.support import cli, make_agent, running
+
+pytestmark = pytest.mark.usefixtures("chains")
+
+PROXY = "X-Forwarded-User"
+ROLES = "alice=approver, carol=approver:DEPLOYMENT, ops=operator, victor=viewer"
+
+
+def proxied(**extra: str) -> ConsoleAuth:
+    """People signed in by a proxy on loopback, with the roles above, and one console token."""
+    env = settings({"HANDOFF_CONSOLE_PROXY_HEADER": PROXY, "HANDOFF_CONSOLE_PROXY_ADDRESSES": "127.0.0.1",
+                    "HANDOFF_CONSOLE_ROLES": ROLES, "HANDOFF_CONSOLE_TOKENS": "bob=bob-token-1", **extra})
+    return ConsoleAuth.from_settings(env)
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, page[:500]
+    return match[1]
+
+
+def as_person(name: str) -> dict[str, str]:
+    return {PROXY: name}
+
+
+async def test_an_approver_decides_a_waiting_hop_from_the_inbox_once_and_others_are_refused(client, uid):
+    lead, release = f"lead-{uid}", f"release-{uid}"
+
+    async def hand(ctx):
+        return ctx.handoff(to_agent=release, task_description="ship <b>v2</b>", require_approval=True,
+                           result_data={"tests": "<script>alert(1)</script> all green"})
+
+    async def ship(ctx):
+        return ctx.complete({"shipped": True})
+
+    server = await ConsoleServer(client, port=free_port(), auth=proxied()).start()
+    try:
+        async with running(client, make_agent(lead, hand), make_agent(release, ship)), \
+                httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            chain_id = await start_chain(client, to_agent=lead, task_description="release v2")
+            inbox = ""
+            for _ in range(100):
+                inbox = (await http.get("/", headers=as_person("victor"))).text
+                if str(chain_id) in inbox:
+                    break
+                await asyncio.sleep(0.2)
+            assert str(chain_id) in inbox
+            # what the approver needs, as text: the task, the earlier hop's result, no markup
+            assert "ship &lt;b&gt;v2&lt;/b&gt;" in inbox and "<b>v2</b>" not in inbox
+            assert "&lt;script&gt;alert(1)&lt;/script&gt; all green" in inbox and "<script>alert" not in inbox
+            assert f"{lead} handed it to {release}" in inbox
+            assert "Approve…" not in inbox  # a viewer is offered no decision
+            hop_id = re.search(rf'/chains/{chain_id}/confirm/approve\?hop=([0-9a-f-]+)',
+                               (await http.get("/", headers=as_person("alice"))).text)[1]
+
+            confirm = await http.get(f"/chains/{chain_id}/confirm/approve?hop={hop_id}", headers=as_person("alice"))
+            assert confirm.status_code == 200 and "Recorded as <strong>alice</strong>" in confirm.text
+            token = csrf_of(confirm.text)
+            do = f"/chains/{chain_id}/do/approve"
+            origin = {"Origin": server.url}
+
+            refused = await http.post(do, data={"hop": hop_id}, headers={**as_person("alice"), **origin})
+            assert refused.status_code == 403 and "forgery token" in refused.text  # no token
+            refused = await http.post(do, data={"hop": hop_id, "csrf": token},
+                                      headers={**as_person("alice"), "Origin": "https://evil.example"})
+            assert refused.status_code == 403  # a foreign page
+            refused = await http.post(do, data={"hop": hop_id, "csrf": token},
+                                      headers={**as_person("alice"), **origin, "Host": "evil.example"})
+            assert refused.status_code == 403  # DNS rebinding
+            viewer = await http.get(f"/chains/{chain_id}/confirm/approve?hop={hop_id}", headers=as_person("victor"))
+            assert viewer.status_code == 403
+            refused = await http.post(do, data={"hop": hop_id, "csrf": csrf_of(confirm.text)},
+                                      headers={**as_person("victor"), **origin})
+            assert refused.status_code == 403  # alice's token is not victor's, and victor is a viewer
+            scoped = await http.get(f"/chains/{chain_id}/confirm/approve?hop={hop_id}", headers=as_person("carol"))
+            carol_token = csrf_of(scoped.text)
+            refused = await http.post(do, data={"hop": hop_id, "csrf": carol_token},
+                                      headers={**as_person("carol"), **origin})
+            assert refused.status_code == 403 and "may not decide hops to" in refused.text  # not her capability
+            spoofed = await http.post(do, data={"hop": hop_id, "comment": "me", "csrf": token},
+                                      headers={"X-Forwarded-For": "alice", **origin})
+            assert spoofed.status_code == 401  # nobody signed in
+
+            done = await http.post(do, data={"hop": hop_id, "comment": "looks good", "csrf": token},
+                                   headers={**as_person("alice"), **origin})
+            assert done.status_code == 303 and "approved+by+alice" in done.headers["location"]
+            record = await asyncio.wait_for(wait_chain(client, chain_id), 30)
+            assert record.status is ChainStatus.COMPLETED
+            entry = next(h for h in record.all_hops() if h.approval is not None)
+            assert (entry.approval.by, entry.approval.comment) == ("alice", "looks good")
+
+            again = await http.post(do, data={"hop": hop_id, "comment": "me too", "csrf": csrf_of(
+                (await http.get(f"/chains/{chain_id}", headers=as_person("ops"))).text)},
+                headers={**as_person("ops"), **origin})
+            assert again.status_code == 200 and "no longer waiting" in again.text and "alice" in again.text
+            entry = next(h for h in (await wait_chain(client, chain_id)).all_hops() if h.approval is not None)
+            assert (entry.approval.by, entry.approval.comment) == ("alice", "looks good")
+            page = await http.get(f"/chains/{chain_id}", headers=as_person("victor"))
+            assert "by <strong class=\"decider\">alice</strong>" in page.text
+            assert "<script>alert" not in page.text and "&lt;script&gt;" in page.text
+            assert "script-src 'self'" in page.headers["content-security-policy"]
+    finally:
+        await server.stop()
+
+
+async def test_sign_in_with_a_token_gives_a_session_and_bad_requests_get_one_clear_answer(client):
+    server = await ConsoleServer(client, port=free_port(), auth=proxied()).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            first = await http.get("/", headers={"Accept": "text/html"})
+            assert first.status_code == 303 and first.headers["location"].startswith("/signin")
+            assert (await http.get("/chains")).status_code == 401
+            bad = await http.post("/signin", data={"token": "nope"})
+            assert bad.status_code == 401 and "not valid" in bad.text
+            signed = await http.post("/signin?next=/agents", data={"token": "bob-token-1"})
+            assert signed.status_code == 303 and signed.headers["location"] == "/agents"
+            cookie = signed.headers["set-cookie"]
+            assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+            page = await http.get("/agents")
+            assert page.status_code == 200 and ">bob<" in page.text and "(viewer)" in page.text
+            elsewhere = await http.post("/signin?next=//evil.example", data={"token": "bob-token-1"})
+            assert elsewhere.headers["location"] == "/"  # no open redirect
+            http.cookies.clear()
+            http.cookies.set("handoff_console", "forged.value")
+            assert (await http.get("/chains")).status_code == 401
+            headers = as_person("ops")
+            assert (await http.get("/chains/not-a-uuid", headers=headers)).status_code == 404
+            assert (await http.get("/chains/00000000-0000-4000-8000-000000000000", headers=headers)).status_code == 404
+            assert (await http.get("/chains?status=bogus", headers=headers)).status_code == 400
+            assert (await http.get("/chains?since=yesterday", headers=headers)).status_code == 400
+            assert (await http.get("/chains/00000000-0000-4000-8000-000000000000/confirm/explode",
+                                   headers=headers)).status_code == 400
+            huge = await http.post("/signin", content=b"token=" + b"x" * 70_000,
+                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+            assert huge.status_code == 413
+            assert (await http.request("DELETE", "/", headers=headers)).status_code == 405
+            assert (await http.get("/", headers={**headers, "Host": "evil.example:80"})).status_code == 403
+    finally:
+        await server.stop()
+
+
+def test_roles_and_the_people_behind_requests():
+    roles = parse_roles(ROLES)
+    assert roles["carol"] == (Role.APPROVER, frozenset({"DEPLOYMENT"}))
+    for bad in ("alice", "alice=boss", "=viewer", "ops=operator:DEPLOYMENT"):
+        with pytest.raises(InvalidRequest):
+            parse_roles(bad)
+    with pytest.raises(InvalidRequest, match="PROXY_ADDRESSES"):
+        ConsoleAuth.from_settings(settings({"HANDOFF_CONSOLE_PROXY_HEADER": PROXY}))
+    with pytest.raises(InvalidRequest, match="NAME=TOKEN"):
+        ConsoleAuth.from_settings(settings({"HANDOFF_CONSOLE_TOKENS": "just-a-token"}))
+    with pytest.raises(InvalidRequest, match="beyond loopback"):
+        ConsoleAuth().require_on("0.0.0.0")
+    people = People(proxied())
+
+    async def who(headers, peer):
+        return await people.person({k.lower(): v for k, v in headers.items()}, peer, None)
+
+    assert asyncio.run(who(as_person("alice"), "127.0.0.1")).role is Role.APPROVER
+    assert asyncio.run(who(as_person("alice"), "10.0.0.9")) is None  # the header from anyone but the proxy
+    assert asyncio.run(who(as_person("x" * 500), "127.0.0.1")) is None
+    assert asyncio.run(who({"Authorization": "Bearer bob-token-1"}, "10.0.0.9")).name == "bob"
+    local = asyncio.run(People(ConsoleAuth()).person({}, "127.0.0.1", None))
+    assert local.role is Role.OPERATOR and local.name
+    alice = asyncio.run(who(as_person("alice"), "127.0.0.1"))
+    other = People(proxied())  # another process with its own secret
+    assert people.csrf_valid(alice, people.csrf_token(alice)) and not other.csrf_valid(alice, people.csrf_token(alice))
+    assert people._from_session(people.session_cookie(alice)).name == "alice"
+    assert people._from_session(people.session_cookie(alice, now=0)) is None  # expired
+
+
+async def test_the_console_command_refuses_what_it_cannot_serve_in_one_line(cli_env):
+    proc = await cli(cli_env, "console", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert proc.returncode == 2 and "beyond loopback" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = await cli({**cli_env, "HANDOFF_CONSOLE_ROLES": "alice=boss"}, "console", "--port", str(free_port()))
+    assert proc.returncode == 2 and "roles:" in unescape(proc.stderr)
