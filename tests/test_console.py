@@ -194,3 +194,111 @@ async def test_the_console_command_refuses_what_it_cannot_serve_in_one_line(cli_
     assert proc.returncode == 2 and "beyond loopback" in proc.stderr and len(proc.stderr.splitlines()) == 1
     proc = await cli({**cli_env, "HANDOFF_CONSOLE_ROLES": "alice=boss"}, "console", "--port", str(free_port()))
     assert proc.returncode == 2 and "roles:" in unescape(proc.stderr)
+
+
+async def _confirmed(http, chain_id, action, person, query="", **fields):
+    """Open an action's confirmation page as `person`, and post its form with `fields`."""
+    page = await http.get(f"/chains/{chain_id}/confirm/{action}{query}", headers=as_person(person))
+    assert page.status_code == 200, page.text[:300]
+    return await http.post(f"/chains/{chain_id}/do/{action}", data={"csrf": csrf_of(page.text), **fields},
+                           headers={**as_person(person), "Origin": str(http.base_url).rstrip("/")})
+
+
+async def test_an_operator_steers_stops_cancels_and_re_runs_and_an_approver_may_not(client, uid):
+    first, second = f"first-{uid}", f"second-{uid}"
+    holding = asyncio.Event()
+    seen = []
+
+    async def lead(ctx):
+        await holding.wait()
+        return ctx.handoff(to_agent=second, task_description="carry on")
+
+    async def follow(ctx):
+        seen.append([s.message for s in ctx.steering])
+        return ctx.complete({"steered_by": [s.by for s in ctx.steering]})
+
+    async def slow(ctx):
+        await asyncio.sleep(60)
+        return ctx.complete({})
+
+    server = await ConsoleServer(client, port=free_port(), auth=proxied()).start()
+    try:
+        async with running(client, make_agent(first, lead), make_agent(second, follow)), \
+                httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            chain_id = await start_chain(client, to_agent=first, task_description="steer me")
+            page = (await http.get(f"/chains/{chain_id}", headers=as_person("alice"))).text
+            assert "Steer…" not in page and "Cancel now…" not in page  # an approver does not operate
+            assert (await http.get(f"/chains/{chain_id}/confirm/steer", headers=as_person("alice"))).status_code == 403
+            assert "Steer…" in (await http.get(f"/chains/{chain_id}", headers=as_person("ops"))).text
+            done = await _confirmed(http, chain_id, "steer", "ops", message="mind the <cache>")
+            assert done.status_code == 303 and "steered+by+ops" in done.headers["location"]
+            holding.set()
+            record = await asyncio.wait_for(wait_chain(client, chain_id), 30)
+            assert record.status is ChainStatus.COMPLETED and seen == [["mind the <cache>"]]
+            assert record.final_result == {"steered_by": ["ops"]}
+
+            ended = await http.get(f"/chains/{chain_id}", headers=as_person("ops"))
+            hop_id = re.search(r'/confirm/rerun\?hop=([0-9a-f-]+)', ended.text)[1]
+            rerun = await _confirmed(http, chain_id, "rerun", "ops", query=f"?hop={hop_id}", hop=hop_id)
+            assert rerun.status_code == 303 and "re-run+from+hop+0" in rerun.headers["location"]
+            new_id = re.search(r"as\+chain\+([0-9a-f-]+)", rerun.headers["location"])[1]
+            again = await asyncio.wait_for(wait_chain(client, new_id), 30)
+            assert again.rerun_of is not None and str(again.rerun_of.chain_id) == str(chain_id)
+
+        async with running(client, make_agent(first, slow)), \
+                httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            stopped = await start_chain(client, to_agent=first, task_description="stop me")
+            cancelled = await start_chain(client, to_agent=first, task_description="cancel me")
+            done = await _confirmed(http, cancelled, "cancel", "ops")
+            assert done.status_code == 303
+            assert (await asyncio.wait_for(wait_chain(client, cancelled), 30)).status is ChainStatus.CANCELLED
+            done = await _confirmed(http, stopped, "stop", "ops", comment="enough")
+            assert done.status_code == 303 and "stop+after" in done.headers["location"]
+            late = await _confirmed(http, cancelled, "cancel", "ops")  # it has ended: one clear line
+            assert late.status_code == 400 and "not running" in late.text
+    finally:
+        await server.stop()
+
+
+async def test_chains_are_found_by_status_and_agent_newest_first_a_page_at_a_time(client, uid, monkeypatch):
+    import handoff.console.views as views
+
+    monkeypatch.setattr(views, "CHAINS_PAGE", 3)
+    worker, failing = f"lister-{uid}", f"failer-{uid}"
+
+    async def done(ctx):
+        return ctx.complete({"ok": True})
+
+    async def broken(ctx):
+        return ctx.fail("no disk")
+
+    server = await ConsoleServer(client, port=free_port(), auth=proxied()).start()
+    try:
+        async with running(client, make_agent(worker, done), make_agent(failing, broken), register=True), \
+                httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            bad = await start_chain(client, to_agent=failing, task_description="doomed")
+            await wait_chain(client, bad)  # first: its fallback (to a TESTING agent) may visit the worker
+            ids = []
+            for n in range(5):
+                ids.append(str(await start_chain(client, to_agent=worker, task_description=f"job {n}")))
+                await wait_chain(client, ids[-1])
+            found = []
+            for _ in range(50):  # visibility catches up
+                page = (await http.get(f"/chains?agent={worker}", headers=as_person("victor"))).text
+                found = re.findall(r'href="/chains/([0-9a-f-]{36})"', page)
+                if found == ids[::-1][:3]:
+                    break
+                await asyncio.sleep(0.2)
+            assert found == ids[::-1][:3]  # newest first, a page of three
+            following = re.search(r'href="/chains\?([^"]+)">Older', page)[1].replace("&amp;", "&")
+            rest = re.findall(r'href="/chains/([0-9a-f-]{36})"',
+                              (await http.get(f"/chains?{following}", headers=as_person("victor"))).text)
+            assert rest[:2] == ids[::-1][3:]
+            # the failing agent's chain completed by its fallback: found as completed, not as failed
+            failed = (await http.get(f"/chains?agent={failing}&status=failed", headers=as_person("victor"))).text
+            completed = (await http.get(f"/chains?agent={failing}&status=completed", headers=as_person("victor"))).text
+            assert str(bad) not in failed and str(bad) in completed and "✓ completed" in completed
+            fleet = (await http.get("/agents", headers=as_person("victor"))).text
+            assert worker in fleet and "● live" in fleet and f"/chains?agent={failing}&amp;status=failed" in fleet
+    finally:
+        await server.stop()
