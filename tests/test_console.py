@@ -12,7 +12,7 @@ from html import unescape
 import httpx
 import pytest
 
-from handoff import ChainStatus, start_chain, wait_chain
+from handoff import ChainStatus, cancel_chain, start_chain, wait_chain
 from handoff.console import ConsoleAuth, ConsoleServer, Role
 from handoff.console.auth import People, parse_roles
 from handoff.errors import InvalidRequest
@@ -302,3 +302,53 @@ async def test_chains_are_found_by_status_and_agent_newest_first_a_page_at_a_tim
             assert worker in fleet and "● live" in fleet and f"/chains?agent={failing}&amp;status=failed" in fleet
     finally:
         await server.stop()
+
+
+async def test_encrypted_chains_are_shown_to_a_console_with_the_keys_and_said_unreadable_without(
+        client, address, uid, monkeypatch):
+    from handoff.client import build_request, connect
+    from temporalio.common import SearchAttributePair, TypedSearchAttributes
+
+    from handoff.constants import CHAIN_WORKFLOW, SA_STATUS
+    from handoff.testing import chain_worker
+    from tests.test_codec import keys_env, new_key
+
+    secret = f"SEALED-{uid}"
+    for name, value in keys_env("k1", k1=new_key()).items():
+        monkeypatch.setenv(name, value)
+    keyed = await connect(address=address)
+    lead, release = f"sealed-lead-{uid}", f"sealed-release-{uid}"
+
+    async def hand(ctx):
+        return ctx.handoff(to_agent=release, task_description="ship it", require_approval=True,
+                           result_data={"found": ctx.context_data["secret"]})
+
+    async def ship(ctx):
+        return ctx.complete({})
+
+    request = build_request(to_agent=lead, task_description="sealed release", context_data={"secret": secret})
+    queue = f"sealed-console-{uid}"  # the session's chain worker has no keys
+    with_keys = await ConsoleServer(keyed, port=free_port(), auth=proxied()).start()
+    without = await ConsoleServer(client, port=free_port(), auth=proxied()).start()
+    try:
+        async with chain_worker(keyed, task_queue=queue), running(keyed, make_agent(lead, hand),
+                                                                   make_agent(release, ship)):
+            await keyed.start_workflow(CHAIN_WORKFLOW, request, id=str(request.chain_id), task_queue=queue,
+                                       search_attributes=TypedSearchAttributes([SearchAttributePair(SA_STATUS,
+                                                                                                    "running")]))
+            async with httpx.AsyncClient(timeout=30) as http:
+                page = ""
+                for _ in range(100):
+                    page = (await http.get(f"{with_keys.url}/", headers=as_person("victor"))).text
+                    if secret in page:
+                        break
+                    await asyncio.sleep(0.2)
+                assert secret in page  # the earlier hop's result, decrypted
+                blind = (await http.get(f"{without.url}/", headers=as_person("victor"))).text
+                assert str(request.chain_id) in blind and "cannot read it" in blind and secret not in blind
+                chain = await http.get(f"{without.url}/chains/{request.chain_id}", headers=as_person("victor"))
+                assert chain.status_code == 400 and secret not in chain.text
+            await cancel_chain(keyed, request.chain_id)
+    finally:
+        await with_keys.stop()
+        await without.stop()

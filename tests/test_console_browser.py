@@ -192,6 +192,6 @@ async def test_the_chain_page_grows_a_fan_out_hop_by_hop_without_a_reload(client
         assert await page.evaluate("window.__samePage") == "yes"  # grown in place, never reloaded
         assert int(await page.locator("#tree").get_attribute("data-updates")) >= 3
         tree = page.locator("#tree")
-        assert markup.replace('"', '\\"') in await tree.inner_text()  # shown as text (in the JSON)
+        assert markup.replace('"', '\\"') in await tree.text_content()  # shown as text (in the JSON)
         assert await tree.locator("img, script").count() == 0 and dialogs == []
         assert (await asyncio.wait_for(wait_chain(client, chain_id), 30)).status is ChainStatus.COMPLETED

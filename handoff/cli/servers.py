@@ -107,8 +107,10 @@ def dev(
     except KeyboardInterrupt:
         code = 0
     except OSError as err:  # a port of the A2A or MCP server or the console in use, or not ours to bind
-        fail(f"handoff dev cannot serve A2A on port {a2a_port}, MCP on port {mcp_port} or the console on port "
-             f"{console_port}: {err.strerror or err} (--a2a-port 0, --mcp-port 0 or --console-port 0 turns one off)")
+        asked = [f"{what} on port {p}" for what, p in (("A2A", a2a_port), ("MCP", mcp_port), ("the console", console_port))
+                 if p]
+        fail(f"handoff dev cannot serve {', '.join(asked[:-1])}{' or ' if len(asked) > 1 else ''}{asked[-1]}: "
+             f"{err.strerror or err} (--a2a-port 0, --mcp-port 0 or --console-port 0 turns one off)")
     finally:
         telemetry.flush()
         embedded.stop()

@@ -40,6 +40,7 @@ from temporalio.client import Client
 
 from handoff.cli.render import ui_url
 from handoff.client import approve_chain, cancel_chain, reject_chain, rerun_chain, steer_chain, stop_chain
+from handoff.client.changes import short
 from handoff.client.search import parse_since
 from handoff.console.auth import SESSION_COOKIE, SESSION_S, ConsoleAuth, People, Person, Role
 from handoff.console.views import ChainView, chain_view, chains, fleet, hop_of, inbox, why_of
@@ -132,7 +133,8 @@ class Console:
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"),
                                      autoescape=select_autoescape(default=True, default_for_string=True))
         self.templates.globals.update(ui_url=self._ui_url, why_of=why_of, HopStatus=HopStatus)
-        self.templates.filters.update(when=_when, ms=_ms, status=_status_label, pretty=_pretty)
+        self.templates.filters.update(when=_when, ms=_ms, status=_status_label, pretty=_pretty,
+                                      brief=lambda value: short(value, 100))
 
     def app(self) -> Starlette:
         routes = [
@@ -352,7 +354,7 @@ def _pretty(value: Any) -> str:
 
 STATUS_MARKS = {"completed": "✓", "failed": "✗", "timed_out": "✗", "unreachable": "✗", "refused": "⊘",
                 "cancelled": "⊘", "rejected": "⊘", "budget_exceeded": "⊘", "running": "▶",
-                "awaiting_approval": "⏸"}
+                "awaiting_approval": "‖"}
 
 
 def _status_label(value: Any) -> str:

@@ -82,6 +82,8 @@ class Inbox:
     """Chains awaiting approval in all (up to `INBOX_SCANNED`)."""
     page: int = 1
     pages: int = 1
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    """Waiting chains this console cannot read: (id, why)."""
 
 
 async def inbox(client: Client, page: int = 1) -> Inbox:
@@ -92,21 +94,26 @@ async def inbox(client: Client, page: int = 1) -> Inbox:
     pages = max(1, -(-len(found) // INBOX_PAGE))
     page = min(max(page, 1), pages)
     shown = [chain_id for _, chain_id in found[(page - 1) * INBOX_PAGE: page * INBOX_PAGE]]
-    views = await _views(client, shown)
-    waiting = [w for view in views for w in _waiting_in(view)]
+    read = await _views(client, shown)
+    waiting = [w for view in read if isinstance(view, ChainView) for w in _waiting_in(view)]
     waiting.sort(key=lambda w: w.requested_at)
-    return Inbox(waiting, len(found), page, pages)
+    unreadable = [item for item in read if isinstance(item, tuple)]
+    return Inbox(waiting, len(found), page, pages, unreadable)
 
 
-async def _views(client: Client, chain_ids: list[str]) -> list[ChainView]:
+async def _views(client: Client, chain_ids: list[str]) -> list[ChainView | tuple[str, str]]:
+    """Each chain's view, or (its id, why it cannot be read: a payload this console has no key
+    for, say); a chain gone since the search is left out."""
     gate = asyncio.Semaphore(READS_AT_ONCE)
 
-    async def one(chain_id: str) -> ChainView | None:
+    async def one(chain_id: str) -> ChainView | tuple[str, str] | None:
         async with gate:
             try:
                 return await chain_view(client, chain_id)
-            except HandoffError:  # gone since the search (deleted, say): not shown
+            except ChainNotFound:
                 return None
+            except HandoffError as err:
+                return chain_id, " ".join(str(err).split())[:300]
 
     return [v for v in await asyncio.gather(*(one(c) for c in chain_ids)) if v is not None]
 
