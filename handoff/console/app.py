@@ -312,7 +312,7 @@ class Console:
 
     async def _failed(self, request: Request, err: Exception) -> Response:
         status = 404 if isinstance(err, ChainNotFound) else 403 if isinstance(err, Refused) else 400
-        message = f"no chain {err}" if isinstance(err, ChainNotFound) else " ".join(str(err).split())[:300]
+        message = " ".join(str(err).split())[:300]
         return self._page(request, "error.html", status=status, message=message)
 
     def _ui_url(self, chain_id: Any) -> str:
