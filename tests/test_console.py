@@ -140,6 +140,8 @@ async def test_sign_in_with_a_token_gives_a_session_and_bad_requests_get_one_cle
             assert page.status_code == 200 and ">bob<" in page.text and "(viewer)" in page.text
             elsewhere = await http.post("/signin?next=//evil.example", data={"token": "bob-token-1"})
             assert elsewhere.headers["location"] == "/"  # no open redirect
+            backslash = await http.post("/signin?next=/%5Cevil.example", data={"token": "bob-token-1"})
+            assert backslash.headers["location"] == "/"
             http.cookies.clear()
             http.cookies.set("handoff_console", "forged.value")
             assert (await http.get("/chains")).status_code == 401
@@ -187,6 +189,10 @@ def test_roles_and_the_people_behind_requests():
     assert people.csrf_valid(alice, people.csrf_token(alice)) and not other.csrf_valid(alice, people.csrf_token(alice))
     assert people._from_session(people.session_cookie(alice)).name == "alice"
     assert people._from_session(people.session_cookie(alice, now=0)) is None  # expired
+    from handoff.console import Person
+    signed = people._from_session(people.session_cookie(Person("jwt-operator", Role.OPERATOR)))
+    assert signed.role is Role.OPERATOR  # the role it signed in with (a JWT's scope), not the setting's viewer
+    assert people._from_session("garbage") is None and people._from_session("a.b.c") is None
 
 
 async def test_the_console_command_refuses_what_it_cannot_serve_in_one_line(cli_env):

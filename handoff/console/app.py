@@ -212,7 +212,16 @@ class Console:
             if not person.may_decide(hop):
                 return self._page(request, "error.html", status=403,
                                   message=f"{person.name} may not decide hops to {hop.to_agent}")
-        done = await self._carry_out(action, chain_id, person, text, hop)
+        try:
+            done = await self._carry_out(action, chain_id, person, text, hop)
+        except InvalidRequest:
+            if hop is None or action not in ("approve", "reject"):
+                raise
+            view = await self._view(request)  # decided by someone else since the page was read?
+            now = hop_of(view.record, hop.handoff_id) if hop.handoff_id else None
+            if now is None or now.status is HopStatus.AWAITING_APPROVAL:
+                raise
+            return self._page(request, "confirm.html", view=view, action=action, hop=now, decided=now)
         log.info("console_action", action=action, chain_id=str(chain_id), by=person.name)
         return RedirectResponse(f"/chains/{chain_id}?{urlencode({'done': done})}", status_code=303)
 
@@ -244,7 +253,7 @@ class Console:
 
     async def signin_page(self, request: Request) -> Response:
         target = request.query_params.get("next", "/")
-        target = target if target.startswith("/") and not target.startswith("//") else "/"
+        target = target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
         if request.method == "GET":
             return self._page(request, "signin.html", target=target)
         form = await request.form(max_files=0, max_fields=4)

@@ -10,7 +10,7 @@ A person is known in one of three ways, tried in order:
   `NAME=TOKEN`: the token names its person) or a JWT checked as handoff's other servers check
   them (its subject names the person);
 - a **session cookie** the sign-in page gives for one of those credentials, signed with the
-  console's secret and valid for `SESSION_S`.
+  console's secret and valid for `SESSION_S`, with the role the person signed in with.
 
 With none of them configured the console listens on loopback only, and its one user is the
 person running it (their login name), an operator.
@@ -189,7 +189,7 @@ class People:
     def session_cookie(self, person: Person, now: float | None = None) -> str:
         """A cookie value naming `person` until `SESSION_S` from now, signed."""
         expires = int((time.time() if now is None else now) + SESSION_S)
-        body = base64.urlsafe_b64encode(f"{expires}|{person.name}".encode()).decode().rstrip("=")
+        body = base64.urlsafe_b64encode(f"{expires}|{int(person.role)}|{person.name}".encode()).decode().rstrip("=")
         return f"{body}.{self._sign('session', body)}"
 
     def _from_session(self, cookie: str) -> Person | None:
@@ -198,12 +198,17 @@ class People:
             return None
         try:
             padded = body + "=" * (-len(body) % 4)
-            expires, _, name = base64.urlsafe_b64decode(padded.encode()).decode().partition("|")
+            expires, role, name = base64.urlsafe_b64decode(padded.encode()).decode().split("|", 2)
             if int(expires) < time.time():
                 return None
+            signed_in_as = Role(int(role))
         except (ValueError, UnicodeDecodeError):
             return None
-        return self._named(name) if _acceptable(name) else None
+        if not _acceptable(name):
+            return None
+        # the role the person signed in with (a JWT's scope gives one the setting may not): a change
+        # of the setting applies from their next sign-in
+        return Person(name, signed_in_as, self._named(name).scopes if signed_in_as is Role.APPROVER else frozenset())
 
     def csrf_token(self, person: Person) -> str:
         """The token every state-changing form of `person` carries (and no other site can know)."""
