@@ -11,7 +11,7 @@ workflow timeout or a workflow failure ends the chain and closes the hops still 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,8 +48,8 @@ class _Holder(Interceptor):
     outside the workflow), before any task hears of it."""
 
     def __init__(self) -> None:
-        self.instance: HandoffChainWorkflow | None = None
-        self.record: ChainRecord | None = None
+        self.instances: dict[str, HandoffChainWorkflow] = {}
+        self.records: dict[str, ChainRecord] = {}
 
     def workflow_interceptor_class(
         self, input: WorkflowInterceptorClassInput
@@ -58,13 +58,13 @@ class _Holder(Interceptor):
 
         class Keep(WorkflowInboundInterceptor):
             async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
-                holder.instance = workflow.instance()
+                workflow_id = workflow.info().workflow_id
+                instance = holder.instances[workflow_id] = workflow.instance()
                 runtime = workflow._Runtime.current()
                 evict = getattr(runtime, "_apply_remove_from_cache", None)
                 if evict is not None:
                     def copied_then_evicted(job: Any) -> None:
-                        if holder.instance is not None:
-                            holder.record = holder.instance.record.model_copy(deep=True)
+                        holder.records[workflow_id] = instance.record.model_copy(deep=True)
                         evict(job)
 
                     runtime._apply_remove_from_cache = copied_then_evicted  # type: ignore[attr-defined]
@@ -109,6 +109,40 @@ async def record_from_history(
 ) -> ChainRecord:
     """The chain's record as its workflow computed it. `replay`: replay the history even when
     the workflow's result holds the record (to check that both agree)."""
+    carried = await _carried(history, converter, replay=replay)
+    if carried is not None:
+        return carried
+    [read] = await _replayed_records([history], converter)
+    if isinstance(read, HistoryUnreadable):
+        raise read
+    return await _with_unseen_end(read, history, converter)
+
+
+async def records_from_histories(
+    histories: Sequence[WorkflowHistory], converter: DataConverter
+) -> list[ChainRecord | HandoffError]:
+    """The records of several chains (as `record_from_history` reads each), those that must be
+    replayed in one replay run, which costs about half as much per chain as one run each; a
+    history that cannot be read gives its error in its place."""
+    found: list[ChainRecord | HandoffError | None] = []
+    for history in histories:
+        try:
+            found.append(await _carried(history, converter))
+        except HandoffError as err:
+            found.append(err)
+    replay = [h for h, f in zip(histories, found) if f is None]
+    replayed = iter(await _replayed_records(replay, converter)) if replay else iter(())
+    records: list[ChainRecord | HandoffError] = []
+    for history, record in zip(histories, found):
+        if record is None:
+            read = next(replayed)
+            record = read if isinstance(read, HandoffError) else await _with_unseen_end(read, history, converter)
+        records.append(record)
+    return records
+
+
+async def _carried(history: WorkflowHistory, converter: DataConverter, *, replay: bool = False) -> ChainRecord | None:
+    """The record a chain that ended carries (its results put back), or None: it must be replayed."""
     if not history.events:
         raise HistoryUnreadable(f"the history of {history.workflow_id} has no events")
     last = history.events[-1]
@@ -120,7 +154,13 @@ async def record_from_history(
     if carried is not None:  # with the results it carries in history put back
         wanted = needs_results(carried)
         return put_back(carried, await hop_results(history.events, converter, wanted)) if wanted else carried
-    record = await _replayed_record(history, converter)
+    return None
+
+
+async def _with_unseen_end(record: ChainRecord, history: WorkflowHistory, converter: DataConverter) -> ChainRecord:
+    """A replayed record with what the workflow cannot see applied: a termination, a workflow
+    timeout or failure ends it; a replay that ends a chain whose history has not closed does not."""
+    last = history.events[-1]
     kind = last.WhichOneof("attributes")
     if kind in _UNSEEN_ENDS and record.status is ChainStatus.RUNNING:
         attrs = getattr(last, kind)
@@ -152,7 +192,10 @@ def _not_ended_yet(record: ChainRecord, history: WorkflowHistory) -> None:
     record.status, record.completed_at, record.duration_ms = ChainStatus.RUNNING, None, None
 
 
-async def _replayed_record(history: WorkflowHistory, converter: DataConverter) -> ChainRecord:
+async def _replayed_records(histories: Sequence[WorkflowHistory],
+                            converter: DataConverter) -> list[ChainRecord | HistoryUnreadable]:
+    """Each history replayed through the chain workflow, in one replay run: its record, or why it
+    cannot be read."""
     holder = _Holder()
     replayer = Replayer(
         workflows=[HandoffChainWorkflow],
@@ -164,15 +207,36 @@ async def _replayed_record(history: WorkflowHistory, converter: DataConverter) -
         # a thread with
         debug_mode=True,
     )
-    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-    if holder.instance is None:
+
+    async def given() -> AsyncIterator[WorkflowHistory]:
+        for history in histories:
+            yield history
+
+    read: list[ChainRecord | HistoryUnreadable] = []
+    async with replayer.workflow_replay_iterator(given()) as results:
+        async for history, result in _paired(histories, results):
+            read.append(_replayed(history, result, holder))
+    return read
+
+
+async def _paired(histories: Sequence[WorkflowHistory], results: AsyncIterator[Any]) -> AsyncIterator[tuple[Any, Any]]:
+    position = 0
+    async for result in results:
+        yield histories[position], result
+        position += 1
+
+
+def _replayed(history: WorkflowHistory, result: Any, holder: _Holder) -> ChainRecord | HistoryUnreadable:
+    instance = holder.instances.pop(history.workflow_id, None)  # taken: the next history may be the same chain's
+    record = holder.records.pop(history.workflow_id, None)
+    if instance is None:
         reason = f": {result.replay_failure}" if result.replay_failure else ""
-        raise HistoryUnreadable(f"the history of {history.workflow_id} is not a chain's that replays{reason}")
+        return HistoryUnreadable(f"the history of {history.workflow_id} is not a chain's that replays{reason}")
     if result.replay_failure is not None and not _workflow_failed(history):
-        raise HistoryUnreadable(
+        return HistoryUnreadable(
             f"the history of {history.workflow_id} does not replay with this version of the chain "
             f"workflow: {result.replay_failure}")
-    return holder.record if holder.record is not None else holder.instance.record.model_copy(deep=True)
+    return record if record is not None else instance.record.model_copy(deep=True)
 
 
 def _workflow_failed(history: WorkflowHistory) -> bool:
