@@ -265,3 +265,29 @@ def test_only_chains_of_protocol_2_mark_their_silent_rounds_with_a_patch():
         return sum(e.HasField("marker_recorded_event_attributes") for e in golden_history(file).events)
 
     assert markers("silent_round.v3") >= 1 and markers("silent_round") == 0
+
+
+async def test_many_histories_replayed_in_one_run_read_as_each_alone():
+    """`records_from_histories` (the console's page of chains): every golden chain history, in
+    every protocol, one of them twice and the registry's history (not a chain's) among them, in
+    one call, gives each the record `record_from_history` gives it alone, and the registry its error."""
+    from handoff.client.audit import HistoryUnreadable, records_from_histories
+
+    files = [*CHAIN_FILES, CHAIN_FILES[0], REGISTRY_FILE]
+    histories = [golden_history(f) for f in files]
+    # and each chain as it was while it ran (its history cut after its first hop's workflow task):
+    # records that only a replay reads
+    for file in CHAIN_FILES:
+        events = golden_history(file).events
+        tasks = [i for i, e in enumerate(events) if e.HasField("workflow_task_completed_event_attributes")]
+        if len(tasks) > 1:
+            files.insert(0, f"{file} (running)")
+            histories.insert(0, WorkflowHistory(str(IDS[file.split(".")[0]]), events[: tasks[1] + 1]))
+    together = await records_from_histories(histories, pydantic_data_converter)
+    assert len(together) == len(files)
+    assert sum(1 for f in files if f.endswith("(running)")) > 20
+    for file, history, record in zip(files[:-1], histories, together):
+        assert record == await record_from_history(history, pydantic_data_converter), file
+        if file.endswith("(running)"):
+            assert not record.status.ended, file
+    assert isinstance(together[-1], HistoryUnreadable)
