@@ -33,6 +33,8 @@ from bench.control import control_rows, control_targets, run_control
 from bench.watch import run_watch, watch_rows, watch_targets
 from bench.cost import cost_rows, cost_targets, run_cost
 from bench.mcp import mcp_rows, mcp_targets, run_mcp
+from bench.console import console_rows, console_targets, run_console
+from bench.console import parser as console_parser
 from bench.peer import FINAL as PEER_FINAL
 from bench.peer import QUEUES as PEER_QUEUES
 from bench.race import (
@@ -423,6 +425,8 @@ def targets(results: dict) -> dict:
         checks.update(watch_targets(results["watch"]))
     if "mcp" in results:
         checks.update(mcp_targets(results["mcp"]))
+    if "console" in results:
+        checks.update(console_targets(results["console"]))
     return {name: {"value": v, "target": t, "met": met} for name, (v, t, met) in checks.items()}
 
 
@@ -496,6 +500,8 @@ def markdown(results: dict) -> str:
         rows += watch_rows(results["watch"], goal)
     if "mcp" in results:
         rows += mcp_rows(results["mcp"], goal)
+    if "console" in results:
+        rows += console_rows(results["console"], goal)
     rows += [
         "",
         "Stricter, for information: against the bare baseline run without the workflow sandbox, as "
@@ -559,6 +565,8 @@ def run(args: argparse.Namespace) -> dict:
         results["watch"] = run_watch()
     if not args.skip_mcp:
         results["mcp"] = run_mcp()
+    if not args.skip_console:
+        results["console"] = run_console(console_parser().parse_args([]))
     results["targets"] = targets(results)
     return results
 
@@ -591,6 +599,8 @@ def main() -> None:
                         help="skip budget accounting, steering and re-run figures (`python -m bench.control`)")
     parser.add_argument("--skip-watch", action="store_true",
                         help="skip how soon a watcher hears and what watching costs (`python -m bench.watch`)")
+    parser.add_argument("--skip-console", action="store_true",
+                        help="skip the console's pages with 10,000 chains, 2,000 waiting (`python -m bench.console`)")
     parser.add_argument("--skip-mcp", action="store_true",
                         help="skip chains through `handoff mcp` and MCP tool calls in a hop (`python -m bench.mcp`)")
     parser.add_argument("--race-only", action="store_true",

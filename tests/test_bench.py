@@ -15,7 +15,7 @@ def test_bench_runs_every_scenario_and_writes_json_and_the_readme_table(tmp_path
         [sys.executable, "-m", "bench", "--samples", "2", "--load-chains", "4", "--rounds", "2",
          "--context-samples", "1", "--skip-default", "--no-plot", "--out", str(out),
          "--registry-sizes", "2,5", "--registry-chains", "4", "--stale", "6", "--skip-cost", "--skip-control",
-         "--skip-watch", "--skip-mcp"],
+         "--skip-watch", "--skip-mcp", "--skip-console"],
         cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL)
     results = json.loads(out.read_text())
     assert sorted(results["latency_by_hops"]) == ["1", "2", "3", "4", "5"]
@@ -106,3 +106,14 @@ def test_the_watch_bench_checks_what_it_measures_and_writes_json(tmp_path):
     assert found["progress"]["events_per_note"] >= 1
     assert len(found["targets"]) == 4
     assert out.with_suffix(".md").read_text().count("| watching:") == 6
+
+
+def test_the_console_bench_checks_the_pages_it_loads_and_writes_json(tmp_path):
+    out = tmp_path / "console.json"
+    subprocess.run([sys.executable, "-m", "bench.console", "--chains", "60", "--waiting", "6", "--samples", "2",
+                    "--chain-samples", "2", "--out", str(out)], cwd=ROOT, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    found = json.loads(out.read_text())
+    assert found["settings"]["waiting"] == 6 and len(found["targets"]) == 4
+    assert all(t["value"] > 0 for t in found["targets"].values())
+    assert "| console:" in out.with_suffix(".md").read_text()

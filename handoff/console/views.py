@@ -94,7 +94,7 @@ class Inbox:
 
 async def inbox(client: Client, page: int = 1) -> Inbox:
     """The hops awaiting approval, oldest chain first, `INBOX_PAGE` chains a page."""
-    found = await _waiting_chains(client)
+    found = await waiting_chains(client)
     pages = max(1, -(-len(found) // INBOX_PAGE))
     page = min(max(page, 1), pages)
     read = await _views(client, [chain_id for *_, chain_id in found[(page - 1) * INBOX_PAGE: page * INBOX_PAGE]])
@@ -104,7 +104,7 @@ async def inbox(client: Client, page: int = 1) -> Inbox:
     return Inbox(waiting, len(found), page, pages, unreadable)
 
 
-async def _waiting_chains(client: Client) -> list[tuple[int, int, str]]:
+async def waiting_chains(client: Client) -> list[tuple[int, int, str]]:
     """(start seconds, nanoseconds, id) of every chain awaiting approval, oldest first, up to
     `INBOX_SCANNED`. Visibility lists newest first and cannot be asked to order otherwise, so all
     are listed; the raw list call, which reads only what is asked of each execution, takes about a
