@@ -22,6 +22,14 @@ from tests.support import cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
 
+@pytest.fixture(autouse=True)
+def one_inbox_page(monkeypatch):
+    """Chains other tests of the session left waiting come first (oldest first): one page holds all."""
+    import handoff.console.views as views
+
+    monkeypatch.setattr(views, "INBOX_PAGE", 1000)
+
+
 PROXY = "X-Forwarded-User"
 ROLES = "alice=approver, carol=approver:DEPLOYMENT, ops=operator, victor=viewer"
 

@@ -29,6 +29,14 @@ pytestmark = [
 WAIT_MS = 20_000
 
 
+@pytest.fixture(autouse=True)
+def one_inbox_page(monkeypatch):
+    """Chains other tests of the session left waiting come first (oldest first): one page holds all."""
+    import handoff.console.views as views
+
+    monkeypatch.setattr(views, "INBOX_PAGE", 1000)
+
+
 @pytest.fixture
 async def browser():
     async with playwright.async_playwright() as p:
@@ -106,7 +114,7 @@ async def test_an_approver_approves_by_keyboard_alone_on_a_narrow_screen(client,
         if where := screenshots():
             await page.screenshot(path=str(where / "console-inbox-390.png"), full_page=True)
         # keyboard alone: Tab to this chain's Approve, Enter, type a comment, Tab to the button, Enter
-        for _ in range(60):
+        for _ in range(500):
             await page.keyboard.press("Tab")
             focused = await page.evaluate("[document.activeElement.textContent, document.activeElement.href || '']")
             if focused[0].strip() == "Approve…" and str(chain_id) in focused[1]:
