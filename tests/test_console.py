@@ -22,6 +22,7 @@ from tests.support import cli, make_agent, running
 
 pytestmark = pytest.mark.usefixtures("chains")
 
+
 @pytest.fixture(autouse=True)
 def one_inbox_page(monkeypatch):
     """Chains other tests of the session left waiting come first (oldest first): one page holds all."""
