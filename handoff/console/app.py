@@ -20,7 +20,6 @@ that changes something the cross-site request forgery token of the person's form
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -47,7 +46,7 @@ from handoff.console.views import ChainView, chain_view, chains, fleet, hop_of, 
 from handoff.errors import ChainNotFound, HandoffError, InvalidRequest
 from handoff.models import HopRecord, HopStatus
 from handoff.servers.events import chain_events_route
-from handoff.servers.http import allowed_hosts, bound_socket, host_of_url, host_refusal
+from handoff.servers.http import Served, allowed_hosts, host_of_url, host_refusal
 
 log = structlog.get_logger("handoff.console")
 HERE = Path(__file__).parent
@@ -378,8 +377,6 @@ class ConsoleServer:
     def __init__(self, client: Client, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  auth: ConsoleAuth | None = None, public_url: str | None = None,
                  allowed_hosts_extra: Sequence[str] = (), ui_base: str | None = None) -> None:
-        import uvicorn
-
         auth = auth or ConsoleAuth()
         auth.require_on(host)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -391,24 +388,12 @@ class ConsoleServer:
         origins |= {o.removesuffix(":443") for o in origins if o.startswith("https://")}
         console = Console(client, auth, ui_base=ui_base)
         guarded = ConsoleGuard(console.app(), hosts=self._hosts, origins=origins, people=console.people)
-        self._server = uvicorn.Server(uvicorn.Config(guarded, host=host, port=port, log_level="warning",
-                                                     lifespan="off", access_log=False))
-        self._address = (host, port)
-        self._task: asyncio.Task[None] | None = None
+        self._served = Served(guarded, host, port, what="the console")
 
     async def start(self) -> ConsoleServer:
         """Serve; an `OSError` when the port is in use or not ours to bind."""
-        sock = bound_socket(*self._address)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                self._task.result()
-                raise OSError("the console stopped before it started")
-            await asyncio.sleep(0.05)
+        await self._served.start()
         return self
 
     async def stop(self) -> None:
-        self._server.should_exit = True
-        if self._task is not None:
-            await self._task
+        await self._served.stop()

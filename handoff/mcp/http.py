@@ -18,7 +18,7 @@ from temporalio.client import Client
 
 from handoff.client import context_limit
 from handoff.mcp.tools import handoff_mcp
-from handoff.servers.http import BearerAuth, HttpGuard, bound_socket
+from handoff.servers.http import BearerAuth, HttpGuard, Served
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 
@@ -69,8 +69,6 @@ class McpHttpServer:
                  allowed_origins: Sequence[str] = (), max_body_bytes: int | None = None) -> None:
         auth.require_on(host, "the MCP server starts and decides chains for its callers",
                         f"{ENV_TOKENS}, {ENV_OPERATOR_TOKENS}, or --jwks-url")
-        import uvicorn
-
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}{PATH}"
         bound = max_body_bytes or context_limit(client) + MESSAGE_OVERHEAD_BYTES
@@ -79,24 +77,12 @@ class McpHttpServer:
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
         guarded = HttpGuard(finishing_answered(app), hosts=hosts_for(host, port, [h.lower() for h in allowed_hosts]),
                             origins=allowed_origins, auth=auth, max_body_bytes=bound)
-        self._server = uvicorn.Server(uvicorn.Config(guarded, host=host, port=port, log_level="warning",
-                                                     lifespan="on", access_log=False))
-        self._address = (host, port)
-        self._task: asyncio.Task[None] | None = None
+        self._served = Served(guarded, host, port, what="the MCP server", lifespan="on")
 
     async def start(self) -> McpHttpServer:
         """Serve; an `OSError` when the port is in use or not ours to bind."""
-        sock = bound_socket(*self._address)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                self._task.result()
-                raise OSError("the MCP server stopped before it started")
-            await asyncio.sleep(0.05)
+        await self._served.start()
         return self
 
     async def stop(self) -> None:
-        self._server.should_exit = True
-        if self._task is not None:
-            await self._task
+        await self._served.stop()

@@ -146,6 +146,35 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Served:
+    """An ASGI application served by uvicorn in this process's event loop on host:port, until
+    `stop()` (the MCP server's and the console's). `start()` binds the socket first, so a port in
+    use, or not ours to bind, is the system's `OSError`, raised before anything serves."""
+
+    def __init__(self, app: Any, host: str, port: int, *, what: str, lifespan: str = "off") -> None:
+        import uvicorn
+
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     lifespan=lifespan, access_log=False))
+        self._address, self._what = (host, port), what
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sock = bound_socket(*self._address)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()
+                raise OSError(f"{self._what} stopped before it started")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
 def allowed_hosts(host: str, port: int, extra: Iterable[str] = ()) -> set[str]:
     """The `Host` header values a server on host:port answers to: its loopback names (and its own
     address when it listens on one), plus `extra` (`name:port`, e.g. a public URL's)."""
