@@ -19,6 +19,7 @@ from handoff.errors import InvalidRequest
 from handoff.servers.embedded import free_port
 from handoff.settings import settings
 from tests.support import cli, make_agent, running
+from tests.test_codec_server import jwks  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("chains")
 
@@ -182,6 +183,7 @@ def test_roles_and_the_people_behind_requests():
         ConsoleAuth.from_settings(settings({"HANDOFF_CONSOLE_TOKENS": "just-a-token"}))
     with pytest.raises(InvalidRequest, match="beyond loopback"):
         ConsoleAuth().require_on("0.0.0.0")
+    proxied().require_on("0.0.0.0")  # a proxy's header is enough to listen beyond loopback
     people = People(proxied())
 
     async def who(headers, peer):
@@ -367,3 +369,32 @@ async def test_encrypted_chains_are_shown_to_a_console_with_the_keys_and_said_un
     finally:
         await with_keys.stop()
         await without.stop()
+
+
+async def test_a_jwt_names_its_person_and_its_scopes_give_roles_over_a_session_too(client, jwks):
+    from handoff.console.auth import APPROVER_SCOPE
+    from handoff.servers.http import OPERATOR_SCOPE, BearerAuth
+    from tests.test_codec_server import AUDIENCE, ISSUER, token
+
+    key, url = jwks
+    auth = ConsoleAuth.from_settings(settings({"HANDOFF_CONSOLE_ROLES": "dana=operator"}),
+                                     BearerAuth(jwks_url=url, issuer=ISSUER, audience=AUDIENCE))
+    server = await ConsoleServer(client, port=free_port(), auth=auth).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            async def who(credential):
+                page = await http.get("/agents", headers={"Authorization": f"Bearer {credential}"})
+                return page.status_code, re.search(r'id="person">([^<]+)</span> <span class="role">\((\w+)\)',
+                                                   page.text)
+            status, found = await who(token(key, sub="erin"))
+            assert status == 200 and found.groups() == ("erin", "viewer")
+            assert (await who(token(key, sub="erin", scope=APPROVER_SCOPE)))[1].groups() == ("erin", "approver")
+            assert (await who(token(key, sub="erin", scope=OPERATOR_SCOPE)))[1].groups() == ("erin", "operator")
+            assert (await who(token(key, sub="dana")))[1].groups() == ("dana", "operator")  # the setting's role
+            assert (await who(token(key, sub="erin", aud="elsewhere")))[0] == 401
+            signed = await http.post("/signin", data={"token": token(key, sub="erin", scope=APPROVER_SCOPE)})
+            assert signed.status_code == 303
+            page = await http.get("/agents")
+            assert ">erin<" in page.text and "(approver)" in page.text
+    finally:
+        await server.stop()

@@ -112,8 +112,6 @@ class ConsoleAuth:
                    roles=parse_roles(env.console_roles), secret=secret)
 
     def require_on(self, host: str) -> None:
-        self.bearer.require_on(host, "the console shows and decides every chain",
-                               f"{ENV_TOKENS}, {ENV_PROXY_HEADER}, or --jwks-url")
         if not is_loopback(host) and not self.configured:
             raise InvalidRequest(f"the console: to listen on {host} beyond loopback, configure who may use it "
                                  f"({ENV_TOKENS}, {ENV_PROXY_HEADER}, or --jwks-url)")
@@ -180,6 +178,8 @@ class People:
         person = self._named(name)
         if principal.operator:
             return Person(name, Role.OPERATOR)
+        if APPROVER_SCOPE in principal.scopes and person.role < Role.APPROVER:
+            return Person(name, Role.APPROVER)
         return person
 
     def _named(self, name: str) -> Person:

@@ -49,6 +49,8 @@ class Principal:
 
     name: str
     operator: bool = False
+    scopes: frozenset[str] = frozenset()
+    """A JWT's scopes (none for a token)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class BearerVerifier:
             return None
         scopes = claims.get("scope") or claims.get("scp") or ""
         scopes = scopes.split() if isinstance(scopes, str) else [str(s) for s in scopes]
-        return Principal(f"jwt:{claims.get('sub') or 'anonymous'}", self._auth.operator_scope in scopes)
+        return Principal(f"jwt:{claims.get('sub') or 'anonymous'}", self._auth.operator_scope in scopes,
+                         frozenset(scopes))
 
 
 def is_loopback(host: str) -> bool:
