@@ -6,6 +6,7 @@ The browser's view of the same pages is tests/test_console_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from html import unescape
 
@@ -15,6 +16,7 @@ import pytest
 from handoff import ChainStatus, cancel_chain, start_chain, wait_chain
 from handoff.console import ConsoleAuth, ConsoleServer, Role
 from handoff.console.auth import People, parse_roles
+from handoff.constants import HOP_ACTIVITY
 from handoff.errors import InvalidRequest
 from handoff.servers.embedded import free_port
 from handoff.settings import settings
@@ -129,8 +131,22 @@ async def test_an_approver_decides_a_waiting_hop_from_the_inbox_once_and_others_
             assert "by <strong class=\"decider\">alice</strong>" in page.text
             assert "<script>alert" not in page.text and "&lt;script&gt;" in page.text
             assert "script-src 'self'" in page.headers["content-security-policy"]
+            await links_go_to_the_events_that_scheduled_the_hops(client, chain_id, page.text)
     finally:
         await server.stop()
+
+
+async def links_go_to_the_events_that_scheduled_the_hops(client, chain_id, page: str) -> None:
+    """Each hop's Web UI link names the chain's run and the event whose activity input is the hop's."""
+    history = await client.get_workflow_handle(str(chain_id)).fetch_history()
+    scheduled = {event.event_id: json.loads(attrs.input.payloads[0].data) for event in history.events
+                 if (attrs := event.activity_task_scheduled_event_attributes).activity_type.name == HOP_ACTIVITY}
+    links = re.findall(r'id="hop-([0-9a-f-]+)".*?href="[^"]*/workflows/([^"/]+)/([^"/]+)/history/events/(\d+)"',
+                       page, re.S)
+    assert len(links) == len(scheduled) == 2
+    for hop_id, workflow_id, run_id, event_id in links:
+        assert (workflow_id, run_id) == (str(chain_id), history.run_id)
+        assert scheduled[int(event_id)]["context"]["handoff_id"] == hop_id
 
 
 async def test_sign_in_with_a_token_gives_a_session_and_bad_requests_get_one_clear_answer(client):

@@ -1,7 +1,8 @@
 """The Temporal Web UI shows a chain's hops by agent name: a real headless Chromium loads the
 workflow's Timeline page from the embedded server's UI, and the timeline names every hop's
 agents ("hop 1: scout -> guard"), from the `summary` each hop activity carries, a branch's hops
-with their place in the tree of a fan-out ("hop 2 [b0.0]: ..."), and an approval's deadline.
+with their place in the tree of a fan-out ("hop 2 [b0.0]: ..."), and an approval's deadline; a
+hop's link on the console opens the event that scheduled it.
 
 Opt-in: skipped where no Chromium binary is installed (`apt-get install chromium`) or when
 HANDOFF_SKIP_BROWSER is set. The page's rendered DOM is checked, and a screenshot is taken.
@@ -300,3 +301,43 @@ async def test_a_chain_started_through_a2a_is_the_web_uis_workflow_of_that_id(tm
                 break
     for fragment in expected:
         assert fragment in page, f"{fragment!r} not on the page: {page[:1500]}"
+
+
+async def test_a_hops_link_on_the_console_opens_the_event_that_scheduled_it(tmp_path, uid):
+    """The console's chain page links each hop to its own event in the Web UI: the page the link
+    opens shows the activity's scheduling, with the hop's handoff id in its input."""
+    import httpx
+
+    from handoff.console import ConsoleServer
+
+    first, second = f"ui-link-first-{uid}", f"ui-link-second-{uid}"
+
+    async def hand_on(ctx):
+        return ctx.handoff(to_agent=second, task_description="finish it")
+
+    async def finish(ctx):
+        return ctx.complete({"done": True})
+
+    with EmbeddedServer(port=free_port(), ui_port=free_port()) as server:
+        wait_http_ok(server.ui_url)
+        client = await connect(address=server.address)
+        async with chain_worker(client), running(client, make_agent(first, hand_on), make_agent(second, finish)):
+            record = await run_chain(client, to_agent=first, task_description="start here")
+        console = await ConsoleServer(client, port=free_port(), ui_base=server.ui_url).start()
+        try:
+            async with httpx.AsyncClient(base_url=console.url, timeout=30) as http:
+                page = (await http.get(f"/chains/{record.chain_id}")).text
+        finally:
+            await console.stop()
+        hop = record.hops[1]
+        node = page[page.index(f'id="hop-{hop.handoff_id}"'):]
+        url = html.unescape(re.search(r'href="([^"]+/history/events/\d+)"', node)[1])
+        assert url.startswith(server.ui_url)
+        seen = ""
+        for attempt in range(2):
+            work = tmp_path / f"link-{attempt}"
+            work.mkdir()
+            seen = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
+            if str(hop.handoff_id) in seen:
+                break
+    assert "Activity Task Scheduled" in seen and str(hop.handoff_id) in seen, seen[:2000]

@@ -28,10 +28,13 @@ STATUS_STYLE = {
 }
 
 
-def ui_url(chain_id: str, namespace: str = "default", base: str | None = None) -> str:
-    """The chain's page in the Temporal Web UI (base: HANDOFF_UI_URL, default the embedded UI)."""
+def ui_url(chain_id: str, namespace: str = "default", base: str | None = None,
+           run_id: str | None = None, event_id: int | None = None) -> str:
+    """The chain's page in the Temporal Web UI (base: HANDOFF_UI_URL, default the embedded UI),
+    or, given its run and an event's id, that event's."""
     base = base or settings().ui_url or DEFAULT_UI_URL
-    return f"{base.rstrip('/')}/namespaces/{namespace}/workflows/{chain_id}"
+    url = f"{base.rstrip('/')}/namespaces/{namespace}/workflows/{chain_id}"
+    return f"{url}/{run_id}/history/events/{event_id}" if run_id and event_id else url
 
 
 def _ms(value: float | None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
+from uuid import UUID
 
 from temporalio import workflow
 from temporalio.client import WorkflowHistory
@@ -247,13 +248,22 @@ def _workflow_failed(history: WorkflowHistory) -> bool:
 async def hop_contexts(history: WorkflowHistory, converter: DataConverter) -> list[HandoffContext]:
     """The context of every hop the chain scheduled (fallbacks included), in order."""
     contexts, results = [], None
+    async for _, hop_input in _scheduled_hops(history, converter):
+        if any(hop_input.result_refs):  # earlier results it was given by reference
+            results = results if results is not None else await hop_results(history.events, converter)
+            fill_context(hop_input.context, hop_input.result_refs, results)
+        contexts.append(hop_input.context)
+    return contexts
+
+
+async def hop_events(history: WorkflowHistory, converter: DataConverter) -> dict[UUID, int]:
+    """The id of the event that scheduled each hop's activity, by the hop's handoff id."""
+    return {hop_input.context.handoff_id: event_id async for event_id, hop_input in _scheduled_hops(history, converter)}
+
+
+async def _scheduled_hops(history: WorkflowHistory, converter: DataConverter) -> AsyncIterator[tuple[int, HopInput]]:
     for event in history.events:
         if event.HasField("activity_task_scheduled_event_attributes"):
             attrs = event.activity_task_scheduled_event_attributes
             if attrs.activity_type.name == HOP_ACTIVITY:
-                hop_input: HopInput = await _decode_one(converter, attrs.input, HopInput)
-                if any(hop_input.result_refs):  # earlier results it was given by reference
-                    results = results if results is not None else await hop_results(history.events, converter)
-                    fill_context(hop_input.context, hop_input.result_refs, results)
-                contexts.append(hop_input.context)
-    return contexts
+                yield event.event_id, await _decode_one(converter, attrs.input, HopInput)

@@ -323,8 +323,10 @@ class Console:
         message = " ".join(str(err).split())[:300]
         return self._page(request, "error.html", status=status, message=message)
 
-    def _ui_url(self, chain_id: Any) -> str:
-        return ui_url(str(chain_id), self.client.namespace, self.ui_base)
+    def _ui_url(self, view: ChainView, hop: HopRecord | None = None) -> str:
+        """The chain's page in the Web UI, or the event that scheduled `hop`'s activity."""
+        event_id = view.events.get(hop.handoff_id) if hop is not None and hop.handoff_id else None
+        return ui_url(str(view.record.chain_id), self.client.namespace, self.ui_base, view.run_id, event_id)
 
 
 class Refused(InvalidRequest):

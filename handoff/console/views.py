@@ -12,7 +12,7 @@ from uuid import UUID
 from temporalio.api.workflowservice.v1 import ListWorkflowExecutionsRequest
 from temporalio.client import Client, WorkflowHistory
 
-from handoff.client.audit import record_from_history, records_from_histories
+from handoff.client.audit import hop_events, record_from_history, records_from_histories
 from handoff.client.changes import short
 from handoff.client.requests import chain_uuid
 from handoff.client.search import chain_query, find_chains
@@ -32,10 +32,13 @@ RESULT_CHARS = 160
 
 @dataclass(frozen=True)
 class ChainView:
-    """A chain's record and the policy it runs under (None when its input cannot be read)."""
+    """A chain's record and the policy it runs under (None when its input cannot be read); on a
+    chain's own page also its run and, by handoff id, the event that scheduled each hop."""
 
     record: ChainRecord
     policy: ChainPolicy | None
+    run_id: str | None = None
+    events: dict[UUID, int] = field(default_factory=dict)
 
     def deadline_of(self, hop: HopRecord) -> datetime | None:
         """Until when a hop waits for approval before it is refused."""
@@ -49,7 +52,9 @@ async def chain_view(client: Client, chain_id: UUID | str) -> ChainView:
     history = await _history(client, str(chain_uuid(chain_id)))
     if history is None:
         raise ChainNotFound(str(chain_id))
-    return ChainView(await record_from_history(history, client.data_converter), await _policy_of(history, client))
+    record = await record_from_history(history, client.data_converter)
+    return ChainView(record, await _policy_of(history, client), history.run_id,
+                     await hop_events(history, client.data_converter))
 
 
 async def _history(client: Client, chain_id: str) -> WorkflowHistory | None:
