@@ -371,6 +371,15 @@ async def test_worker_runs_an_agent_in_its_own_process(client, cli_env, uid, tmp
                for e in events)
 
 
+async def test_a_call_the_server_refuses_is_one_line_and_exit_1(cli_env):
+    """A namespace the server does not have: the server's answer in one line, no traceback."""
+    for args in (["list"], ["list", "--status", "failed"]):
+        proc = await cli({**cli_env, "TEMPORAL_NAMESPACE": "no-such-namespace"}, *args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.splitlines() == [
+            "error: the Temporal server answered NOT_FOUND: Namespace no-such-namespace is not found."]
+
+
 async def test_approve_and_reject_refuse_bad_input_in_one_line(cli_env):
     chain_id = "00000000-0000-4000-8000-000000000000"
     assert_usage_error(await cli(cli_env, "approve", chain_id, "--by", "x" * 500), "by")

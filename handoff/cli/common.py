@@ -1,6 +1,7 @@
 """What every command of the `handoff` CLI shares: the Typer app, its consoles, the options several
 commands take, and how errors become one line on stderr and an exit code (0 ok; 1 the chain ended
-unsuccessfully, the server cannot be reached, or a wait timed out; 2 bad input, nothing started)."""
+unsuccessfully, the server cannot be reached or refused a call, or a wait timed out; 2 bad input,
+nothing started)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from temporalio.service import RPCError
 
 try:
     import uvloop
@@ -84,12 +86,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """The errors handoff raises on purpose become one line on stderr and their exit code;
-    anything else is a bug, with its traceback."""
+    """The errors handoff raises on purpose become one line on stderr and their exit code, and
+    so does a call the Temporal server refused or could not answer (exit 1: a namespace that is
+    not there, a server gone mid-wait); anything else is a bug, with its traceback."""
     try:
         yield
     except HandoffError as err:
         fail(str(err), exit_code_of(err))
+    except RPCError as err:
+        fail(f"the Temporal server answered {err.status.name}: {' '.join(err.message.split())[:300]}", EXIT_FAILED)
 
 
 def run_loop(coro: Awaitable[T]) -> T:
