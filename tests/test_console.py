@@ -17,7 +17,7 @@ from handoff import ChainStatus, cancel_chain, start_chain, wait_chain
 from handoff.console import ConsoleAuth, ConsoleServer, Role
 from handoff.console.auth import People, parse_roles
 from handoff.constants import HOP_ACTIVITY
-from handoff.errors import InvalidRequest
+from handoff.errors import InvalidRequest, PermanentError
 from handoff.servers.embedded import free_port
 from handoff.settings import settings
 from tests.support import cli, make_agent, running
@@ -297,7 +297,7 @@ async def test_chains_are_found_by_status_and_agent_newest_first_a_page_at_a_tim
     import handoff.console.views as views
 
     monkeypatch.setattr(views, "CHAINS_PAGE", 3)
-    worker, failing = f"lister-{uid}", f"failer-{uid}"
+    worker, failing, refuser = f"lister-{uid}", f"failer-{uid}", f"refuser-{uid}"
 
     async def done(ctx):
         return ctx.complete({"ok": True})
@@ -305,10 +305,17 @@ async def test_chains_are_found_by_status_and_agent_newest_first_a_page_at_a_tim
     async def broken(ctx):
         return ctx.fail("no disk")
 
+    async def refuse(ctx):
+        raise PermanentError("not mine")
+
     server = await ConsoleServer(client, port=free_port(), auth=proxied()).start()
     try:
-        async with running(client, make_agent(worker, done), make_agent(failing, broken), register=True), \
+        async with running(client, make_agent(worker, done), make_agent(failing, broken), make_agent(refuser, refuse),
+                           register=True), \
                 httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            refused = await start_chain(client, to_agent=refuser, task_description="not for it",
+                                        policy={"allowed_handoffs": {"starter": [refuser]}})  # no fallback
+            assert (await wait_chain(client, refused)).status is ChainStatus.FAILED
             bad = await start_chain(client, to_agent=failing, task_description="doomed")
             await wait_chain(client, bad)  # first: its fallback (to a TESTING agent) may visit the worker
             ids = []
@@ -333,6 +340,13 @@ async def test_chains_are_found_by_status_and_agent_newest_first_a_page_at_a_tim
             assert str(bad) not in failed and str(bad) in completed and "✓ completed" in completed
             fleet = (await http.get("/agents", headers=as_person("victor"))).text
             assert worker in fleet and "● live" in fleet and f"/chains?agent={failing}&amp;status=failed" in fleet
+            # what each agent did lately (the newest chains), linked to those chains
+            lately = {agent: " ".join(re.sub(r"<[^>]+>", "", cell).split()) for agent, cell in re.findall(
+                r'<tr>\s*<td><strong>([^<]+)</strong>.*?<td class="lately">(.*?)</td>', fleet, re.S)}
+            visited = 5 + (worker in {hop.to_agent for hop in (await wait_chain(client, bad)).all_hops()})
+            assert lately[worker] == f"{visited} chains, 0 failed"
+            assert lately[failing] == "1 chain, 0 failed"
+            assert lately[refuser] == "1 chain, 1 failed"
     finally:
         await server.stop()
 

@@ -197,14 +197,29 @@ async def chains(client: Client, *, status: str | None = None, agent: str | None
     return ChainsPage(rows, rows[-1]["started_at"].isoformat() if more and rows else None)
 
 
+LATELY = 200
+"""The newest chains the fleet page tallies for what each agent did lately."""
+
+
+@dataclass
+class Lately:
+    """What an agent did in the newest `LATELY` chains: those it took part in, and of them those
+    that failed."""
+
+    chains: int = 0
+    failed: int = 0
+
+
 @dataclass(frozen=True)
 class Fleet:
-    agents: list[tuple[AgentStatus, Routing | None]]
+    agents: list[tuple[AgentStatus, Routing | None, Lately]]
+    lately_of: int
+    """The chains tallied (at most `LATELY`)."""
 
 
 async def fleet(client: Client) -> Fleet:
-    """Every registered agent with its task queue's state and its versions' routing."""
-    statuses = await agent_statuses(client)
+    """Every registered agent with its task queue's state, its versions' routing and what it
+    did in the newest chains."""
     gate = asyncio.Semaphore(READS_AT_ONCE)
 
     async def routing(agent_id: str) -> Routing | None:
@@ -214,8 +229,15 @@ async def fleet(client: Client) -> Fleet:
             except Exception:  # the deployment cannot be read now: the page shows no versions
                 return None
 
+    statuses, newest = await asyncio.gather(agent_statuses(client), find_chains(client, chain_query(), limit=LATELY))
+    lately: dict[str, Lately] = {}
+    for row in newest:
+        for agent in set(row["agents"]):
+            tally = lately.setdefault(agent, Lately())
+            tally.chains += 1
+            tally.failed += row["status"] == ChainStatus.FAILED.value
     routings = await asyncio.gather(*(routing(s.card.agent_id) for s in statuses))
-    return Fleet(list(zip(statuses, routings)))
+    return Fleet([(s, r, lately.get(s.card.agent_id, Lately())) for s, r in zip(statuses, routings)], len(newest))
 
 
 def hop_of(record: ChainRecord, handoff_id: UUID) -> HopRecord | None:
