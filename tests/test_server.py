@@ -3,6 +3,8 @@ search attributes registered, data persisted in --db across restarts."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -68,6 +70,35 @@ def test_dev_runs_the_demo_chain_end_to_end():
     assert "console: http://127.0.0.1:" in out
     assert "final result: release blocked" in out
     assert "/namespaces/default/workflows/" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_dev_stopped_while_the_demo_waits_for_approval_stops_cleanly(sig):
+    """Ctrl-C (or a SIGTERM to the whole group, the embedded server included) while the demo's
+    release hop waits: the demo is left, everything stops, exit 0, no traceback."""
+    proc = subprocess.Popen(
+        [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
+         "--a2a-port", "0", "--mcp-port", "0", "--console-port", "0",
+         "--demo", str(ROOT / "examples" / "samples" / "inventory_service.py")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        start_new_session=True,
+    )
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "approve it with `handoff approve" in line:
+                break
+        assert any("awaits approval" in line for line in seen), "".join(seen)[-2000:]
+        os.killpg(proc.pid, sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = "".join(seen) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "stopped before the demo chain ended" in out, out[-3000:]
 
 
 def test_dev_says_in_one_line_when_the_port_of_a_server_it_offers_is_taken():

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from contextlib import aclosing
+import threading
+from collections.abc import Awaitable
+from contextlib import aclosing, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from rich.console import Console
@@ -21,6 +23,8 @@ from handoff.observability.telemetry import Telemetry
 from handoff.registry import wait_live
 from handoff.servers.embedded import EmbeddedServer
 from handoff.workers.main import run_workers, stop_on_signals
+
+T = TypeVar("T")
 
 DEMO_TASK = "Review {name} before release"
 DEMO_POLICY = {"approval_required": [AgentCapability.DEPLOYMENT.value]}
@@ -76,7 +80,7 @@ async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: 
         console.print(f"  approve it with `handoff approve {chain_id}`, or reject it with "
                       f"`handoff reject {chain_id} --reason ...`", markup=False, highlight=False)
         return
-    answer = "y" if approve else (await asyncio.to_thread(input, "  approve? [y/N] ")).strip().lower()
+    answer = "y" if approve else (await _line_from_stdin("  approve? [y/N] ")).strip().lower()
     if answer in ("y", "yes"):
         comment = "the demo runs unattended" if approve else "approved at the prompt"
         entry = await approve_chain(client, chain_id, by=DEMO_APPROVER if approve else "handoff dev",
@@ -86,6 +90,46 @@ async def _answer(client: Client, console: Console, chain_id: UUID, handoff_id: 
                                    handoff_id=handoff_id)
     if entry.approval is not None:
         console.print(f"  {entry.approval.decision} by {entry.approval.by}", markup=False, highlight=False)
+
+
+def _line_from_stdin(prompt: str) -> asyncio.Future[str]:
+    """A line typed at the terminal, read in a daemon thread: a stop while the prompt waits
+    leaves the thread behind instead of waiting for Enter (`asyncio.to_thread` would)."""
+    loop = asyncio.get_running_loop()
+    typed: asyncio.Future[str] = loop.create_future()
+
+    def answered(line: str) -> None:
+        if not typed.done():
+            typed.set_result(line)
+
+    def read() -> None:
+        try:
+            line = input(prompt)
+        except (EOFError, OSError):
+            line = ""
+        try:
+            loop.call_soon_threadsafe(answered, line)
+        except RuntimeError:  # the loop has closed: nobody waits for the answer
+            pass
+
+    threading.Thread(target=read, name="approval-prompt", daemon=True).start()
+    return typed
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None once `stop` is set first (Ctrl-C, SIGTERM): `work` is cancelled,
+    and whatever it raised meanwhile (the server stopping under it) is dropped."""
+    task, stopped = asyncio.ensure_future(work), asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not stop.is_set():
+        return task.result()
+    task.cancel()
+    with suppress(BaseException):
+        await task
+    return None
 
 
 async def run_dev(
@@ -120,12 +164,17 @@ async def run_dev(
         console.print(f"local model: {llm_url}")
     for line in served.values():
         console.print(line, soft_wrap=True)
-    await wait_live(client, {a.id for a in agents}, timeout_s=30)
-    console.print(f"agents live: {', '.join(a.id for a in agents)}")
+    await _unless_stopped(wait_live(client, {a.id for a in agents}, timeout_s=30), stop)
+    if not stop.is_set():
+        console.print(f"agents live: {', '.join(a.id for a in agents)}")
     code = 0
-    if demo is not None:
-        status = await run_demo(client, console, demo, server.ui_url, approve=approve, triage=llm_url is not None)
-        code = 0 if status is ChainStatus.COMPLETED else 1
+    if demo is not None and not stop.is_set():
+        status = await _unless_stopped(
+            run_demo(client, console, demo, server.ui_url, approve=approve, triage=llm_url is not None), stop)
+        if status is None:
+            console.print("stopped before the demo chain ended")
+        else:
+            code = 0 if status is ChainStatus.COMPLETED else 1
         if exit_after_demo:
             stop.set()
     if not stop.is_set():
