@@ -53,8 +53,11 @@ async def chain_view(client: Client, chain_id: UUID | str) -> ChainView:
     if history is None:
         raise ChainNotFound(str(chain_id))
     record = await record_from_history(history, client.data_converter)
-    return ChainView(record, await _policy_of(history, client), history.run_id,
-                     await hop_events(history, client.data_converter))
+    try:
+        events = await hop_events(history, client.data_converter)
+    except Exception:  # a hop input this client cannot decode: the page links to the chain alone
+        events = {}
+    return ChainView(record, await _policy_of(history, client), history.run_id, events)
 
 
 async def _history(client: Client, chain_id: str) -> WorkflowHistory | None:
