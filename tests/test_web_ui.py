@@ -110,6 +110,32 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def two_agents(uid: object, name: str) -> tuple[str, str, list]:
+    """Two agents: the first hands on to the second, which completes."""
+    first, second = f"ui-{name}-first-{uid}", f"ui-{name}-second-{uid}"
+
+    async def hand_on(ctx):
+        return ctx.handoff(to_agent=second, task_description="finish it")
+
+    async def finish(ctx):
+        return ctx.complete({"done": True})
+
+    return first, second, [make_agent(first, hand_on), make_agent(second, finish)]
+
+
+async def page_text(url: str, tmp_path: Path, name: str, wanted: list[str]) -> str:
+    """The page's visible text; loaded a second time only if the first caught the SPA mid-fetch
+    (not all of `wanted` on it)."""
+    page = ""
+    for attempt in range(2):
+        work = tmp_path / f"{name}-{attempt}"
+        work.mkdir()
+        page = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
+        if all(fragment in page for fragment in wanted):
+            break
+    return page
+
+
 async def test_timeline_names_each_hops_agents(tmp_path, uid):
     scout, guard, ship = f"ui-scout-{uid}", f"ui-guard-{uid}", f"ui-ship-{uid}"
 
@@ -268,20 +294,14 @@ async def test_a_chain_started_through_a2a_is_the_web_uis_workflow_of_that_id(tm
 
     from handoff.a2a.server import A2AServer
 
-    first, second = f"ui-a2a-first-{uid}", f"ui-a2a-second-{uid}"
-
-    async def hand_on(ctx):
-        return ctx.handoff(to_agent=second, task_description="finish it")
-
-    async def finish(ctx):
-        return ctx.complete({"done": True})
+    first, second, agents = two_agents(uid, "a2a")
 
     with EmbeddedServer(port=free_port(), ui_port=free_port()) as server:
         wait_http_ok(server.ui_url)
         client = await connect(address=server.address)
         a2a = await A2AServer(client, port=free_port()).start()
         try:
-            async with chain_worker(client), running(client, make_agent(first, hand_on), make_agent(second, finish)):
+            async with chain_worker(client), running(client, *agents):
                 peer = await create_client(a2a.url, ClientConfig())
                 msg = Message(role=Role.ROLE_USER, message_id=str(uid), parts=[Part(text="start here")])
                 msg.metadata.update({"agent": first})
@@ -292,13 +312,7 @@ async def test_a_chain_started_through_a2a_is_the_web_uis_workflow_of_that_id(tm
         run_id = (await client.get_workflow_handle(task_id).describe()).run_id
         url = f"{server.ui_url}/namespaces/default/workflows/{task_id}/{run_id}/timeline"
         expected = [task_id, f"hop 0: starter -> {first}", f"hop 1: {first} -> {second}"]
-        page = ""
-        for attempt in range(2):
-            work = tmp_path / f"a2a-{attempt}"
-            work.mkdir()
-            page = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
-            if all(e in page for e in expected):
-                break
+        page = await page_text(url, tmp_path, "a2a", expected)
     for fragment in expected:
         assert fragment in page, f"{fragment!r} not on the page: {page[:1500]}"
 
@@ -310,18 +324,12 @@ async def test_a_hops_link_on_the_console_opens_the_event_that_scheduled_it(tmp_
 
     from handoff.console import ConsoleServer
 
-    first, second = f"ui-link-first-{uid}", f"ui-link-second-{uid}"
-
-    async def hand_on(ctx):
-        return ctx.handoff(to_agent=second, task_description="finish it")
-
-    async def finish(ctx):
-        return ctx.complete({"done": True})
+    first, _, agents = two_agents(uid, "link")
 
     with EmbeddedServer(port=free_port(), ui_port=free_port()) as server:
         wait_http_ok(server.ui_url)
         client = await connect(address=server.address)
-        async with chain_worker(client), running(client, make_agent(first, hand_on), make_agent(second, finish)):
+        async with chain_worker(client), running(client, *agents):
             record = await run_chain(client, to_agent=first, task_description="start here")
         console = await ConsoleServer(client, port=free_port(), ui_base=server.ui_url).start()
         try:
@@ -333,11 +341,5 @@ async def test_a_hops_link_on_the_console_opens_the_event_that_scheduled_it(tmp_
         node = page[page.index(f'id="hop-{hop.handoff_id}"'):]
         url = html.unescape(re.search(r'href="([^"]+/history/events/\d+)"', node)[1])
         assert url.startswith(server.ui_url)
-        seen = ""
-        for attempt in range(2):
-            work = tmp_path / f"link-{attempt}"
-            work.mkdir()
-            seen = visible_text(await asyncio.to_thread(render, url, work, work / "page.png"))
-            if str(hop.handoff_id) in seen:
-                break
+        seen = await page_text(url, tmp_path, "link", [str(hop.handoff_id)])
     assert "Activity Task Scheduled" in seen and str(hop.handoff_id) in seen, seen[:2000]
