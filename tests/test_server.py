@@ -101,16 +101,19 @@ def test_dev_stopped_while_the_demo_waits_for_approval_stops_cleanly(sig):
     assert "Traceback" not in out and "stopped before the demo chain ended" in out, out[-3000:]
 
 
-def test_dev_says_in_one_line_when_the_port_of_a_server_it_offers_is_taken():
+@pytest.mark.parametrize("taken_by", ["--a2a-port", "--mcp-port"])
+def test_dev_says_in_one_line_when_the_port_of_a_server_it_offers_is_taken(taken_by):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {option: str(free_port()) for option in ("--a2a-port", "--mcp-port", "--console-port")}
+        ports[taken_by] = str(port)
         result = subprocess.run(
             [HANDOFF, "dev", "--port", str(free_port()), "--ui-port", str(free_port()), "--db", "",
-             "--a2a-port", str(free_port()), "--mcp-port", str(port), "--console-port", str(free_port()),
-             "--exit-after-demo"],
+             *(arg for option, value in ports.items() for arg in (option, value)), "--exit-after-demo"],
             capture_output=True, text=True, timeout=120, cwd=ROOT,
         )
-    assert_usage_error(result, f"MCP on port {port} or the console")
+    named = {"--a2a-port": f"A2A on port {port}, MCP", "--mcp-port": f"MCP on port {port} or the console"}
+    assert_usage_error(result, named[taken_by])
     assert "Address already in use" in result.stderr

@@ -33,7 +33,6 @@ task's metadata, `handoffStatus`).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections import Counter
@@ -54,7 +53,7 @@ from temporalio.client import Client
 
 from handoff.client import context_limit
 from handoff.servers.events import chain_events_route
-from handoff.servers.http import MAX_IN_FLIGHT, BearerAuth, HttpGuard, Principal, host_of_url
+from handoff.servers.http import MAX_IN_FLIGHT, AsgiServer, BearerAuth, HttpGuard, Principal, host_of_url
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 from handoff.a2a.cards import CARD_PATH, REST_PATH, LiveCards, Served, agent_card_of, extended_card, handoff_card
@@ -188,8 +187,6 @@ class A2AServer:
                  grpc_public_url: str | None = None, push: PushPolicy = PushPolicy(),
                  max_in_flight: int = MAX_IN_FLIGHT) -> None:
         auth.require_on(host, "the A2A server starts chains for its callers", f"{ENV_TOKENS}, or --jwks-url")
-        import uvicorn
-
         self.url = (public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}").rstrip("/")
         hosts = hosts_for(host, port, [host_of_url(self.url), *(h.lower() for h in allowed_hosts)])
         max_body = max_body_bytes or context_limit(client) + MESSAGE_OVERHEAD_BYTES
@@ -205,27 +202,23 @@ class A2AServer:
         app = HttpGuard(a2a_app(self.handler, cards, served), hosts=hosts, origins=allowed_origins, auth=auth,
                         max_body_bytes=max_body, public=[CARD_PATH], in_flight=in_flight,
                         max_in_flight=max_in_flight)
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     lifespan="off", access_log=False))
-        self._task: asyncio.Task[None] | None = None
+        self._served = AsgiServer(app, host, port, what="the A2A server")
 
     async def start(self) -> A2AServer:
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # the port: in use, or not ours to bind
-                raise OSError("the A2A server stopped before it started")
-            await asyncio.sleep(0.05)
+        """Serve; an `OSError` when a port is in use or not ours to bind."""
+        await self._served.start()
         if self._grpc is not None:
-            await self._grpc.start(self.handler)
+            try:
+                await self._grpc.start(self.handler)
+            except BaseException:  # its port: nothing is left serving
+                await self._served.stop()
+                raise
         return self
 
     async def stop(self) -> None:
-        self._server.should_exit = True
         if self._grpc is not None:
             await self._grpc.stop()
-        if self._task is not None:
-            await self._task
+        await self._served.stop()
         if self._push is not None:
             await self._push.aclose()
 

@@ -46,7 +46,7 @@ from handoff.console.views import ChainView, chain_view, chains, fleet, hop_of, 
 from handoff.errors import ChainNotFound, HandoffError, InvalidRequest
 from handoff.models import HopRecord, HopStatus
 from handoff.servers.events import chain_events_route
-from handoff.servers.http import Served, allowed_hosts, host_of_url, host_refusal
+from handoff.servers.http import AsgiServer, allowed_hosts, host_of_url, host_refusal
 
 log = structlog.get_logger("handoff.console")
 HERE = Path(__file__).parent
@@ -390,7 +390,7 @@ class ConsoleServer:
         origins |= {o.removesuffix(":443") for o in origins if o.startswith("https://")}
         console = Console(client, auth, ui_base=ui_base)
         guarded = ConsoleGuard(console.app(), hosts=self._hosts, origins=origins, people=console.people)
-        self._served = Served(guarded, host, port, what="the console")
+        self._served = AsgiServer(guarded, host, port, what="the console")
 
     async def start(self) -> ConsoleServer:
         """Serve; an `OSError` when the port is in use or not ours to bind."""

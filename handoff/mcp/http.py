@@ -18,7 +18,7 @@ from temporalio.client import Client
 
 from handoff.client import context_limit
 from handoff.mcp.tools import handoff_mcp
-from handoff.servers.http import BearerAuth, HttpGuard, Served
+from handoff.servers.http import AsgiServer, BearerAuth, HttpGuard
 from handoff.servers.http import allowed_hosts as hosts_for
 from handoff.settings import Settings
 
@@ -77,7 +77,7 @@ class McpHttpServer:
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
         guarded = HttpGuard(finishing_answered(app), hosts=hosts_for(host, port, [h.lower() for h in allowed_hosts]),
                             origins=allowed_origins, auth=auth, max_body_bytes=bound)
-        self._served = Served(guarded, host, port, what="the MCP server", lifespan="on")
+        self._served = AsgiServer(guarded, host, port, what="the MCP server", lifespan="on")
 
     async def start(self) -> McpHttpServer:
         """Serve; an `OSError` when the port is in use or not ours to bind."""

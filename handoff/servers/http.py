@@ -149,10 +149,10 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class Served:
+class AsgiServer:
     """An ASGI application served by uvicorn in this process's event loop on host:port, until
-    `stop()` (the MCP server's and the console's). `start()` binds the socket first, so a port in
-    use, or not ours to bind, is the system's `OSError`, raised before anything serves."""
+    `stop()` (the A2A and MCP servers' and the console's). `start()` binds the socket first, so a
+    port in use, or not ours to bind, is the system's `OSError`, raised before anything serves."""
 
     def __init__(self, app: Any, host: str, port: int, *, what: str, lifespan: str = "off") -> None:
         import uvicorn
