@@ -214,17 +214,11 @@ async def _replayed_records(histories: Sequence[WorkflowHistory],
             yield history
 
     read: list[ChainRecord | HistoryUnreadable] = []
+    replayed = iter(histories)  # the results come in the order of the histories given
     async with replayer.workflow_replay_iterator(given()) as results:
-        async for history, result in _paired(histories, results):
-            read.append(_replayed(history, result, holder))
+        async for result in results:
+            read.append(_replayed(next(replayed), result, holder))
     return read
-
-
-async def _paired(histories: Sequence[WorkflowHistory], results: AsyncIterator[Any]) -> AsyncIterator[tuple[Any, Any]]:
-    position = 0
-    async for result in results:
-        yield histories[position], result
-        position += 1
 
 
 def _replayed(history: WorkflowHistory, result: Any, holder: _Holder) -> ChainRecord | HistoryUnreadable:
