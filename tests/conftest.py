@@ -51,6 +51,15 @@ async def chains(client: Client) -> AsyncIterator[Worker]:
 
 
 @pytest.fixture
+def one_inbox_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the console's tests: chains other tests of the session left waiting come first in its
+    inbox (oldest first), so one page holds them all."""
+    import handoff.console.views as views
+
+    monkeypatch.setattr(views, "INBOX_PAGE", 1000)
+
+
+@pytest.fixture
 def uid() -> str:
     return uuid.uuid4().hex[:8]
 

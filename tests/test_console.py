@@ -23,16 +23,7 @@ from handoff.settings import settings
 from tests.support import cli, make_agent, running
 from tests.test_codec_server import jwks  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.usefixtures("chains")
-
-
-@pytest.fixture(autouse=True)
-def one_inbox_page(monkeypatch):
-    """Chains other tests of the session left waiting come first (oldest first): one page holds all."""
-    import handoff.console.views as views
-
-    monkeypatch.setattr(views, "INBOX_PAGE", 1000)
-
+pytestmark = pytest.mark.usefixtures("chains", "one_inbox_page")
 
 PROXY = "X-Forwarded-User"
 ROLES = "alice=approver, carol=approver:DEPLOYMENT, ops=operator, victor=viewer"

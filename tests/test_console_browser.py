@@ -22,19 +22,11 @@ from tests.test_console import PROXY, proxied
 playwright = pytest.importorskip("playwright.async_api", reason="the console's browser tests need playwright")
 CHROMIUM = next((found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None)
 pytestmark = [
-    pytest.mark.usefixtures("chains"),
+    pytest.mark.usefixtures("chains", "one_inbox_page"),
     pytest.mark.skipif(bool(os.environ.get("HANDOFF_SKIP_BROWSER")), reason="HANDOFF_SKIP_BROWSER is set"),
     pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found: apt-get install chromium (.ci/run does)"),
 ]
 WAIT_MS = 20_000
-
-
-@pytest.fixture(autouse=True)
-def one_inbox_page(monkeypatch):
-    """Chains other tests of the session left waiting come first (oldest first): one page holds all."""
-    import handoff.console.views as views
-
-    monkeypatch.setattr(views, "INBOX_PAGE", 1000)
 
 
 @pytest.fixture
